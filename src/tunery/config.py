@@ -1,0 +1,173 @@
+"""The one typed config. Defaults < YAML file < --set key=value < CLI flags.
+
+Method options sit beside `method:` under the method's own name (`lora: {r: 8}`), and objective
+options under the objective's name (`dpo: {beta: 0.1}`). Their schemas live with the method or
+objective module and are validated against its registry when the config is resolved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunery.errors import ConfigError
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto = Field("auto", description="Passes over the training data; auto follows OpenAI.")
+    batch_size: int | Auto = Field("auto", description="Examples per optimizer step; auto = 0.2% of examples in [1, 256].")
+    learning_rate_multiplier: float | Auto = Field(
+        "auto", description="Scales the method's base learning rate; auto picks by batch size as OpenAI did.")
+    learning_rate: float | None = Field(None, description="A raw learning rate; overrides the multiplier.")
+    max_length: int = Field(1024, description="Tokens per example; longer examples are truncated and counted.")
+    micro_batch_tokens: int = Field(
+        4096, description="Token budget of one forward pass; a step accumulates micro-batches up to batch_size.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.03, description="Fraction of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, description="Gradient clipping norm (0 disables).")
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps.")
+    packing: bool = Field(True, description="Pack examples into rows with attention isolated per example.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware supports it, else fp32.")
+    logging_steps: int = Field(1, description="Log metrics every N optimizer steps.")
+    eval_steps: int | None = Field(None, description="Also evaluate every N steps (always once per epoch).")
+    save_steps: int | None = Field(None, description="Also checkpoint every N steps (always once per epoch).")
+    save_total_limit: int = Field(3, description="Keep the last K checkpoints.")
+    prompt_loss_weight: float = Field(0.0, description="Weight of prompt tokens in the SFT loss.")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: str | list[str] | None = Field(None, description="Training file(s); a list mixes several tasks.")
+    validation: str | None = Field(None, description="Validation file, evaluated every epoch.")
+    weights: list[float] | None = Field(None, description="Sampling weights when train lists several files.")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens, not only assistant replies.")
+    system_prompt: str | None = Field(None, description="System message added to conversations without one.")
+
+
+class TuneryConfig(BaseModel):
+    """A fine-tuning run. Extra top-level keys must name a method or objective (their options)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field("smollm2-135m", description="Alias, local HF directory, hub id or .gguf file.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: str = Field("lora", description="Tuning method; see `tunery methods`.")
+    objective: str = Field("sft", description="Training objective; see `tunery methods`.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    output: str = Field("runs/latest", description="Run directory.")
+    adapter: str | None = Field(None, description="Continue training this adapter (sequential fine-tuning).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+    compute_classification_metrics: bool = Field(
+        False, description="Run classification metrics on the validation file every evaluation.")
+    classification_positive_class: str | None = Field(None, description="Positive label for binary metrics.")
+    classification_betas: list[float] | None = Field(None, description="F-beta scores to report (binary).")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in the run directory.")
+
+    @model_validator(mode="after")
+    def _check_extra(self) -> TuneryConfig:
+        from tunery.plugins import option_schema
+
+        for key, value in (self.model_extra or {}).items():
+            schema = option_schema(key)
+            if schema is None:
+                raise ValueError(f"unknown config key {key!r}")
+            if isinstance(value, dict):
+                self.model_extra[key] = schema.model_validate(value)
+        return self
+
+    def options(self, name: str) -> BaseModel:
+        """The validated options of a method or objective (defaults when absent)."""
+        from tunery.plugins import option_schema
+
+        value = (self.model_extra or {}).get(name)
+        if isinstance(value, BaseModel):
+            return value
+        schema = option_schema(name)
+        if schema is None:
+            raise ConfigError(f"{name!r} is not a method or objective")
+        return schema.model_validate(value or {})
+
+    @property
+    def method_options(self) -> BaseModel:
+        return self.options(self.method)
+
+    @property
+    def objective_options(self) -> BaseModel:
+        return self.options(self.objective)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json", exclude={"resume"})
+        for key, value in (self.model_extra or {}).items():
+            out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return out
+
+
+def _parse_scalar(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return text if value is None and text not in ("null", "~", "") else value
+
+
+def apply_set(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict (YAML scalar parsing)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = _parse_scalar(text)
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> TuneryConfig:
+    """Build the config: YAML file, then `--set` assignments, then flag overrides (dotted keys)."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+    for assignment in sets or []:
+        apply_set(raw, assignment)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            apply_set(raw, f"{key}={value}") if not isinstance(value, str) else _set_str(raw, key, value)
+    try:
+        return TuneryConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("Invalid config:\n" + "\n".join(lines),
+                          hint="See `tunery train --help` and examples/*.yaml.") from None
+
+
+def _set_str(raw: dict[str, Any], key: str, value: str) -> None:
+    # Flags such as --model take strings verbatim: a model named "1e3" stays a string.
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value

@@ -1,0 +1,61 @@
+"""The shape every tuning method has: options, apply, save, load, and (optionally) merge.
+
+A method module defines an options model (pydantic), builds a `Method`, and registers it in
+`tunery.methods.METHODS`. The training loop, evaluation, serving and export only talk to this shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Method:
+    name: str
+    description: str
+    options: type[BaseModel]
+    # apply(model, options) -> model with exactly the intended parameters trainable
+    apply: Callable[[torch.nn.Module, Any], torch.nn.Module]
+    # save(model, out_dir): writes what is needed to rebuild the trained part
+    save: Callable[[torch.nn.Module, Path], None]
+    # load(base_model, dir) -> model with the trained part restored
+    load: Callable[[torch.nn.Module, Path], torch.nn.Module]
+    base_learning_rate: float = 2e-4
+    scale: str = "small"  # human summary of the trainable-parameter scale, for `tunery methods`
+    # merge(model) -> plain transformers model with the method folded in; None when the math forbids it
+    merge: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    merge_note: str = ""
+    # load_kwargs(options) -> extra from_pretrained kwargs (qlora: quantization_config)
+    load_kwargs: Callable[[Any], dict[str, Any]] | None = None
+    # param_groups(model, options, lr) -> optimizer param groups (LoRA+ uses a larger lr for B)
+    param_groups: Callable[[torch.nn.Module, Any, float], list[dict[str, Any]]] | None = None
+    # aux_loss(model) -> extra loss term (MoE load balancing), or None
+    aux_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def can_merge(self) -> bool:
+        return self.merge is not None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:  # bitsandbytes Params4bit
+            n = int(torch.Size(p.quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

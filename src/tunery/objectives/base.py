@@ -1,0 +1,69 @@
+"""The shape every objective has. The single training loop calls, for each micro-batch:
+
+    features = objective.encode(example, tokenizer, config)      # once, cached
+    batch    = objective.collate(list_of_features, pad_id)        # tensors; batch["n_units"] is an int
+    out      = objective.loss(model, batch, ctx)                  # StepOutput
+
+`n_units` is what the loss is averaged over (supervised tokens for SFT, pairs for DPO). The loop
+sums `n_units` over all micro-batches of an optimizer step first and divides every micro-batch's
+`loss_sum` by that total, so gradient accumulation equals one big batch exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor  # summed over the micro-batch's units (differentiable)
+    metrics: dict[str, float] = field(default_factory=dict)  # sums over units; the loop averages
+
+
+@dataclass
+class Context:
+    """What an objective may use besides the model and the batch."""
+
+    config: Any  # TuneryConfig
+    options: BaseModel  # this objective's options
+    tokenizer: Any
+    # A context manager under which `model` behaves as the frozen reference (adapter disabled).
+    reference: Callable[[], AbstractContextManager] = nullcontext
+    teacher: torch.nn.Module | None = None  # distillation / judges, when the objective asks
+    reward_fns: list[Callable[..., float]] = field(default_factory=list)
+    step: int = 0
+    total_steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Objective:
+    name: str
+    description: str
+    options: type[BaseModel]
+    # which Dataset.kind the objective trains on; the loader converts or refuses
+    data_kind: str
+    encode: Callable[[Any, Any, Any], dict[str, Any] | None]
+    collate: Callable[[list[dict[str, Any]], int], dict[str, Any]]
+    loss: Callable[[torch.nn.Module, dict[str, Any], Context], StepOutput]
+    # the metric names (averaged per unit) the loop logs next to the loss
+    metric_names: tuple[str, ...] = ()
+    # tokens per feature row, for batching by token budget
+    length: Callable[[dict[str, Any]], int] = lambda f: len(f["input_ids"])
+    # Methods/objectives the objective needs: e.g. a reference model, a teacher.
+    needs_reference: bool = False
+    # optional hook: setup(model, config, tokenizer) -> dict stored in ctx.extra (teacher, reward fns)
+    setup: Callable[[torch.nn.Module, Any, Any], dict[str, Any]] | None = None
+    # optional: objectives that change the model (reward head, classify head)
+    prepare_model: Callable[[torch.nn.Module, Any], torch.nn.Module] | None = None
+
+
+def iter_chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))

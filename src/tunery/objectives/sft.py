@@ -1,0 +1,1 @@
+"""`sft`: supervised fine-tuning, cross-entropy on the trained (assistant) tokens."""

@@ -1,0 +1,99 @@
+"""Tiny random models and a small tokenizer, built in-process for tests and examples.
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained on a fixed corpus, and the
+models are random transformers configs saved as ordinary Hugging Face directories, so every
+code path (resolve, load, train, save, serve) runs on them exactly as on a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "I loved this movie, the acting was wonderful and the story kept me hooked.",
+    "Terrible product. It broke after two days and support never answered.",
+    "The battery is great but the screen scratches easily, so my feelings are mixed.",
+    "positive negative mixed neutral yes no true false red green blue",
+    "What is the capital of France? Paris. What is two plus two? Four.",
+    '{"name": "Alice", "age": 30, "city": "Berlin"} [1, 2, 3]',
+    "user assistant system tool function question answer review label sentiment",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 a b c d e f g h i j k l m n o p q r s t u v w x y z",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer with ChatML specials and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<pad>",
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
+    """A 2-layer config of the named architecture (llama, qwen2, mixtral, qwen2_moe, bert)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    elif arch == "mixtral":
+        cfg = tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                               output_router_logits=False, **common)
+    elif arch == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=64, shared_expert_intermediate_size=64, **common)
+    elif arch == "bert":
+        cfg = tf.BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a random tiny model + tokenizer as a Hugging Face directory and return its path."""
+    import torch
+    import transformers as tf
+
+    path = Path(path)
+    tok = tiny_tokenizer()
+    cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
+    if arch != "bert":
+        cfg.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+        cfg.pad_token_id = tok.pad_token_id
+        cfg.bos_token_id = None
+    torch.manual_seed(seed)
+    model_cls = tf.AutoModel if arch == "bert" else tf.AutoModelForCausalLM
+    model = model_cls.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if arch != "bert":
+        tf.GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
+    return path
