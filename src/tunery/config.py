@@ -22,13 +22,20 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: int | Auto = Field("auto", description="Passes over the training data; auto follows OpenAI.")
-    batch_size: int | Auto = Field("auto", description="Examples per optimizer step; auto = 0.2% of examples in [1, 256].")
+    batch_size: int | Auto = Field(
+        "auto", description="Examples per optimizer step; auto = 0.2% of examples in [1, 256]."
+    )
     learning_rate_multiplier: float | Auto = Field(
-        "auto", description="Scales the method's base learning rate; auto picks by batch size as OpenAI did.")
+        "auto", description="Scales the method's base learning rate; auto picks by batch size as OpenAI did."
+    )
     learning_rate: float | None = Field(None, description="A raw learning rate; overrides the multiplier.")
-    max_length: int = Field(1024, description="Tokens per example; longer examples are truncated and counted.")
+    max_length: int = Field(
+        1024, description="Tokens per example; longer examples are truncated and counted."
+    )
     micro_batch_tokens: int = Field(
-        4096, description="Token budget of one forward pass; a step accumulates micro-batches up to batch_size.")
+        4096,
+        description="Token budget of one forward pass; a step accumulates micro-batches up to batch_size.",
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.03, description="Fraction of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, description="AdamW weight decay.")
@@ -36,12 +43,12 @@ class Hyperparameters(BaseModel):
     max_steps: int | None = Field(None, description="Stop after this many optimizer steps.")
     packing: bool = Field(True, description="Pack examples into rows with attention isolated per example.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 autocast where the hardware supports it, else fp32.")
+        "auto", description="auto = bf16 autocast where the hardware supports it, else fp32."
+    )
     logging_steps: int = Field(1, description="Log metrics every N optimizer steps.")
     eval_steps: int | None = Field(None, description="Also evaluate every N steps (always once per epoch).")
     save_steps: int | None = Field(None, description="Also checkpoint every N steps (always once per epoch).")
     save_total_limit: int = Field(3, description="Keep the last K checkpoints.")
-    prompt_loss_weight: float = Field(0.0, description="Weight of prompt tokens in the SFT loss.")
 
 
 class DataConfig(BaseModel):
@@ -50,7 +57,9 @@ class DataConfig(BaseModel):
     train: str | list[str] | None = Field(None, description="Training file(s); a list mixes several tasks.")
     validation: str | None = Field(None, description="Validation file, evaluated every epoch.")
     weights: list[float] | None = Field(None, description="Sampling weights when train lists several files.")
-    train_on_prompt: bool = Field(False, description="Also train on prompt tokens, not only assistant replies.")
+    train_on_prompt: bool = Field(
+        False, description="Also train on prompt tokens, not only assistant replies."
+    )
     system_prompt: str | None = Field(None, description="System message added to conversations without one.")
 
 
@@ -69,7 +78,8 @@ class TuneryConfig(BaseModel):
     adapter: str | None = Field(None, description="Continue training this adapter (sequential fine-tuning).")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
     compute_classification_metrics: bool = Field(
-        False, description="Run classification metrics on the validation file every evaluation.")
+        False, description="Run classification metrics on the validation file every evaluation."
+    )
     classification_positive_class: str | None = Field(None, description="Positive label for binary metrics.")
     classification_betas: list[float] | None = Field(None, description="F-beta scores to report (binary).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in the run directory.")
@@ -134,8 +144,9 @@ def apply_set(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_scalar(text)
 
 
-def load_config(path: str | Path | None = None, sets: list[str] | None = None,
-                overrides: dict[str, Any] | None = None) -> TuneryConfig:
+def load_config(
+    path: str | Path | None = None, sets: list[str] | None = None, overrides: dict[str, Any] | None = None
+) -> TuneryConfig:
     """Build the config: YAML file, then `--set` assignments, then flag overrides (dotted keys)."""
     raw: dict[str, Any] = {}
     if path:
@@ -160,8 +171,9 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None,
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("Invalid config:\n" + "\n".join(lines),
-                          hint="See `tunery train --help` and examples/*.yaml.") from None
+        raise ConfigError(
+            "Invalid config:\n" + "\n".join(lines), hint="See `tunery train --help` and examples/*.yaml."
+        ) from None
 
 
 def _set_str(raw: dict[str, Any], key: str, value: str) -> None:

@@ -9,8 +9,9 @@ class TuneryError(Exception):
     code = "tunery_error"
     status = 400
 
-    def __init__(self, message: str, hint: str | None = None, *, code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self, message: str, hint: str | None = None, *, code: str | None = None, param: str | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -31,11 +32,20 @@ class DataError(TuneryError):
 
     code = "invalid_training_file"
 
-    def __init__(self, message: str, hint: str | None = None, *, file: str | None = None,
-                 line: int | None = None, field: str | None = None, code: str | None = None,
-                 param: str | None = None):
-        where = ", ".join(p for p in (file, f"line {line}" if line else None,
-                                      f"field '{field}'" if field else None) if p)
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        where = ", ".join(
+            p for p in (file, f"line {line}" if line else None, f"field '{field}'" if field else None) if p
+        )
         super().__init__(f"{where}: {message}" if where else message, hint, code=code, param=param)
         self.file, self.line, self.field = file, line, field
 

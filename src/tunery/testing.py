@@ -39,12 +39,17 @@ def tiny_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
         unk_token=None,
     )
     fast.chat_template = CHATML_TEMPLATE
@@ -55,21 +60,44 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     """A 2-layer config of the named architecture (llama, qwen2, mixtral, qwen2_moe, bert)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     if arch == "llama":
         cfg = tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
     elif arch == "mixtral":
-        cfg = tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                               output_router_logits=False, **common)
+        cfg = tf.MixtralConfig(
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=False,
+            **common,
+        )
     elif arch == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                moe_intermediate_size=64, shared_expert_intermediate_size=64, **common)
+        cfg = tf.Qwen2MoeConfig(
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            **common,
+        )
     elif arch == "bert":
-        cfg = tf.BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+        cfg = tf.BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
     for key, value in overrides.items():
@@ -95,5 +123,33 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **
     model.save_pretrained(path)
     tok.save_pretrained(path)
     if arch != "bert":
-        tf.GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
+        tf.GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(
+            path
+        )
+    return path
+
+
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
+
+
+def write_chat_jsonl(path: str | Path, n: int = 20, seed: int = 0) -> Path:
+    """A small memorisable chat dataset: each question maps to a fixed colour."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    path = Path(path)
+    with open(path, "w") as fh:
+        for i in range(n):
+            color = COLORS[i % len(COLORS)]
+            tail = rng.choice(["Answer briefly.", "One word please.", "Quick question."])
+            q = f"What colour is item {i}? {tail}"
+            row = {
+                "messages": [
+                    {"role": "system", "content": "You name colours."},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": color},
+                ]
+            }
+            fh.write(json.dumps(row) + "\n")
     return path

@@ -18,6 +18,9 @@ class Conversation:
     messages: list[Message]
     tools: list[dict[str, Any]] | None = None
     line: int = 0
+    # The record's other top-level fields (e.g. the answer an RL grader reads); for kind "prompt"
+    # (GRPO / RL, no reply) also the data's reference reply under "completion", when it had one.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Dataset:
 
     path: str
     format: str  # "chat", "prompt_completion", "alpaca", "sharegpt", "text", "preference", ...
-    kind: str  # "chat" | "preference" | "unpaired" | "text" | "labeled"
+    kind: str  # "chat" | "preference" | "unpaired" | "text" | "labeled" | "prompt" (Conversation, no reply)
     examples: list[Any] = field(default_factory=list)
     content_hash: str = ""
 

@@ -17,4 +17,14 @@ def _load_builtin() -> None:
 
 _load_builtin()
 
-__all__ = ["METHODS", "Method", "count_parameters", "register"]
+from tunery.methods.loading import continue_training, load_trained, read_info  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "continue_training",
+    "count_parameters",
+    "load_trained",
+    "read_info",
+    "register",
+]

@@ -28,8 +28,9 @@ class Method:
     apply: Callable[[torch.nn.Module, Any], torch.nn.Module]
     # save(model, out_dir): writes what is needed to rebuild the trained part
     save: Callable[[torch.nn.Module, Path], None]
-    # load(base_model, dir) -> model with the trained part restored
-    load: Callable[[torch.nn.Module, Path], torch.nn.Module]
+    # load(base_model, dir, trainable=False) -> model with the trained part restored; with
+    # trainable=True exactly the method's parameters train again (sequential fine-tuning, resume)
+    load: Callable[..., torch.nn.Module]
     base_learning_rate: float = 2e-4
     scale: str = "small"  # human summary of the trainable-parameter scale, for `tunery methods`
     # merge(model) -> plain transformers model with the method folded in; None when the math forbids it
@@ -41,6 +42,8 @@ class Method:
     param_groups: Callable[[torch.nn.Module, Any, float], list[dict[str, Any]]] | None = None
     # aux_loss(model) -> extra loss term (MoE load balancing), or None
     aux_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
+    # False for methods that change the forward itself (prompt learning): the loop then pads rows
+    supports_packing: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

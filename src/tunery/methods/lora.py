@@ -20,14 +20,24 @@ class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(16, ge=1, description="Rank of the update.")
-    alpha: float = Field(32, description="Scale numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    alpha: float = Field(
+        32, description="Scale numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt; all-linear = every linear but the head.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt; all-linear = every linear but the head."
+    )
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     dora: bool = Field(False, description="Weight-decomposed LoRA (magnitude + direction).")
-    loraplus_lr_ratio: float | None = Field(None, description="LoRA+: B matrices learn this many times faster.")
-    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="Initialisation of A and B.")
-    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved (e.g. lm_head).")
+    loraplus_lr_ratio: float | None = Field(
+        None, description="LoRA+: B matrices learn this many times faster."
+    )
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Initialisation of A and B."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved (e.g. lm_head)."
+    )
 
 
 def peft_config(options: LoraOptions, task_type: str = "CAUSAL_LM"):
@@ -35,9 +45,15 @@ def peft_config(options: LoraOptions, task_type: str = "CAUSAL_LM"):
 
     init: Any = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[options.init]
     return LoraConfig(
-        r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-        target_modules=options.target_modules, use_rslora=options.rslora, use_dora=options.dora,
-        init_lora_weights=init, modules_to_save=options.modules_to_save, task_type=task_type,
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
+        use_rslora=options.rslora,
+        use_dora=options.dora,
+        init_lora_weights=init,
+        modules_to_save=options.modules_to_save,
+        task_type=task_type,
     )
 
 
@@ -51,10 +67,10 @@ def save(model: torch.nn.Module, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def load(base: torch.nn.Module, path: Path) -> torch.nn.Module:
+def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, path, is_trainable=False)
+    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 
 def merge(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,9 +86,17 @@ def param_groups(model: torch.nn.Module, options: LoraOptions, lr: float) -> lis
     return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * options.loraplus_lr_ratio}]
 
 
-register(Method(
-    name="lora",
-    description="Low-rank adapters on the linear layers (rsLoRA, DoRA, LoRA+, PiSSA/OLoRA init).",
-    options=LoraOptions, apply=apply, save=save, load=load, merge=merge, param_groups=param_groups,
-    base_learning_rate=2e-4, scale="~0.5-2%",
-))
+register(
+    Method(
+        name="lora",
+        description="Low-rank adapters on the linear layers (rsLoRA, DoRA, LoRA+, PiSSA/OLoRA init).",
+        options=LoraOptions,
+        apply=apply,
+        save=save,
+        load=load,
+        merge=merge,
+        param_groups=param_groups,
+        base_learning_rate=2e-4,
+        scale="~0.5-2%",
+    )
+)

@@ -1,7 +1,7 @@
 """The shape every objective has. The single training loop calls, for each micro-batch:
 
     features = objective.encode(example, tokenizer, config)      # once, cached
-    batch    = objective.collate(list_of_features, pad_id)        # tensors; batch["n_units"] is an int
+    batch    = objective.collate(list_of_features, pad_id, packed) # tensors; batch["n_units"] is an int
     out      = objective.loss(model, batch, ctx)                  # StepOutput
 
 `n_units` is what the loss is averaged over (supervised tokens for SFT, pairs for DPO). The loop
@@ -50,7 +50,8 @@ class Objective:
     # which Dataset.kind the objective trains on; the loader converts or refuses
     data_kind: str
     encode: Callable[[Any, Any, Any], dict[str, Any] | None]
-    collate: Callable[[list[dict[str, Any]], int], dict[str, Any]]
+    # collate(features, pad_id, packed): packed=True lays examples end to end in one row
+    collate: Callable[[list[dict[str, Any]], int, bool], dict[str, Any]]
     loss: Callable[[torch.nn.Module, dict[str, Any], Context], StepOutput]
     # the metric names (averaged per unit) the loop logs next to the loss
     metric_names: tuple[str, ...] = ()

@@ -1,0 +1,126 @@
+"""`tunery`: the command line. Each command is a thin shell over the library's one path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tunery.cli_common import ProgressPrinter, console, user_errors
+
+app = typer.Typer(
+    help="Tunery: fine-tune, evaluate and serve LLMs on hardware you control.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _config_help() -> str:
+    """The config keys, generated from the pydantic fields (the one source of truth)."""
+    from tunery.config import DataConfig, Hyperparameters, TuneryConfig
+
+    lines = ["Config keys (YAML, or --set key=value):\n\n"]
+    for name, f in TuneryConfig.model_fields.items():
+        if name not in ("data", "hyperparameters"):
+            lines.append(f"  {name}: {f.description}\n\n")
+    for prefix, model in (("data", DataConfig), ("hyperparameters", Hyperparameters)):
+        for name, f in model.model_fields.items():
+            lines.append(f"  {prefix}.{name} (default {f.default!r}): {f.description}\n\n")
+    lines.append("  <method>.<option>, <objective>.<option>: see `tunery methods --options`.")
+    return "".join(lines)
+
+
+@app.command(epilog=_config_help())
+@user_errors()
+def train(
+    config: Path | None = typer.Argument(None, help="YAML config file."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config key: --set hyperparameters.n_epochs=1"
+    ),
+    model: str | None = typer.Option(None, "--model", help="Base model: alias, directory, hub id or .gguf."),
+    data: str | None = typer.Option(None, "--data", help="Training file."),
+    validation_data: str | None = typer.Option(None, "--validation-data", help="Validation file."),
+    method: str | None = typer.Option(None, "--method", help="Tuning method (see `tunery methods`)."),
+    objective: str | None = typer.Option(None, "--objective", help="Objective (default sft)."),
+    output: str | None = typer.Option(None, "--output", help="Run directory."),
+    adapter: str | None = typer.Option(None, "--adapter", help="Continue training this saved model/adapter."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
+) -> None:
+    """Fine-tune a model: validate data, train, checkpoint, save the model or adapter."""
+    from tunery.config import load_config
+    from tunery.train import run
+
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "model": model,
+            "data.train": data,
+            "data.validation": validation_data,
+            "method": method,
+            "objective": objective,
+            "output": output,
+            "adapter": adapter,
+        },
+    )
+    if resume:
+        cfg.resume = True
+    printer = ProgressPrinter()
+    try:
+        result = run(cfg, subscribers=[printer])
+    finally:
+        printer.close()
+    if result.status == "interrupted":
+        console.print(
+            f"[yellow]Interrupted.[/] Checkpoint saved; continue with "
+            f"`tunery train {config or ''} --set output={cfg.output} --resume`"
+        )
+        raise typer.Exit(130)
+    console.print(f"[green]Done.[/] Model saved to [bold]{result.model_dir}[/]")
+    console.print(f"Chat with it:  tunery chat --adapter {result.model_dir}")
+
+
+@app.command()
+def methods(options: bool = typer.Option(False, "--options", help="Also list each option.")) -> None:
+    """List tuning methods and objectives."""
+    from rich.table import Table
+
+    from tunery.methods import METHODS
+    from tunery.objectives import OBJECTIVES
+
+    table = Table(title="Methods")
+    for col in ("method", "description", "trainable", "merges"):
+        table.add_column(col)
+    for name, m in METHODS.items():
+        table.add_row(name, m.description, m.scale, "yes" if m.can_merge else "no")
+    console.print(table)
+    otable = Table(title="Objectives")
+    otable.add_column("objective")
+    otable.add_column("description")
+    otable.add_column("data")
+    for name, o in OBJECTIVES.items():
+        otable.add_row(name, o.description, o.data_kind)
+    console.print(otable)
+    if options:
+        for name, item in [*METHODS.items(), *OBJECTIVES.items()]:
+            for field, f in item.options.model_fields.items():
+                console.print(f"  {name}.{field} (default {f.default!r}): {f.description}")
+
+
+def _mount() -> None:
+    """Sub-commands that live with their packages."""
+    from tunery.data.cli import data_app
+
+    app.add_typer(data_app, name="data", help="Validate and inspect training data.")
+
+
+_mount()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Rendering user errors and progress for every CLI command."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from tunery.errors import TuneryError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(exit_code: int = 2) -> Callable:
+    """Decorator: a TuneryError prints as one red message with its hint, never a traceback."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except TuneryError as exc:
+                err_console.print(f"[bold red]Error:[/] {exc.message}", highlight=False)
+                if exc.hint:
+                    err_console.print(f"[yellow]Hint:[/] {exc.hint}", highlight=False)
+                raise typer.Exit(exit_code) from None
+
+        return inner
+
+    return wrap
+
+
+class ProgressPrinter:
+    """Subscribes to a run's events: a rich progress bar with loss, tokens/s and ETA."""
+
+    def __init__(self, console: Console = console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event["type"] == "metrics":
+            if self.task is None:
+                self._start(data.get("total_steps", 0), completed=data["step"] - 1)
+            info = f"loss {data['train_loss']:.4f}  {data.get('tokens_per_second', 0):.0f} tok/s"
+            if data.get("valid_loss") is not None:
+                info += f"  val {data['valid_loss']:.4f}"
+            self.progress.update(self.task, completed=data["step"], info=info)
+        elif "total_steps" in data and self.task is None:
+            self._start(data["total_steps"])
+        elif event["level"] != "info" or data.get("kind") in ("checkpoint", "model"):
+            self.progress.console.print(
+                f"[dim]{event['message']}[/]"
+                if event["level"] == "info"
+                else f"[yellow]{event['message']}[/]"
+            )
+        elif self.task is None:
+            self.console.print(f"[dim]{event['message']}[/]")
+
+    def _start(self, total: int, completed: int = 0) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=completed, info="")
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.progress.stop()

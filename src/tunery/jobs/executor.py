@@ -1,0 +1,465 @@
+"""The local executor: a queue of jobs, each run in a worker subprocess, followed through its run dir.
+
+One scheduler thread in the server process starts queued jobs up to `concurrency`, copies each
+running job's `events.jsonl` rows (and checkpoint events) into the database, and on exit reads
+`run.json` to finish the job. A worker that crashes or is OOM-killed only fails its own job.
+Cancel and pause send SIGTERM (the trainer checkpoints and exits), then SIGKILL after a grace
+period. On startup, jobs a dead server left `running` are requeued to resume from their last
+checkpoint, or failed with the reason when their files are gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunery.jobs.store import Job, ModelRow, Store, now
+
+log = logging.getLogger("tunery.jobs")
+
+
+@dataclass
+class _Running:
+    job_id: str
+    proc: subprocess.Popen
+    log_file: Any
+    started: float = field(default_factory=time.time)
+    intent: str | None = None  # cancel | pause | shutdown: why we signalled it
+    kill_at: float | None = None
+
+
+def _signal_name(rc: int) -> str:
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _pid_is_worker(pid: int, job_id: str) -> bool:
+    """True when `pid` is still a worker of this job (pids are reused after a crash)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"tunery.jobs.worker" in cmd and job_id.encode() in cmd
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+class LocalExecutor:
+    def __init__(
+        self,
+        store: Store,
+        concurrency: int = 1,
+        grace: float = 30.0,
+        poll: float = 0.5,
+        database_url: str | None = None,
+    ):
+        self.store = store
+        self.concurrency = max(1, concurrency)
+        self.grace = grace
+        self.poll = poll
+        self.database_url = database_url
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._draining = False  # set by stop(): requeued jobs must not be launched again
+
+    # ---- lifecycle
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="tunery-executor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Graceful shutdown: running jobs checkpoint and go back to the queue to resume later."""
+        self._draining = True
+        with self._lock:
+            for r in self._running.values():
+                self._terminate(r, "shutdown")
+        deadline = time.time() + self.grace
+        while time.time() < deadline and any(r.proc.poll() is None for r in list(self._running.values())):
+            time.sleep(0.1)
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        with self._lock:
+            for r in list(self._running.values()):
+                if r.proc.poll() is None:
+                    os.killpg(r.proc.pid, signal.SIGKILL)
+                    r.proc.wait()
+                self._finish(r)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def recover(self) -> None:
+        """Requeue what a dead server left behind; stop orphaned workers first so no two processes
+        ever train into the same run dir."""
+        for job in self.store.list_jobs(statuses=("running", "validating_files"), oldest_first=True):
+            if job.pid and _pid_is_worker(job.pid, job.id):
+                self._stop_orphan(job.pid)
+            reason = self._missing_files(job)
+            if reason:
+                self.store.update_job(
+                    job.id,
+                    status="failed",
+                    finished_at=now(),
+                    pid=None,
+                    error={"code": "file_not_found", "message": reason, "param": "training_file"},
+                    events=[("error", reason)],
+                )
+                continue
+            self.store.update_job(
+                job.id,
+                status="queued",
+                pid=None,
+                resume=latest_checkpoint(self.store.path(job.run_dir)) is not None,
+                events=[
+                    (
+                        "warn",
+                        "The server restarted during this job; it was requeued and "
+                        "resumes from its last checkpoint.",
+                    )
+                ],
+            )
+
+    def _stop_orphan(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.time() + self.grace
+            while time.time() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _missing_files(self, job: Job) -> str | None:
+        for file_id in (job.training_file, job.validation_file):
+            if not file_id:
+                continue
+            try:
+                row = self.store.get_file(job.owner, file_id)
+            except Exception:
+                return f"The job cannot resume: its file {file_id} was deleted."
+            if not self.store.path(row.path).is_file():
+                return f"The job cannot resume: the bytes of file {file_id} are missing from the data dir."
+        return None
+
+    # ---- control
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            r = self._running.get(job_id)
+            if r:
+                self._terminate(r, "cancel")
+
+    def pause(self, job_id: str) -> None:
+        with self._lock:
+            r = self._running.get(job_id)
+            if r:
+                self._terminate(r, "pause")
+
+    def is_running(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._running
+
+    def _terminate(self, r: _Running, intent: str) -> None:
+        r.intent = r.intent or intent
+        if r.proc.poll() is None:
+            try:
+                os.kill(r.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            r.kill_at = time.time() + self.grace
+
+    # ---- the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # a database hiccup must not kill the scheduler
+                log.exception("executor tick failed")
+            self._wake.wait(self.poll)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        with self._lock:
+            for r in list(self._running.values()):
+                self._follow(r)
+                if r.proc.poll() is not None:
+                    self._follow(r)
+                    self._finish(r)
+                elif r.kill_at and time.time() > r.kill_at:
+                    log.warning("job %s ignored SIGTERM for %.0fs; killing it", r.job_id, self.grace)
+                    os.killpg(r.proc.pid, signal.SIGKILL)
+            if self._stop.is_set() or self._draining:
+                return
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                return
+            for job in self.store.list_jobs(statuses=("queued",), oldest_first=True):
+                if free <= 0:
+                    break
+                if job.id not in self._running:
+                    self._launch(job)
+                    free -= 1
+
+    def _launch(self, job: Job) -> None:
+        run_dir = self.store.path(job.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").unlink(missing_ok=True)  # a stale one would be read as this attempt's end
+        ckpt = latest_checkpoint(run_dir) if job.resume else None
+        # The trainer itself announces "Fine-tuning job started"; this records the worker launch.
+        message = (
+            f"Worker started; resuming from checkpoint {ckpt.name}"
+            if ckpt
+            else f"Worker started (attempt {job.attempts + 1})"
+        )
+        job = self.store.update_job(
+            job.id,
+            expect=("queued",),
+            status="running",
+            resume=ckpt is not None,
+            started_at=job.started_at or now(),
+            attempts=job.attempts + 1,
+            events=[("info", message)],
+        )
+        if job is None:  # cancelled meanwhile
+            return
+        cmd = [sys.executable, "-m", "tunery.jobs.worker", "--data-dir", str(self.store.data_dir), job.id]
+        env = dict(os.environ)
+        if self.database_url:
+            env["TUNERY_DATABASE_URL"] = self.database_url
+        log_file = open(run_dir / "worker.log", "ab")
+        # A new session: a Ctrl-C in the server's terminal reaches the server, which decides.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self.store.update_job(job.id, pid=proc.pid)
+        self._running[job.id] = _Running(job.id, proc, log_file)
+
+    def _follow(self, r: _Running) -> None:
+        """Copy new complete lines of events.jsonl into the database."""
+        job = self.store.get_job(None, r.job_id)
+        path = self.store.path(job.run_dir) / "events.jsonl"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        offset = job.events_offset
+        rewritten = size < offset
+        if rewritten:  # the trainer started the file over: re-read it and skip what we already hold
+            offset = 0
+        if size == offset:
+            return
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size - offset)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        events, checkpoints = [], []
+        for line in data[: end + 1].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if rewritten and self.store.has_event(
+                job.id, int(row.get("created_at") or 0), str(row.get("message"))
+            ):
+                continue
+            d = row.get("data") or {}
+            if d.get("kind") == "checkpoint" and d.get("path"):
+                step = int(d.get("step", 0))
+                name = f"{job.output_name}:ckpt-step-{step}"
+                checkpoints.append(
+                    {
+                        "step": step,
+                        "metrics": d.get("metrics"),
+                        "model_name": name,
+                        "path": f"{job.run_dir}/{d['path']}/model",
+                    }
+                )
+                row = {**row, "message": f"Checkpoint created at step {step} with Snapshot ID: {name}"}
+            elif d.get("kind") == "model":  # the trainer names a path; clients know the model by name
+                row = {**row, "message": f"New fine-tuned model created: {job.output_name}"}
+            events.append(row)
+        self.store.ingest(job, events, checkpoints, events_offset=offset + end + 1)
+        if checkpoints:
+            self.store.prune_checkpoints(job.id)
+
+    def _finish(self, r: _Running) -> None:
+        self._running.pop(r.job_id, None)
+        r.log_file.close()
+        job = self.store.get_job(None, r.job_id)
+        run_dir = self.store.path(job.run_dir)
+        try:
+            result = json.loads((run_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            result = None
+        status = (result or {}).get("status")
+        rc = r.proc.returncode
+        if r.intent == "cancel":
+            self.store.update_job(
+                job.id,
+                pid=None,
+                finished_at=job.finished_at or now(),
+                events=[("info", "Fine-tuning job cancelled; its last checkpoint is kept.")],
+            )
+        elif r.intent == "pause":
+            self.store.update_job(job.id, pid=None, resume=True, events=[("info", "Fine-tuning job paused")])
+        elif r.intent == "shutdown" and status != "succeeded":
+            self.store.update_job(
+                job.id,
+                expect=("running",),
+                status="queued",
+                pid=None,
+                resume=True,
+                events=[
+                    (
+                        "info",
+                        "The server is stopping; the job will resume from its "
+                        "last checkpoint when it restarts.",
+                    )
+                ],
+            )
+        elif status == "succeeded":
+            self._succeed(job, result)
+        elif status == "failed":
+            err = result.get("error") or {}
+            error = {
+                "code": err.get("code") or "training_failed",
+                "message": err.get("message") or "Training failed.",
+                "param": err.get("param"),
+            }
+            self._fail(job, error)
+        else:
+            if rc is not None and rc < 0:
+                why = f"was killed by {_signal_name(rc)}"
+                if rc == -signal.SIGKILL:
+                    why += " (most likely out of memory)"
+            else:
+                why = f"exited with code {rc} without a result"
+            tail = _log_tail(run_dir / "worker.log")
+            message = f"The training process {why}." + (f" Last output: {tail}" if tail else "")
+            self._fail(job, {"code": "worker_crashed", "message": message, "param": None})
+
+    def _fail(self, job: Job, error: dict[str, Any]) -> None:
+        self.store.update_job(
+            job.id,
+            expect=("running",),
+            status="failed",
+            pid=None,
+            finished_at=now(),
+            error=error,
+            events=[("error", error["message"])],
+        )
+
+    def _succeed(self, job: Job, result: dict[str, Any]) -> None:
+        run_dir = self.store.path(job.run_dir)
+        model_rel = f"{job.run_dir}/{result.get('model_dir') or 'model'}"
+        ext = job.tunery or {}
+        base = ext.get("base_spec") or job.model
+        self.store.add_model(
+            ModelRow(
+                name=job.output_name,
+                owner=job.owner,
+                base=base,
+                path=model_rel,
+                job_id=job.id,
+                created_at=now(),
+            )
+        )
+        metrics = _last_metrics(run_dir / "metrics.jsonl")
+        step = int(metrics.get("step", 0)) if metrics else 0
+        self.store.ingest(
+            job,
+            [],
+            [{"step": step, "metrics": metrics or None, "model_name": job.output_name, "path": model_rel}],
+        )
+        result_files = list(job.result_files or [])
+        csv = run_dir / "results.csv"
+        if csv.is_file():
+            # OpenAI serves result files base64-encoded; clients decode them, so we store them so.
+            tmp = self.store.data_dir / "files" / ".tmp" / f"result-{job.id}"
+            tmp.write_bytes(base64.b64encode(csv.read_bytes()))
+            row = self.store.adopt_file(job.owner, "step_metrics.csv", "fine-tune-results", tmp)
+            result_files.append(row.id)
+        hp = dict(job.hyperparameters or {})
+        hp.update(_resolved_hparams(run_dir / "config.yaml", hp))
+        self.store.update_job(
+            job.id,
+            expect=("running",),
+            status="succeeded",
+            pid=None,
+            finished_at=now(),
+            fine_tuned_model=job.output_name,
+            trained_tokens=int(result.get("trained_tokens") or 0),
+            result_files=result_files,
+            hyperparameters=hp,
+            error=None,
+            events=[
+                (lvl, msg)
+                for lvl, msg in (
+                    ("info", f"New fine-tuned model created: {job.output_name}"),
+                    ("info", "The job has successfully completed"),
+                )
+                if not self.store.has_message(job.id, msg)
+            ],
+        )
+
+
+def _last_metrics(path: Path) -> dict[str, Any]:
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _resolved_hparams(config_path: Path, hp: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `auto` became, from the run's resolved config.yaml."""
+    import yaml
+
+    try:
+        resolved = (yaml.safe_load(config_path.read_text()) or {}).get("hyperparameters") or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {
+        k: resolved[k]
+        for k in ("n_epochs", "batch_size", "learning_rate_multiplier")
+        if k in hp and isinstance(resolved.get(k), int | float)
+    }
+
+
+def _log_tail(path: Path, n: int = 400) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - n))
+            text = f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""

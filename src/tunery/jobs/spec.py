@@ -1,0 +1,196 @@
+"""From an OpenAI job request to a job row, and from a job row to the `TuneryConfig` a worker trains.
+
+OpenAI fields: `hyperparameters` {n_epochs, batch_size, learning_rate_multiplier} ("auto" allowed),
+`method: {type: supervised|dpo, <type>: {hyperparameters: {...}}}` (dpo adds beta), suffix, seed,
+metadata. Tunery extensions ride in extra body fields: `tunery: {method, objective, options: {name:
+{...}}, hyperparameters: {...any Tunery hyperparameter...}, <name>: {...}}`, or top-level
+`method_name` / `objective`. Any method or objective in the registries is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from tunery.errors import TuneryError
+
+# OpenAI's method types and the objective each one trains with.
+OBJECTIVE_FOR_TYPE = {"supervised": "sft", "dpo": "dpo"}
+OPENAI_HPARAMS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+_RANGES = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+
+
+class InvalidRequest(TuneryError):
+    code = "invalid_request_error"
+
+
+def _check_hparam(name: str, value: Any, param: str) -> Any:
+    if value == "auto" or value is None:
+        return "auto"
+    if name == "beta":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 2
+        if not ok:
+            raise InvalidRequest(
+                f"Invalid beta {value!r}: expected 'auto' or a number in (0, 2].",
+                param=param,
+                code="invalid_hyperparameters",
+            )
+        return float(value)
+    if name == "learning_rate_multiplier":
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise InvalidRequest(
+                f"Invalid learning_rate_multiplier {value!r}: expected 'auto' or a number > 0.",
+                param=param,
+                code="invalid_hyperparameters",
+            )
+        return float(value)
+    lo, hi = _RANGES[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidRequest(
+            f"Invalid {name} {value!r}: expected 'auto' or an integer in [{lo}, {hi}].",
+            param=param,
+            code="invalid_hyperparameters",
+        )
+    return value
+
+
+def parse_request(body: dict[str, Any]) -> dict[str, Any]:
+    """Validate the training fields of a create request. Returns job-row fields: hyperparameters,
+    method (OpenAI shape, echoed back), tunery (method, objective, options, extra hyperparameters)."""
+    from tunery.methods import METHODS
+    from tunery.objectives import OBJECTIVES
+
+    method = body.get("method") or {"type": "supervised"}
+    if not isinstance(method, dict) or not isinstance(method.get("type", "supervised"), str):
+        raise InvalidRequest('method must be an object like {"type": "supervised"}.', param="method")
+    mtype = method.get("type", "supervised")
+    ext = body.get("tunery") or {}
+    if not isinstance(ext, dict):
+        raise InvalidRequest("tunery must be an object.", param="tunery")
+    objective = ext.get("objective") or body.get("objective")
+    if objective is None:
+        if mtype not in OBJECTIVE_FOR_TYPE:
+            raise InvalidRequest(
+                f"Method type {mtype!r} is not supported; use supervised or dpo, or name a "
+                "Tunery objective in `tunery.objective`.",
+                param="method.type",
+            )
+        objective = OBJECTIVE_FOR_TYPE[mtype]
+    if objective not in OBJECTIVES:
+        raise InvalidRequest(
+            f"Unknown objective {objective!r}. Available: {', '.join(OBJECTIVES.names())}.",
+            param="tunery.objective",
+        )
+    tuning = ext.get("method") or body.get("method_name") or "lora"
+    if tuning not in METHODS:
+        raise InvalidRequest(
+            f"Unknown method {tuning!r}. Available: {', '.join(METHODS.names())}.", param="tunery.method"
+        )
+
+    # The new API nests hyperparameters under the method type; the deprecated top-level field wins
+    # only where the nested one is silent.
+    sub = method.get(mtype) or {}
+    nested = (sub.get("hyperparameters") if isinstance(sub, dict) else None) or {}
+    top = body.get("hyperparameters") or {}
+    if not isinstance(top, dict) or not isinstance(nested, dict):
+        raise InvalidRequest("hyperparameters must be an object.", param="hyperparameters")
+    hp: dict[str, Any] = {}
+    for name in OPENAI_HPARAMS:
+        value = nested.get(name, top.get(name, "auto"))
+        hp[name] = _check_hparam(name, value, f"hyperparameters.{name}")
+    unknown = (set(top) | set(nested)) - set(OPENAI_HPARAMS) - {"beta"}
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown hyperparameter(s): {', '.join(sorted(unknown))}.", param="hyperparameters"
+        )
+
+    options: dict[str, dict[str, Any]] = {}
+    for key, value in (ext.get("options") or {}).items():
+        options[key] = dict(value)
+    for key, value in ext.items():
+        if key not in ("method", "objective", "options", "hyperparameters") and isinstance(value, dict):
+            options[key] = dict(value)
+    if mtype == "dpo" or "beta" in nested:
+        beta = _check_hparam("beta", nested.get("beta", "auto"), "method.dpo.hyperparameters.beta")
+        hp["beta"] = beta
+        if beta != "auto":
+            options.setdefault(objective, {})["beta"] = beta
+    for name in options:
+        if name not in (tuning, objective):
+            raise InvalidRequest(
+                f"Options for {name!r} given, but the job uses method {tuning!r} and "
+                f"objective {objective!r}.",
+                param=f"tunery.{name}",
+            )
+    extra_hp = ext.get("hyperparameters") or {}
+    if not isinstance(extra_hp, dict):
+        raise InvalidRequest("tunery.hyperparameters must be an object.", param="tunery.hyperparameters")
+    echo = {"type": mtype, mtype: {"hyperparameters": dict(hp)}} if mtype in OBJECTIVE_FOR_TYPE else method
+    return {
+        "hyperparameters": hp,
+        "method": echo,
+        "tunery": {"method": tuning, "objective": objective, "options": options, "hyperparameters": extra_hp},
+    }
+
+
+def slug(text: str, default: str = "user") -> str:
+    s = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return s[:40] or default
+
+
+def base_display(spec: str) -> str:
+    """The base part of an `ft:` name: an alias as is, a path or hub id by its last component."""
+    name = spec.rstrip("/").split("/")[-1]
+    return re.sub(r"[:\s]+", "-", name)[:120] or "model"
+
+
+def model_name(base_spec: str, owner_name: str, suffix: str | None) -> str:
+    """`ft:{base}:{owner}:{suffix}:{8-char id}`; an empty suffix leaves `::` as OpenAI does."""
+    tail = "".join(
+        secrets.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(8)
+    )
+    return f"ft:{base_display(base_spec)}:{slug(owner_name)}:{suffix or ''}:{tail}"
+
+
+def build_config(job: Any, data_dir: str | Path, training_path: Path, validation_path: Path | None):
+    """The run config of a job row (the worker calls this; so does job creation, to fail early)."""
+    data_dir = Path(data_dir)
+    ext = job.tunery or {}
+    raw: dict[str, Any] = {
+        "model": ext.get("base_spec") or job.model,
+        "data": {
+            "train": str(training_path),
+            "validation": str(validation_path) if validation_path else None,
+        },
+        "method": ext.get("method", "lora"),
+        "objective": ext.get("objective", "sft"),
+        "seed": int(job.seed),
+        "output": str(data_dir / job.run_dir),
+        "resume": bool(job.resume),
+    }
+    if ext.get("adapter"):
+        raw["adapter"] = str(data_dir / ext["adapter"])
+    hp = {k: v for k, v in (job.hyperparameters or {}).items() if k in OPENAI_HPARAMS}
+    hp.update(ext.get("hyperparameters") or {})
+    raw["hyperparameters"] = hp
+    for name, opts in (ext.get("options") or {}).items():
+        raw[name] = opts
+    return _validate(raw)
+
+
+def _validate(raw: dict[str, Any]):
+    from pydantic import ValidationError
+
+    from tunery.config import TuneryConfig
+
+    try:
+        return TuneryConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        param = "hyperparameters" if loc.startswith("hyperparameters") else f"tunery.{loc}"
+        raise InvalidRequest(
+            f"Invalid setting {loc}: {err['msg']}", param=param, code="invalid_hyperparameters"
+        ) from None

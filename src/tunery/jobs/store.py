@@ -1,0 +1,536 @@
+"""The job service's state: API keys, files, jobs, events, checkpoints and fine-tuned models.
+
+One SQLAlchemy schema for SQLite (the default, a file in the data dir, WAL) and PostgreSQL
+(`--database-url postgresql://...`). Every write is one transaction. Only the server process
+writes; workers read their job row and write nothing here (their run dir is followed instead).
+File bytes live beside the database under `files/<id>`: the id is random, the user's filename is
+metadata only and never touches a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import string
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from tunery.errors import NotFoundError, TuneryError
+
+_ALPHABET = string.ascii_letters + string.digits
+JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
+ACTIVE_STATUSES = ("validating_files", "queued", "running")
+
+
+def new_id(prefix: str, n: int = 24) -> str:
+    """A random id (`file-…`, `ftjob-…`): unguessable, so ids never leak other keys' objects."""
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; the key itself is never stored
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class FileRow(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(40), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20), default="processed")
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    path: Mapped[str] = mapped_column(String(200))  # relative to the data dir, built from the id
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(40), index=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    model: Mapped[str] = mapped_column(String(512))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    method: Mapped[dict] = mapped_column(JSON, default=dict)
+    tunery: Mapped[dict] = mapped_column(JSON, default=dict)  # extensions: method/objective + options
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    meta: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
+    output_name: Mapped[str] = mapped_column(String(700))  # the ft: name, reserved at creation
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(700), nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    result_files: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    run_dir: Mapped[str] = mapped_column(String(200))  # relative to the data dir
+    resume: Mapped[bool] = mapped_column(Boolean, default=False)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    events_offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes of events.jsonl consumed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # total order
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    type: Mapped[str] = mapped_column(String(10), default="message")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    model_name: Mapped[str] = mapped_column(String(720), index=True)
+    path: Mapped[str] = mapped_column(String(300))  # the saved model dir, relative to the data dir
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    name: Mapped[str] = mapped_column(String(700), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(40), index=True)
+    base: Mapped[str] = mapped_column(String(512))  # the base model spec training started from
+    path: Mapped[str] = mapped_column(String(300))  # relative to the data dir
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` picks psycopg (v3) when it is the driver installed, as SQLAlchemy won't."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class Store:
+    """The repository. Methods open one short transaction each; rows come back detached."""
+
+    def __init__(self, data_dir: str | Path, database_url: str | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        (self.data_dir / "files" / ".tmp").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        url = normalize_url(database_url or f"sqlite:///{self.data_dir / 'tunery.db'}")
+        self.url = url
+        if url.startswith("sqlite"):
+            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # WAL lets readers proceed while the server writes
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        else:
+            try:
+                self.engine = create_engine(url, pool_pre_ping=True)
+            except Exception as exc:  # unknown dialect or missing driver
+                raise TuneryError(
+                    f"Cannot use database URL {url!r}: {exc}", code="invalid_database_url"
+                ) from None
+        try:
+            Base.metadata.create_all(self.engine)
+        except Exception as exc:
+            raise TuneryError(
+                f"Cannot open the database {url!r}: {exc}", code="database_unavailable"
+            ) from None
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def path(self, rel: str) -> Path:
+        return self.data_dir / rel
+
+    # ---- keys
+    def create_key(self, name: str, admin: bool = False, key: str | None = None) -> tuple[ApiKey, str]:
+        """Store a new key (hashed) and return it with the plain key, which is shown only once."""
+        key = key or "tny-" + secrets.token_urlsafe(32)
+        row = ApiKey(
+            id=new_id("key_", 16),
+            name=name,
+            key_hash=hash_key(key),
+            prefix=key[:8],
+            is_admin=admin,
+            created_at=now(),
+        )
+        with self.tx() as s:
+            s.add(row)
+        return row, key
+
+    def ensure_key(self, key: str, name: str = "admin", admin: bool = True) -> ApiKey:
+        """Register the server's admin key (from --api-key) if this exact key is not stored yet."""
+        found = self.key_for(key)
+        return found if found else self.create_key(name, admin=admin, key=key)[0]
+
+    def key_for(self, key: str) -> ApiKey | None:
+        with self.tx() as s:
+            return s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self.tx() as s:
+            return s.get(ApiKey, key_id)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.tx() as s:
+            return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+    # ---- files
+    def save_file(
+        self,
+        owner: str,
+        filename: str,
+        purpose: str,
+        chunks: Iterator[bytes] | BinaryIO,
+        max_bytes: int | None = None,
+        status: str = "processed",
+    ) -> FileRow:
+        """Write the bytes to a temp file, rename it into place, then insert the row."""
+        file_id = new_id("file-")
+        tmp = self.data_dir / "files" / ".tmp" / file_id
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                it = iter(lambda: chunks.read(1 << 20), b"") if hasattr(chunks, "read") else chunks
+                for chunk in it:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise TuneryError(
+                            f"File is larger than the {max_bytes // (1 << 20)} MB limit.",
+                            code="file_too_large",
+                            param="file",
+                        )
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            return self.adopt_file(owner, filename, purpose, tmp, file_id=file_id, status=status)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def adopt_file(
+        self,
+        owner: str,
+        filename: str,
+        purpose: str,
+        tmp: Path,
+        file_id: str | None = None,
+        status: str = "processed",
+        status_details: str | None = None,
+    ) -> FileRow:
+        """Move a finished temp file into storage (atomic rename) and record it."""
+        file_id = file_id or new_id("file-")
+        rel = f"files/{file_id}"
+        final = self.data_dir / rel
+        os.replace(tmp, final)
+        row = FileRow(
+            id=file_id,
+            owner=owner,
+            bytes=final.stat().st_size,
+            filename=filename,
+            purpose=purpose,
+            status=status,
+            status_details=status_details,
+            created_at=now(),
+            path=rel,
+        )
+        try:
+            with self.tx() as s:
+                s.add(row)
+        except Exception:
+            final.unlink(missing_ok=True)
+            raise
+        return row
+
+    def get_file(self, owner: str, file_id: str) -> FileRow:
+        with self.tx() as s:
+            row = s.get(FileRow, file_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(f"No such File object: {file_id}", param="id")
+        return row
+
+    def list_files(self, owner: str, purpose: str | None = None, order: str = "desc") -> list[FileRow]:
+        q = select(FileRow).where(FileRow.owner == owner)
+        if purpose:
+            q = q.where(FileRow.purpose == purpose)
+        q = q.order_by(
+            FileRow.created_at.desc() if order == "desc" else FileRow.created_at,
+            FileRow.id.desc() if order == "desc" else FileRow.id,
+        )
+        with self.tx() as s:
+            return list(s.scalars(q))
+
+    def count_files(self, owner: str) -> int:
+        from sqlalchemy import func
+
+        with self.tx() as s:
+            return s.scalar(select(func.count()).select_from(FileRow).where(FileRow.owner == owner)) or 0
+
+    def delete_file(self, owner: str, file_id: str) -> None:
+        row = self.get_file(owner, file_id)
+        with self.tx() as s:
+            s.delete(s.get(FileRow, file_id))
+        self.path(row.path).unlink(missing_ok=True)
+
+    # ---- jobs
+    def add_job(self, job: Job, events: list[tuple[str, str]] = ()) -> Job:
+        with self.tx() as s:
+            s.add(job)
+            s.flush()
+            for level, message in events:
+                s.add(
+                    EventRow(
+                        id=new_id("ftevent-"),
+                        job_id=job.id,
+                        created_at=now(),
+                        level=level,
+                        type="message",
+                        message=message,
+                    )
+                )
+        return job
+
+    def get_job(self, owner: str | None, job_id: str) -> Job:
+        with self.tx() as s:
+            job = s.get(Job, job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            raise NotFoundError(f"Could not find fine-tune job: {job_id}", param="fine_tuning_job_id")
+        return job
+
+    def list_jobs(
+        self, owner: str | None = None, statuses: tuple[str, ...] | None = None, oldest_first: bool = False
+    ) -> list[Job]:
+        q = select(Job)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
+        if statuses:
+            q = q.where(Job.status.in_(statuses))
+        q = (
+            q.order_by(Job.created_at, Job.id)
+            if oldest_first
+            else q.order_by(Job.created_at.desc(), Job.id.desc())
+        )
+        with self.tx() as s:
+            return list(s.scalars(q))
+
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        expect: tuple[str, ...] | None = None,
+        events: list[tuple[str, str]] = (),
+        **fields: Any,
+    ) -> Job | None:
+        """Set fields (and add message events) in one transaction. With `expect`, only when the
+        job's current status is one of them (returns None otherwise): a compare-and-set, so a cancel
+        racing with completion cannot both win."""
+        with self.tx() as s:
+            job = s.get(Job, job_id, with_for_update=not self.url.startswith("sqlite"))
+            if job is None or (expect is not None and job.status not in expect):
+                return None
+            for key, value in fields.items():
+                setattr(job, key, value)
+            for level, message in events:
+                s.add(
+                    EventRow(
+                        id=new_id("ftevent-"),
+                        job_id=job_id,
+                        created_at=now(),
+                        level=level,
+                        type="message",
+                        message=message,
+                    )
+                )
+        return job
+
+    # ---- events
+    def ingest(
+        self,
+        job: Job,
+        events: list[dict[str, Any]],
+        checkpoints: list[dict[str, Any]],
+        events_offset: int | None = None,
+    ) -> None:
+        """Insert events and checkpoints copied from a run dir and advance the job's read offset in
+        the same transaction, so a server restart neither loses nor repeats them."""
+        with self.tx() as s:
+            for r in events:
+                s.add(
+                    EventRow(
+                        id=new_id("ftevent-"),
+                        job_id=job.id,
+                        created_at=int(r.get("created_at") or now()),
+                        level=r.get("level", "info"),
+                        type=r.get("type", "message"),
+                        message=str(r.get("message", "")),
+                        data=r.get("data"),
+                    )
+                )
+            for c in checkpoints:
+                s.add(
+                    CheckpointRow(
+                        id=new_id("ftckpt_"),
+                        job_id=job.id,
+                        owner=job.owner,
+                        created_at=now(),
+                        step=int(c["step"]),
+                        metrics=c.get("metrics"),
+                        model_name=c["model_name"],
+                        path=c["path"],
+                    )
+                )
+            if events_offset is not None:
+                s.get(Job, job.id).events_offset = events_offset
+
+    def list_events(
+        self, job_id: str, after: str | None = None, limit: int = 20
+    ) -> tuple[list[EventRow], bool]:
+        """Newest first; `after` is the last event id of the previous page."""
+        q = select(EventRow).where(EventRow.job_id == job_id)
+        with self.tx() as s:
+            if after:
+                pivot = s.scalar(select(EventRow.seq).where(EventRow.id == after, EventRow.job_id == job_id))
+                if pivot is not None:
+                    q = q.where(EventRow.seq < pivot)
+            rows = list(s.scalars(q.order_by(EventRow.seq.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def events_since(self, job_id: str, seq: int) -> list[EventRow]:
+        """Oldest first, after a sequence number: for the SSE stream."""
+        with self.tx() as s:
+            q = select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > seq).order_by(EventRow.seq)
+            return list(s.scalars(q))
+
+    def has_message(self, job_id: str, message: str) -> bool:
+        with self.tx() as s:
+            q = select(EventRow.seq).where(EventRow.job_id == job_id, EventRow.message == message)
+            return s.scalar(q.limit(1)) is not None
+
+    def has_event(self, job_id: str, created_at: int, message: str) -> bool:
+        with self.tx() as s:
+            q = select(EventRow.seq).where(
+                EventRow.job_id == job_id, EventRow.created_at == created_at, EventRow.message == message
+            )
+            return s.scalar(q.limit(1)) is not None
+
+    # ---- checkpoints and models
+    def list_checkpoints(self, job_id: str) -> list[CheckpointRow]:
+        """Newest first."""
+        with self.tx() as s:
+            q = select(CheckpointRow).where(CheckpointRow.job_id == job_id).order_by(CheckpointRow.seq.desc())
+            return list(s.scalars(q))
+
+    def owner_checkpoints(self, owner: str) -> list[CheckpointRow]:
+        with self.tx() as s:
+            q = select(CheckpointRow).where(CheckpointRow.owner == owner).order_by(CheckpointRow.seq)
+            return list(s.scalars(q))
+
+    def prune_checkpoints(self, job_id: str) -> None:
+        """Drop rows of checkpoints the trainer has rotated away (it keeps the last few)."""
+        with self.tx() as s:
+            for row in s.scalars(select(CheckpointRow).where(CheckpointRow.job_id == job_id)):
+                if not self.path(row.path).exists():
+                    s.delete(row)
+
+    def add_model(self, row: ModelRow) -> ModelRow:
+        with self.tx() as s:
+            s.merge(row)
+        return row
+
+    def list_models(self, owner: str) -> list[ModelRow]:
+        with self.tx() as s:
+            return list(
+                s.scalars(select(ModelRow).where(ModelRow.owner == owner).order_by(ModelRow.created_at))
+            )
+
+    def find_model(self, owner: str, name: str) -> tuple[str, str] | None:
+        """(base spec, model dir) of a fine-tuned model or checkpoint this key owns, else None."""
+        with self.tx() as s:
+            m = s.get(ModelRow, name)
+            if m is not None and m.owner == owner:
+                return m.base, m.path
+            c = s.scalar(
+                select(CheckpointRow)
+                .where(CheckpointRow.model_name == name, CheckpointRow.owner == owner)
+                .limit(1)
+            )
+            if c is None:
+                return None
+            job = s.get(Job, c.job_id)
+            base = (job.tunery or {}).get("base_spec") or job.model
+            return base, c.path
+
+    def delete_model(self, owner: str, name: str) -> None:
+        with self.tx() as s:
+            m = s.get(ModelRow, name)
+            if m is None or m.owner != owner:
+                raise NotFoundError(
+                    f"The model `{name}` does not exist or you do not have access to it.",
+                    code="model_not_found",
+                    param="model",
+                )
+            s.delete(m)
+            path = m.path
+            for c in s.scalars(select(CheckpointRow).where(CheckpointRow.model_name == name)):
+                s.delete(c)
+        # The job's run dir keeps its checkpoints; only the final model dir is removed.
+        shutil.rmtree(self.path(path), ignore_errors=True)

@@ -1,0 +1,216 @@
+"""GGUF files, converted once into a cached safetensors directory.
+
+Transformers dequantizes a GGUF on every `from_pretrained(..., gguf_file=)`, which takes about 20 s
+for SmolLM2-135M here, against about 1 s for the same weights as safetensors. So the first use writes
+a plain Hugging Face directory (weights, config, tokenizer, chat template, generation config) under
+`$TUNERY_CACHE/models/<name>-<hash>/` and every later use loads that.
+
+The directory is built in a temp dir beside it and renamed into place, so a reader never sees a
+half-written model; a file lock makes a second process wait for the first instead of converting the
+same file again (and if locks are unavailable, the first rename wins and the loser's copy is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunery.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout of a converted directory changes, so old caches are not reused.
+FORMAT_VERSION = 1
+MARKER = "tunery-source.json"
+
+
+def cache_root() -> Path:
+    """`$TUNERY_CACHE`, default `~/.cache/tunery`."""
+    return Path(os.environ.get("TUNERY_CACHE") or Path.home() / ".cache" / "tunery").expanduser()
+
+
+def cached_dir_for(gguf: Path, name: str) -> Path:
+    """Where the converted copy of `gguf` lives.
+
+    The key is the file's real path, size and modification time rather than a content hash: hashing
+    a multi-GB file would cost more than the cached load it is meant to speed up.
+    """
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    key = f"{gguf}|{st.st_size}|{st.st_mtime_ns}|v{FORMAT_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    return cache_root() / "models" / f"{slug}-{digest}"
+
+
+def ensure_converted(gguf: Path, name: str) -> Path:
+    """The cached HF directory for `gguf`, converting it first if no complete copy exists."""
+    out = cached_dir_for(gguf, name)
+    if (out / MARKER).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if (out / MARKER).is_file():  # another process finished while we waited
+            return out
+        # With the lock held nobody else is building this entry: temp dirs left by a killed
+        # conversion are garbage.
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            convert_gguf(gguf, tmp)
+            # Without locks (Windows) another writer may have finished meanwhile: the first rename
+            # wins and later copies are dropped. A directory without its marker is incomplete.
+            if out.exists() and not (out / MARKER).is_file():
+                shutil.rmtree(out, ignore_errors=True)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not (out / MARKER).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize `gguf` through transformers' GGUF loader and save it as a plain HF directory."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    start = time.perf_counter()
+    log.info("Converting %s to safetensors (once; later loads use the cache)", gguf)
+    folder, fname = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        # dequantize=True: for architectures with packed GGUF kernels transformers would otherwise
+        # keep the weights in quantized blocks, which cannot be trained or saved as safetensors.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=fname,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
+        )
+    except (ValueError, KeyError, OSError, IndexError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"Could not read the GGUF file {gguf}: {reason}",
+            hint="Tunery reads GGUF files through transformers' loader, which supports the common "
+            "decoder architectures (llama, mistral, qwen2, qwen3, phi3, gemma, ...).",
+            param="model",
+        ) from None
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")})
+    if packed:
+        raise ModelError(
+            f"{gguf}: transformers kept some weights packed ({', '.join(packed)}).",
+            hint="Upgrade transformers, or convert the file to safetensors yourself.",
+            param="model",
+        )
+    drop_quantizer(model)
+    # A GGUF tokenizer does not know the context length; without this it reports ~1e30.
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions:
+        tokenizer.model_max_length = max_positions
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _share(out)
+    seconds = round(time.perf_counter() - start, 2)
+    # The marker is written last: its presence means the directory is complete.
+    (out / MARKER).write_text(
+        json.dumps(
+            {
+                "source": str(gguf.resolve()),
+                "size": gguf.stat().st_size,
+                "format_version": FORMAT_VERSION,
+                "license": _gguf_metadata(gguf).get("general.license"),
+                "transformers": transformers.__version__,
+                "converted_at": int(time.time()),
+                "seconds": seconds,
+            },
+            indent=2,
+        )
+    )
+    log.info("Converted %s in %.1f s", gguf.name, seconds)
+
+
+def _share(folder: Path) -> None:
+    """mkdtemp makes a private 0700 dir; a shared cache should follow the umask like any download."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def source_info(converted: Path) -> dict:
+    """What the conversion marker of a cached directory records (source file, license, timing)."""
+    try:
+        return json.loads((converted / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _gguf_metadata(gguf: Path) -> dict:
+    """The file's scalar metadata (general.license, ...); best effort, it is informational only."""
+    try:
+        # transformers' header reader skips the tensor data and the big token arrays.
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+
+        metadata, _ = read_gguf_metadata(str(gguf))
+    except Exception:  # an internal API of transformers: its absence must not fail a conversion
+        return {}
+    return {k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
+
+
+def drop_quantizer(model) -> None:
+    """Make a dequantized GGUF model an ordinary one, so `save_pretrained` accepts it.
+
+    The weights are already dense float tensors; only the tags remain: the model's `hf_quantizer`
+    (whose `is_serializable()` is False for GGUF) and the config's `quantization_config`, which
+    would otherwise be saved and make the next load look for a GGUF file again.
+    """
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if "quantization_method" in vars(model):
+        model.quantization_method = None
+    for config in {
+        id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c
+    }.values():
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if attr in vars(config):
+                delattr(config, attr)
+        if "_is_quantized" in vars(config):
+            config._is_quantized = False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock for the duration of a conversion (POSIX `flock`; a no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: fall back to rename-wins in ensure_converted
+        yield
+        return
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another process is converting this model; waiting for it (%s)", path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,132 @@
+"""`create_app(settings)`: the OpenAI-compatible fine-tuning and inference API as one FastAPI app.
+
+The app owns a `Store` (SQLite or PostgreSQL), a `LocalExecutor` (training jobs in worker
+subprocesses) and a generation `Engine` (one base per model, an LRU of adapters). Every error a
+client can cause comes back in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunery.errors import TuneryError
+from tunery.serve.common import BodyLimit, Settings, error_response, render_tunery_error
+
+log = logging.getLogger("tunery.serve")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from tunery.jobs.executor import LocalExecutor
+    from tunery.jobs.store import Store
+    from tunery.serve import files, inference, jobs, models
+
+    store = Store(settings.data_dir, settings.database_url)
+    if settings.api_key:
+        store.ensure_key(settings.api_key, name="admin", admin=True)
+    executor = (
+        LocalExecutor(
+            store, settings.concurrency, grace=settings.cancel_grace_s, database_url=settings.database_url
+        )
+        if settings.run_executor
+        else None
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if executor is not None:
+            executor.start()
+        try:
+            yield
+        finally:
+            if executor is not None:
+                executor.stop()
+            if app.state._engine is not None:
+                app.state._engine.close()
+            store.close()
+
+    app = FastAPI(
+        title="Tunery",
+        version=_version(),
+        lifespan=lifespan,
+        description="Self-hosted, OpenAI-compatible fine-tuning and inference API.",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.executor = executor
+    app.state.key_cache = {}
+    app.state._engine = None  # created by the first inference request (see get_engine)
+    app.state.engine_lock = threading.Lock()
+
+    @app.exception_handler(TuneryError)
+    async def _tunery(_request: Request, exc: TuneryError):
+        return render_tunery_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        message = (
+            "We could not parse the JSON body of your request."
+            if err.get("type") == "json_invalid"
+            else f"Invalid request{f' for {param!r}' if param else ''}: {err.get('msg')}."
+        )
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = (
+            f"Unknown request URL: {request.method} {request.url.path}."
+            if exc.status_code == 404
+            else str(exc.detail)
+        )
+        code = "unknown_url" if exc.status_code == 404 else None
+        return error_response(exc.status_code, message, code=code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception):
+        log.exception("internal error")
+        return error_response(
+            500,
+            f"The server had an error while processing your request: {type(exc).__name__}.",
+            type="server_error",
+        )
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "database": store.url.split("://", 1)[0],
+            "running_jobs": len(executor._running) if executor is not None else 0,
+        }
+
+    for module in (files, jobs, models, inference):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * (1 << 20))
+    return app
+
+
+def get_engine(state: Any):
+    """The app's generation engine; made on first use so a training-only server loads no model code."""
+    with state.engine_lock:
+        if state._engine is None:
+            from tunery.evaluate.engine import Engine
+
+            state._engine = Engine(max_adapters=state.settings.adapter_cache)
+        return state._engine
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tunery")
+    except Exception:
+        return "0"

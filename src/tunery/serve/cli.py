@@ -1,0 +1,260 @@
+"""CLI pieces the lead mounts in `tunery/cli.py`: `serve_command`, `keys_app`, `jobs_app`.
+
+`tunery jobs ...` talks to a running server through the official `openai` SDK, exactly as any
+client would (base URL and key from flags or TUNERY_BASE_URL / TUNERY_API_KEY, falling back to
+OPENAI_BASE_URL / OPENAI_API_KEY).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tunery.errors import TuneryError
+
+DEFAULT_DATA_DIR = os.environ.get("TUNERY_DATA_DIR") or str(Path.home() / ".tunery")
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+
+keys_app = typer.Typer(help="Manage the server's API keys.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Fine-tuning jobs on a Tunery server (OpenAI API).", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def serve_command(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback unless told otherwise."),
+    port: int = typer.Option(8000, help="TCP port."),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="Database, files and job runs live here."),
+    api_key: str | None = typer.Option(None, envvar="TUNERY_API_KEY", help="The admin API key."),
+    database_url: str | None = typer.Option(
+        None, envvar="TUNERY_DATABASE_URL", help="SQLAlchemy URL (default: SQLite in the data dir)."
+    ),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No keys at all; only allowed on loopback."),
+    concurrency: int = typer.Option(1, min=1, help="Training jobs run at the same time."),
+    max_upload_mb: int = typer.Option(512, min=1, help="Largest file upload."),
+    max_body_mb: int = typer.Option(16, min=1, help="Largest JSON request body."),
+    max_files_per_key: int = typer.Option(1000, min=1, help="Files one key may store."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve the OpenAI-compatible fine-tuning and inference API."""
+    import uvicorn
+
+    from tunery.serve.app import create_app
+    from tunery.serve.common import Settings
+
+    try:
+        settings = Settings(
+            data_dir=data_dir,
+            host=host,
+            api_key=api_key,
+            database_url=database_url,
+            no_auth=no_auth,
+            concurrency=concurrency,
+            max_upload_mb=max_upload_mb,
+            max_body_mb=max_body_mb,
+            max_files_per_key=max_files_per_key,
+        )
+        app = create_app(settings)
+    except TuneryError as exc:
+        _fail(str(exc))
+    if not no_auth and not api_key and not app.state.store.list_keys():
+        typer.secho(
+            "warning: no API key exists yet; create one with `tunery keys create --name NAME "
+            f"--data-dir {data_dir}` or pass --api-key.",
+            fg="yellow",
+            err=True,
+        )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="Who the key is for; part of its fine-tuned model names."),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="The server's data dir."),
+    database_url: str | None = typer.Option(None, envvar="TUNERY_DATABASE_URL"),
+    admin: bool = typer.Option(False, help="Give the key admin rights."),
+) -> None:
+    """Create an API key; the key is printed alone on the last line (it is stored only hashed)."""
+    from tunery.jobs.store import Store
+
+    try:
+        store = Store(data_dir, database_url)
+    except TuneryError as exc:
+        _fail(str(exc))
+    row, key = store.create_key(name, admin=admin)
+    store.close()
+    typer.echo(f"Created key {row.id} for {name!r}. Store it now: it is not shown again.", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR),
+    database_url: str | None = typer.Option(None, envvar="TUNERY_DATABASE_URL"),
+) -> None:
+    """List keys (id, name, prefix; never the key)."""
+    from tunery.jobs.store import Store
+
+    store = Store(data_dir, database_url)
+    for row in store.list_keys():
+        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}…\t{'admin' if row.is_admin else ''}")
+
+
+def _client(base_url: str | None, api_key: str | None):
+    from openai import OpenAI
+
+    return OpenAI(
+        base_url=base_url
+        or os.environ.get("TUNERY_BASE_URL")
+        or os.environ.get("OPENAI_BASE_URL")
+        or DEFAULT_BASE_URL,
+        api_key=api_key or os.environ.get("TUNERY_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none",
+    )
+
+
+def _api_errors(fn):
+    """Render the SDK's API errors as one line, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import openai
+
+        try:
+            return fn(*args, **kwargs)
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            err = body.get("error", body) if isinstance(body, dict) else {}
+            _fail(
+                f"{exc.status_code}: {err.get('message') or exc.message}"
+                + (f" (code {err['code']})" if err.get("code") else "")
+            )
+        except openai.APIConnectionError as exc:
+            _fail(f"cannot reach the server: {exc}")
+
+    return wrapper
+
+
+BaseUrl = typer.Option(None, "--base-url", help="Server URL including /v1 (env TUNERY_BASE_URL).")
+ApiKey = typer.Option(None, "--api-key", help="API key (env TUNERY_API_KEY).")
+
+
+def _file_id(client: Any, value: str) -> str:
+    if value.startswith("file-") and not Path(value).exists():
+        return value
+    path = Path(value)
+    if not path.is_file():
+        _fail(f"{value} is neither a file id nor a local file")
+    with open(path, "rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    typer.echo(f"Uploaded {path.name} as {uploaded.id}", err=True)
+    return uploaded.id
+
+
+@jobs_app.command("create")
+@_api_errors
+def jobs_create(
+    model: str = typer.Option(..., "--model", "-m", help="Base alias, local model dir or ft: model."),
+    training_file: str = typer.Option(..., "--training-file", "-t", help="A file id or a local .jsonl."),
+    validation_file: str | None = typer.Option(None, "--validation-file", "-v"),
+    suffix: str | None = typer.Option(None),
+    n_epochs: str = typer.Option("auto"),
+    batch_size: str = typer.Option("auto"),
+    learning_rate_multiplier: str = typer.Option("auto"),
+    method: str = typer.Option("supervised", help="OpenAI method type: supervised or dpo."),
+    beta: str | None = typer.Option(None, help="DPO beta."),
+    tuning_method: str | None = typer.Option(
+        None, "--tuning-method", help="Tunery method (lora, full, ...)."
+    ),
+    objective: str | None = typer.Option(None, help="Tunery objective (overrides --method)."),
+    seed: int | None = typer.Option(None),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Then follow the job's events."),
+    base_url: str | None = BaseUrl,
+    api_key: str | None = ApiKey,
+) -> None:
+    """Create a fine-tuning job (uploading local files first)."""
+    client = _client(base_url, api_key)
+
+    def num(v: str) -> Any:
+        return v if v == "auto" else (float(v) if "." in v or "e" in v else int(v))
+
+    hp = {
+        "n_epochs": num(n_epochs),
+        "batch_size": num(batch_size),
+        "learning_rate_multiplier": num(learning_rate_multiplier),
+    }
+    method_body: dict[str, Any] = {"type": method, method: {"hyperparameters": dict(hp)}}
+    if method == "dpo" and beta is not None:
+        method_body["dpo"]["hyperparameters"]["beta"] = num(beta)
+    extra: dict[str, Any] = {}
+    if tuning_method or objective:
+        extra["tunery"] = {k: v for k, v in (("method", tuning_method), ("objective", objective)) if v}
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "training_file": _file_id(client, training_file),
+        "method": method_body,
+    }
+    if validation_file:
+        kwargs["validation_file"] = _file_id(client, validation_file)
+    if suffix:
+        kwargs["suffix"] = suffix
+    if seed is not None:
+        kwargs["seed"] = seed
+    job = client.fine_tuning.jobs.create(**kwargs, extra_body=extra or None)
+    typer.echo(job.id)
+    if follow:
+        _follow(client, job.id)
+
+
+@jobs_app.command("list")
+@_api_errors
+def jobs_list(
+    limit: int = typer.Option(20), base_url: str | None = BaseUrl, api_key: str | None = ApiKey
+) -> None:
+    """List jobs, newest first."""
+    for job in _client(base_url, api_key).fine_tuning.jobs.list(limit=limit).data:
+        typer.echo(f"{job.id}\t{job.status}\t{job.model}\t{job.fine_tuned_model or ''}")
+
+
+@jobs_app.command("follow")
+@_api_errors
+def jobs_follow(job_id: str, base_url: str | None = BaseUrl, api_key: str | None = ApiKey) -> None:
+    """Print a job's events until it ends; exit 0 only when it succeeded."""
+    _follow(_client(base_url, api_key), job_id)
+
+
+@jobs_app.command("cancel")
+@_api_errors
+def jobs_cancel(job_id: str, base_url: str | None = BaseUrl, api_key: str | None = ApiKey) -> None:
+    """Cancel a job (it checkpoints and stops within seconds)."""
+    job = _client(base_url, api_key).fine_tuning.jobs.cancel(job_id)
+    typer.echo(f"{job.id}\t{job.status}")
+
+
+def _follow(client: Any, job_id: str, interval: float = 1.0) -> None:
+    """Poll retrieve + list_events, dedupe by event id, print oldest first (as OpenAI's clients do)."""
+    seen: set[str] = set()
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
+        for ev in reversed(events):
+            if ev.id not in seen:
+                seen.add(ev.id)
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev.created_at))
+                typer.echo(f"[{stamp}] {ev.message}")
+        if job.status in ("succeeded", "failed", "cancelled", "paused"):
+            if job.status == "succeeded":
+                typer.echo(f"Fine-tuned model: {job.fine_tuned_model}")
+                return
+            if job.error and getattr(job.error, "message", None):
+                typer.secho(f"{job.status}: {job.error.message}", fg="red", err=True)
+            sys.exit(1)
+        time.sleep(interval)

@@ -1,0 +1,116 @@
+"""Start a real `tunery serve` process on a free loopback port (tests and the load benchmark)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    data_dir: Path
+    api_key: str | None
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, api_key: str | None = None, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(
+            base_url=self.base_url, api_key=api_key or self.api_key or "none", max_retries=0, **kwargs
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9: no cleanup at all, as in a crash."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(
+    data_dir: str | Path,
+    api_key: str | None = "test-admin-key",
+    *args: str,
+    port: int | None = None,
+    timeout: float = 60,
+) -> ServerProcess:
+    """Run `python -m tunery.serve` and wait until /healthz answers."""
+    import httpx
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = data_dir / f"server-{port}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunery.serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    env = {k: v for k, v in os.environ.items() if k not in ("TUNERY_API_KEY", "TUNERY_DATABASE_URL")}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    server = ServerProcess(proc, port, data_dir, api_key, log_path)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not start in {timeout}s:\n{server.log()}")
+
+
+@contextmanager
+def running_server(
+    data_dir: str | Path, api_key: str | None = "test-admin-key", *args: str
+) -> Iterator[ServerProcess]:
+    server = start_server(data_dir, api_key, *args)
+    try:
+        yield server
+    finally:
+        server.stop()

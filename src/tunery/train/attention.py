@@ -1,0 +1,67 @@
+"""Attention over packed rows: each example attends only to itself.
+
+Position ids alone do not isolate packed examples (see docs/performance-notes), and a dense 4D
+block mask makes SDPA pay for the whole packed length squared. Instead the loop passes the
+boundaries (`cu_seq_lens_q`, as flash-attention does) and this attention runs causal SDPA once per
+segment, so the cost is what the examples would cost unpacked, with no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tunery_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    outs = []
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        outs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                is_causal=True,
+                scale=scaling,
+                dropout_p=dropout if module.training else 0.0,
+            )
+        )
+    out = torch.cat(outs, dim=2)  # [1, heads, L, d]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the attention (and SDPA's mask builder for when no boundaries are passed)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_attention)
+    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return NAME
+
+
+def use_packed_attention(model: torch.nn.Module) -> bool:
+    """Switch a transformers model to packed attention; False when the architecture can't."""
+    register()
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return True

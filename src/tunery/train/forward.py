@@ -1,0 +1,146 @@
+"""Forward passes shared by objectives.
+
+`packed_inputs` lays the micro-batch's examples end to end in one row (no padding) with per-example
+positions and boundaries for `tunery_packed` attention. `supervised_logits_loss` runs the decoder,
+then the LM head and cross-entropy only at supervised positions, in chunks, so the full
+sequence-by-vocabulary logits tensor is never built (prompt tokens need no logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+LOGIT_CHUNK = 1024
+
+
+def packed_inputs(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None) -> dict:
+    """One packed row: input_ids [1, L], position_ids [1, L], cu_seq_lens [n+1], labels [1, L] shifted.
+
+    Labels are pre-shifted per example (label at t is the token t+1 of the same example), so the
+    boundary between two packed examples never produces a cross-example target.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    tgt: list[int] = []
+    cu = [0]
+    for k, row in enumerate(rows):
+        ids.extend(row)
+        pos.extend(range(len(row)))
+        if labels is not None:
+            lab = list(labels[k])
+            tgt.extend(lab[1:] + [IGNORE])
+        cu.append(len(ids))
+    out = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+        "max_len": max(len(r) for r in rows),
+    }
+    if labels is not None:
+        out["labels"] = torch.tensor([tgt], dtype=torch.long)
+    return out
+
+
+def padded_inputs(
+    rows: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None
+) -> dict:
+    """Right-padded rows with a 2D attention mask; labels shifted per row like `packed_inputs`."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for k, row in enumerate(rows):
+        ids[k, : len(row)] = torch.tensor(row)
+        mask[k, : len(row)] = 1
+        if labels is not None:
+            lab = list(labels[k])
+            tgt[k, : len(row) - 1] = torch.tensor(lab[1:], dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        out["labels"] = tgt
+    return out
+
+
+def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of a causal LM, seen through peft wrappers; None if not separable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if get_decoder is None or head is None:
+        return None
+    # Architectures that post-process logits (softcapping, scaling) need the model's own head path.
+    cfg = getattr(base, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    return get_decoder(), head
+
+
+def decoder_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Last hidden states for a packed or padded batch."""
+    parts = split_lm(model)
+    assert parts is not None
+    decoder, _ = parts
+    if "cu_seq_lens" in batch:
+        length = batch["input_ids"].shape[1]
+        out = decoder(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=torch.ones((1, length), dtype=torch.long, device=batch["input_ids"].device),
+            cu_seq_lens_q=batch["cu_seq_lens"],
+            cu_seq_lens_k=batch["cu_seq_lens"],
+            max_length_q=batch["max_len"],
+            max_length_k=batch["max_len"],
+            use_cache=False,
+        )
+    else:
+        out = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed CE and #correct over rows of `hidden` [N, H] against `targets` [N], in chunks."""
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long)
+    for start in range(0, hidden.shape[0], LOGIT_CHUNK):
+        h = hidden[start : start + LOGIT_CHUNK]
+        t = targets[start : start + LOGIT_CHUNK]
+        logits = head(h).float()
+        ce = F.cross_entropy(logits, t, reduction="none")
+        if weights is not None:
+            ce = ce * weights[start : start + LOGIT_CHUNK]
+        loss = loss + ce.sum()
+        correct += (logits.argmax(-1) == t).sum().detach().cpu()
+    return loss, correct, int(targets.numel())
+
+
+def supervised_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed CE, #correct, #tokens) over supervised positions only."""
+    labels = batch["labels"]
+    parts = split_lm(model)
+    if parts is None or batch.get("generic"):
+        return generic_loss(model, batch)
+    hidden = decoder_hidden(model, batch)
+    sel = labels != IGNORE
+    h = hidden[sel]
+    return head_loss(parts[1], h, labels[sel])
+
+
+def generic_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Full-logits path for methods that change the forward (prompt learning): padded rows only."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    logits = out.logits
+    labels = batch["labels"]
+    if logits.shape[1] != labels.shape[1]:  # virtual tokens prepended by prompt-learning methods
+        logits = logits[:, -labels.shape[1] :]
+    sel = labels != IGNORE
+    lg = logits[sel].float()
+    t = labels[sel]
+    return F.cross_entropy(lg, t, reduction="sum"), (lg.argmax(-1) == t).sum().detach().cpu(), int(t.numel())

@@ -1,0 +1,146 @@
+"""`run(config)`: one fine-tuning run, the path the CLI, the server's worker and the benchmarks share.
+
+config -> validate data (before any model) -> load model -> apply method -> encode (cached)
+       -> schedule -> train_loop -> save model -> results
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunery.config import TuneryConfig
+from tunery.errors import DataError, TuneryError
+from tunery.train.events import EventLog, Subscriber, write_results
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    model_dir: Path | None
+    status: str  # succeeded | failed | interrupted
+    trained_tokens: int = 0
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_and_validate(config: TuneryConfig, data_kind: str, objective_name: str):
+    """Validate and load the training (and validation) data before any model is touched."""
+    from tunery.data import load_dataset, validate_file
+
+    if not config.data.train:
+        raise DataError(
+            "No training data given.",
+            hint="Pass --data FILE or set data.train in the config.",
+            param="training_file",
+        )
+    paths = [config.data.train] if isinstance(config.data.train, str) else list(config.data.train)
+    datasets = []
+    for path in paths:
+        validate_file(path, method=objective_name).raise_for_errors()
+        datasets.append(load_dataset(path, kind=data_kind))
+    val = None
+    if config.data.validation:
+        validate_file(config.data.validation, method=objective_name, min_examples=1).raise_for_errors()
+        val = load_dataset(config.data.validation, kind=data_kind)
+    return datasets, val
+
+
+def mix(datasets: list, weights: list[float] | None, seed: int) -> list:
+    """Concatenate tasks; with weights, draw each task's share of the total (with replacement)."""
+    if weights is None:
+        return [ex for ds in datasets for ex in ds.examples]
+    if len(weights) != len(datasets):
+        raise TuneryError(f"data.weights has {len(weights)} entries for {len(datasets)} training files")
+    total = sum(len(ds) for ds in datasets)
+    rng = random.Random(seed)
+    out = []
+    for ds, w in zip(datasets, weights, strict=True):
+        k = max(1, round(total * w / sum(weights)))
+        out.extend(ds.examples[i % len(ds)] if i < len(ds) else rng.choice(ds.examples) for i in range(k))
+    return out
+
+
+def run(config: TuneryConfig, subscribers: list[Subscriber] | None = None) -> RunResult:
+    """Train one run into config.output. User errors end as status failed (raised again for the CLI)."""
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    events = EventLog(out)
+    for sub in subscribers or []:
+        events.subscribe(sub)
+    try:
+        result = _run(config, out, events)
+    except TuneryError as exc:
+        err = {"code": exc.code, "message": exc.message, "param": exc.param}
+        events.emit(f"Run failed: {exc.message}", level="error")
+        write_json_atomic(
+            out / "run.json", {"status": "failed", "error": err, "trained_tokens": 0, "model_dir": None}
+        )
+        raise
+    write_json_atomic(
+        out / "run.json",
+        {
+            "status": result.status,
+            "error": None,
+            "trained_tokens": result.trained_tokens,
+            "model_dir": "model" if result.model_dir else None,
+        },
+    )
+    return result
+
+
+def _run(config: TuneryConfig, out: Path, events: EventLog) -> RunResult:
+    from tunery.methods import METHODS
+    from tunery.objectives import OBJECTIVES
+
+    method = METHODS.get(config.method)
+    objective = OBJECTIVES.get(config.objective)
+    method_opts, objective_opts = config.method_options, config.objective_options
+    datasets, val = load_and_validate(config, objective.data_kind, objective.name)
+    examples = mix(datasets, config.data.weights, config.seed)
+    events.emit(
+        f"Files validated: {len(examples)} training examples"
+        + (f", {len(val)} validation examples" if val else "")
+    )
+
+    from tunery.train import setup
+
+    return setup.train(
+        config, out, events, method, objective, method_opts, objective_opts, datasets, examples, val
+    )
+
+
+def write_config(config: TuneryConfig, out: Path, resolved: dict[str, Any]) -> None:
+    data = config.to_dict()
+    data["hyperparameters"].update(resolved)
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, out / "config.yaml")
+
+
+def finish(out: Path, model_dir: Path | None) -> None:
+    write_results(out)
+    if model_dir is None:
+        shutil.rmtree(out / "model", ignore_errors=True)

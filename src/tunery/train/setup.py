@@ -1,0 +1,249 @@
+"""Build everything the loop needs from a validated config: model, method, features, schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery.config import TuneryConfig
+from tunery.errors import TuneryError
+from tunery.methods import Method, count_parameters
+from tunery.objectives.base import Context, Objective
+from tunery.train import checkpoint as ckpt
+from tunery.train import hparams
+from tunery.train.batching import schedule
+from tunery.train.events import EventLog
+from tunery.train.loop import LoopSetup, LoopState, lr_lambda, train_loop
+from tunery.train.precision import autocast_dtype
+
+
+def build_model(config: TuneryConfig, method: Method, method_opts: Any, objective: Objective):
+    from tunery.models import load_model, load_tokenizer
+
+    kwargs = method.load_kwargs(method_opts) if method.load_kwargs else {}
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = load_model(
+        config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code, **kwargs
+    )
+    if objective.prepare_model is not None:
+        model = objective.prepare_model(model, config)
+    if config.adapter:  # sequential fine-tuning: continue an existing adapter or model
+        from tunery.methods import continue_training
+
+        model = continue_training(model, config.adapter, method)
+    else:
+        model = method.apply(model, method_opts)
+    return model, tokenizer
+
+
+def encode_all(examples: list, tokenizer, objective: Objective, config: TuneryConfig, content_hash: str):
+    from tunery.data import cached_encode
+    from tunery.data.types import Dataset
+
+    ds = Dataset(path="", format="", kind=objective.data_kind, examples=examples, content_hash=content_hash)
+    settings = {
+        "objective": objective.name,
+        "max_length": config.hyperparameters.max_length,
+        "train_on_prompt": config.data.train_on_prompt,
+        "system_prompt": config.data.system_prompt,
+    }
+    feats = cached_encode(ds, tokenizer, lambda ex: objective.encode(ex, tokenizer, config), settings)
+    return [f for f in feats if f is not None]
+
+
+def make_optimizer(model: torch.nn.Module, method: Method, opts: Any, lr: float, weight_decay: float):
+    if method.param_groups is not None:
+        groups = method.param_groups(model, opts, lr)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise TuneryError(f"Method {method.name!r} left no trainable parameters.")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def train(
+    config: TuneryConfig,
+    out: Path,
+    events: EventLog,
+    method: Method,
+    objective: Objective,
+    method_opts: Any,
+    objective_opts: Any,
+    datasets: list,
+    examples: list,
+    val,
+) -> Any:
+    from accelerate import Accelerator
+
+    from tunery.train.attention import use_packed_attention
+    from tunery.train.run import RunResult, finish, seed_everything, write_config
+
+    seed_everything(config.seed)
+    hp = config.hyperparameters
+    model, tokenizer = build_model(config, method, method_opts, objective)
+    content_hash = "+".join(d.content_hash for d in datasets) + f"/{config.data.weights}/{config.seed}"
+    features = encode_all(examples, tokenizer, objective, config, content_hash)
+    if not features:
+        raise TuneryError(
+            "No example has anything to train on after encoding.",
+            hint="Check that assistant messages are present and not all weight 0.",
+        )
+    val_features = encode_all(val.examples, tokenizer, objective, config, val.content_hash) if val else []
+    truncated = sum(1 for f in features if f.get("truncated"))
+    if truncated:
+        events.emit(
+            f"{truncated} of {len(features)} training examples were truncated to {hp.max_length} tokens",
+            level="warn",
+            data={"truncated": truncated},
+        )
+
+    res = hparams.resolve(hp, len(features), method.base_learning_rate)
+    lengths = [objective.length(f) for f in features]
+    steps = schedule(
+        lengths,
+        batch_size=res.batch_size,
+        n_epochs=res.n_epochs,
+        seed=config.seed,
+        token_budget=max(hp.micro_batch_tokens, hp.max_length),
+        max_steps=hp.max_steps,
+    )
+    write_config(config, out, res.as_dict())
+    trainable, total = count_parameters(model)
+    events.emit(
+        f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.3f}%)",
+        data={"trainable_parameters": trainable, "total_parameters": total},
+    )
+
+    packed = hp.packing and method.supports_packing and use_packed_attention(_base(model))
+    cpu = not torch.cuda.is_available()
+    dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    )
+    optimizer = make_optimizer(model, method, method_opts, res.learning_rate, hp.weight_decay)
+    warmup = int(hp.warmup_ratio * len(steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.lr_scheduler, warmup, len(steps)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    setup_extra = objective.setup(model, config, tokenizer) if objective.setup else {}
+    ctx = Context(
+        config=config,
+        options=objective_opts,
+        tokenizer=tokenizer,
+        reference=_reference(model),
+        extra=setup_extra,
+    )
+
+    def save_model(directory: Path) -> None:
+        save_trained(accelerator.unwrap_model(model), directory, config, method, objective, tokenizer)
+
+    loop = LoopSetup(
+        model=model,
+        objective=objective,
+        ctx=ctx,
+        features=features,
+        val_features=val_features,
+        steps=steps,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        accelerator=accelerator,
+        events=events,
+        run_dir=out,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        packed=packed,
+        max_grad_norm=hp.max_grad_norm,
+        logging_steps=hp.logging_steps,
+        eval_steps=hp.eval_steps,
+        save_steps=hp.save_steps,
+        save_total_limit=hp.save_total_limit,
+        save_model=save_model,
+        aux_loss=method.aux_loss,
+        extra_eval=_classification_eval(config, tokenizer, val),
+    )
+    state = LoopState()
+    if config.resume:
+        state = resume(loop, events)
+    else:
+        events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict()})
+    state = train_loop(loop, state)
+    if state.interrupted:
+        events.emit(f"Training interrupted at step {state.step}; resume with --resume", level="warn")
+        finish(out, None)
+        return RunResult(out, None, "interrupted", state.trained_tokens, state.last_metrics)
+    model_dir = out / "model"
+    save_model(model_dir)
+    events.emit(f"New fine-tuned model created: {model_dir}", data={"kind": "model", "path": "model"})
+    finish(out, model_dir)
+    events.emit("The job has successfully completed", data={"trained_tokens": state.trained_tokens})
+    return RunResult(out, model_dir, "succeeded", state.trained_tokens, state.last_metrics)
+
+
+def resume(loop: LoopSetup, events: EventLog) -> LoopState:
+    found = ckpt.list_checkpoints(loop.run_dir / "checkpoints")
+    state = LoopState()
+    if not found:
+        events.emit("No checkpoint to resume from; starting from the beginning", level="warn")
+        return state
+    meta = ckpt.restore(found[-1], loop.accelerator.unwrap_model(loop.model), loop.optimizer, loop.scheduler)
+    state.step, state.trained_tokens = meta["step"], meta.get("trained_tokens", 0)
+    events.truncate_after(state.step)
+    events.emit(f"Resumed from checkpoint at step {state.step}", data={"step": state.step})
+    return state
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _reference(model: torch.nn.Module):
+    """The frozen reference is the base with the adapter disabled: no second copy in memory."""
+    import contextlib
+
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter
+    return contextlib.nullcontext
+
+
+def _classification_eval(config: TuneryConfig, tokenizer, val):
+    if not (config.compute_classification_metrics and val):
+        return None
+
+    def run(model):
+        from tunery.evaluate.run import classification_eval
+
+        return classification_eval(
+            model,
+            tokenizer,
+            val.examples,
+            positive_class=config.classification_positive_class,
+            betas=config.classification_betas,
+        )
+
+    return run
+
+
+def save_trained(
+    model: torch.nn.Module,
+    directory: Path,
+    config: TuneryConfig,
+    method: Method,
+    objective: Objective,
+    tokenizer=None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    method.save(model, directory)
+    if tokenizer is not None:  # the chat template travels with the model (servers read it from here)
+        tokenizer.save_pretrained(directory)
+    info = {
+        "base_model": config.model,
+        "method": method.name,
+        "objective": objective.name,
+        "method_options": config.method_options.model_dump(mode="json"),
+        **(extra or {}),
+    }
+    (directory / "tunery.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,158 @@
+"""The training loop end to end on tiny models: learning, invariants, run directory, resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunery.config import load_config
+from tunery.testing import write_chat_jsonl
+from tunery.train import run
+from tunery.train.events import read_jsonl
+
+
+def _config(tmp_path, model, **sets):
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=sets.pop("n", 20))
+    base = {
+        "model": str(model),
+        "data.train": str(data),
+        "output": str(tmp_path / "run"),
+        "hyperparameters.precision": "fp32",
+        "method": "lora",
+    }
+    base.update(sets)
+    return load_config(sets=[f"{k}={v}" for k, v in base.items()])
+
+
+def losses(run_dir):
+    return [r["train_loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_tiny_model_memorizes(tmp_path, tiny_llama):
+    cfg = _config(
+        tmp_path,
+        tiny_llama,
+        method="full",
+        **{
+            "hyperparameters.n_epochs": 30,
+            "hyperparameters.batch_size": 4,
+            "hyperparameters.learning_rate": 0.003,
+            "hyperparameters.lr_scheduler": "constant",
+        },
+    )
+    result = run(cfg)
+    assert result.status == "succeeded"
+    ls = losses(result.output_dir)
+    assert ls[-1] < 0.1 * ls[0], ls
+    out = result.output_dir
+    for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "results.csv", "loss.png", "run.json"):
+        assert (out / name).exists(), name
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tunery.json").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "succeeded"
+    messages = [e["message"] for e in read_jsonl(out / "events.jsonl")]
+    assert any(m.startswith("Step 1/") and "training loss=" in m for m in messages)
+    assert messages[-1] == "The job has successfully completed"
+
+
+def test_lora_run_saves_peft_adapter(tmp_path, tiny_llama):
+    result = run(_config(tmp_path, tiny_llama, **{"hyperparameters.n_epochs": 1, "lora.r": 4}))
+    assert (result.model_dir / "adapter_config.json").exists()
+    assert json.loads((result.model_dir / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path, tiny_llama):
+    common = {
+        "hyperparameters.n_epochs": 1,
+        "hyperparameters.batch_size": 8,
+        "hyperparameters.max_length": 64,
+        "hyperparameters.learning_rate": 0.005,
+        "n": 16,
+    }
+    big = run(_config(tmp_path / "a", tiny_llama, **common, **{"hyperparameters.micro_batch_tokens": 4096}))
+    small = run(_config(tmp_path / "b", tiny_llama, **common, **{"hyperparameters.micro_batch_tokens": 1}))
+    assert losses(big.output_dir) == pytest.approx(losses(small.output_dir), abs=1e-5)
+
+
+def test_packed_equals_padded_training(tmp_path, tiny_qwen2):
+    common = {
+        "hyperparameters.n_epochs": 1,
+        "hyperparameters.batch_size": 4,
+        "hyperparameters.learning_rate": 0.005,
+    }
+    packed = run(_config(tmp_path / "a", tiny_qwen2, **common))
+    padded = run(_config(tmp_path / "b", tiny_qwen2, **common, **{"hyperparameters.packing": False}))
+    assert losses(packed.output_dir) == pytest.approx(losses(padded.output_dir), abs=1e-5)
+
+
+def _train_cmd(tmp_path, model, out, *extra):
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=24)
+    return [
+        sys.executable,
+        "-m",
+        "tunery.cli",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--set",
+        "hyperparameters.precision=fp32",
+        "--set",
+        "hyperparameters.n_epochs=10",
+        "--set",
+        "hyperparameters.batch_size=1",
+        "--set",
+        "hyperparameters.save_steps=20",
+        "--set",
+        "hyperparameters.learning_rate=0.003",
+        *extra,
+    ]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, tiny_llama):
+    ref = subprocess.run(_train_cmd(tmp_path, tiny_llama, tmp_path / "ref"), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path, tiny_llama, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        ckpts.exists() and any(p.name == "step-000040" for p in ckpts.iterdir())
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(
+        _train_cmd(tmp_path, tiny_llama, out, "--resume"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == pytest.approx(losses(tmp_path / "ref"), abs=1e-6)
+    assert len(losses(out)) == 240
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path, tiny_llama, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    from tunery.train.checkpoint import list_checkpoints
+
+    last = list_checkpoints(out / "checkpoints")[-1]
+    assert json.loads((last / "meta.json").read_text())["step"] == len(losses(out))
+    assert (last / "model" / "adapter_config.json").exists()
