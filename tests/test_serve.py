@@ -209,7 +209,7 @@ def test_inference_errors(env, trained):
     assert err.value.code == "context_length_exceeded"
 
 
-def test_cancel_mid_run_keeps_checkpoint(env, tmp_path):
+def test_pause_resume_then_cancel_mid_run(env, tmp_path):
     client = env["client"]
     with open(write_jsonl(tmp_path / "long.jsonl", chat_rows(40)), "rb") as f:
         upload = client.files.create(file=f, purpose="fine-tune")
@@ -219,26 +219,40 @@ def test_cancel_mid_run_keeps_checkpoint(env, tmp_path):
         hyperparameters={"n_epochs": 3},
         extra_body={"tunery": {"hyperparameters": {"save_steps": 2}}},
     )
+    run_dir = env["root"] / "data" / "jobs" / job.id
+
+    def messages() -> list[str]:
+        return [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
+
     wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 120, "a first checkpoint")
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    wait_for(lambda: "Fine-tuning job paused" in messages(), 60, "the worker to stop on pause")
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    wait_for(
+        lambda: any(m.startswith("Worker started; resuming from checkpoint step-") for m in messages()),
+        60,
+        "the job to resume from its checkpoint",
+    )
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", 30, "running again")
     t0 = time.time()
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
-    events = wait_for(
-        lambda: [
-            e.message
-            for e in client.fine_tuning.jobs.list_events(job.id, limit=5).data
-            if e.message.startswith("Fine-tuning job cancelled")
-        ],
+    wait_for(
+        lambda: "Fine-tuning job cancelled; its last checkpoint is kept." in messages(),
         60,
-        "the worker to stop",
+        "the worker to stop on cancel",
     )
-    assert events and time.time() - t0 < 30
+    assert time.time() - t0 < 45
     final = client.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
-    run_dir = env["root"] / "data" / "jobs" / job.id
     assert list((run_dir / "checkpoints").glob("step-*")), "the last checkpoint is kept"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.resume(job.id)
 
 
 def test_crashing_worker_fails_job_not_server(env, tmp_path):
@@ -371,6 +385,46 @@ def test_malformed_uploads_give_openai_errors(env, tmp_path):
     assert not {f.filename for f in client.files.list().data} & {"data.txt", "bad.jsonl", "roles.jsonl"}
 
 
+def _jobs_cli(*args: str) -> subprocess.CompletedProcess:
+    code = "from tunery.serve.cli import jobs_app; jobs_app()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_jobs_cli_create_list_follow_cancel(env, trained, tmp_path):
+    server, job = env["server"], trained["job"]
+    conn = ["--base-url", server.base_url, "--api-key", server.api_key]
+    listed = _jobs_cli("list", *conn)
+    assert listed.returncode == 0 and f"{job.id}\tsucceeded" in listed.stdout
+    followed = _jobs_cli("follow", job.id, *conn)
+    assert followed.returncode == 0, followed.stderr
+    assert "The job has successfully completed" in followed.stdout
+    assert followed.stdout.strip().endswith(f"Fine-tuned model: {job.fine_tuned_model}")
+
+    data = write_jsonl(tmp_path / "cli.jsonl", chat_rows(10))
+    created = _jobs_cli("create", "-m", env["model"], "-t", str(data), "--n-epochs", "1", *conn)
+    assert created.returncode == 0, created.stderr
+    new_id = created.stdout.strip().splitlines()[-1]
+    assert new_id.startswith("ftjob-") and "Uploaded cli.jsonl as file-" in created.stderr
+    cancelled = _jobs_cli("cancel", new_id, *conn)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"{new_id}\tcancelled"
+    again = _jobs_cli("cancel", new_id, *conn)
+    assert again.returncode == 2 and "cannot be cancelled" in again.stderr and "Traceback" not in again.stderr
+    bad = _jobs_cli("list", "--base-url", server.base_url, "--api-key", "wrong")
+    assert bad.returncode == 2 and "401" in bad.stderr
+
+
+@pytest.mark.slow
+def test_chat_with_builtin_smollm2(env):
+    """The embedded real model answers through the same endpoint (base alias, no adapter)."""
+    reply = env["client"].chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content.strip() and reply.usage.prompt_tokens > 5
+
+
 def test_models_list_retrieve_delete(env, trained):
     """Last in the module: it deletes the shared fine-tuned model."""
     client, job = env["client"], trained["job"]
@@ -381,7 +435,9 @@ def test_models_list_retrieve_delete(env, trained):
     assert client.models.delete(job.fine_tuned_model).deleted is True
     assert job.fine_tuned_model not in [m.id for m in client.models.list().data]
     with pytest.raises(openai.NotFoundError) as err:
-        client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(
+            model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]
+        )
     assert err.value.code == "model_not_found"
     with pytest.raises(openai.PermissionDeniedError):
         client.models.delete("smollm2-135m")

@@ -3,40 +3,11 @@ direct generation with the same model and adapter (no server, no batching)."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tunery.jobs.store import ModelRow, Store
-from tunery.serve.testing import running_server
+from tunery.serve.testing import make_lora_adapter, register_model, running_server
 from tunery.testing import make_tiny_model_dir
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random (non-zero) B matrices, so it really changes the base's replies."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
-                                                  init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    (out / "tunery.json").write_text(json.dumps({"base_model": str(base_dir), "method": "lora",
-                                                 "objective": "sft", "method_options": {}}))
-    return out
-
-
-def register(data_dir: Path, api_key: str, name: str, base: Path, adapter: Path) -> None:
-    """What a finished job records: a model row owned by the key, pointing at the adapter dir."""
-    store = Store(data_dir)
-    owner = store.key_for(api_key).id
-    rel = f"adapters/{adapter.name}"
-    (data_dir / "adapters").mkdir(exist_ok=True)
-    adapter.rename(data_dir / rel)
-    store.add_model(ModelRow(name=name, owner=owner, base=str(base), path=rel, created_at=0))
-    store.close()
 
 
 def direct(base: Path, adapter: Path, prompts: list[list[dict]], max_tokens: int) -> list[str]:
@@ -50,13 +21,14 @@ def direct(base: Path, adapter: Path, prompts: list[list[dict]], max_tokens: int
 
 def test_50_concurrent_requests_two_adapters(tmp_path):
     base = make_tiny_model_dir(tmp_path / "tiny")
-    adapters = [make_adapter(base, tmp_path / f"adapter{i}", seed=i) for i in range(2)]
+    adapters = [make_lora_adapter(base, tmp_path / f"adapter{i}", seed=i) for i in range(2)]
     data = tmp_path / "data"
     with running_server(data) as server:
         names = ["ft:tiny:admin:a::aaaaaaaa", "ft:tiny:admin:b::bbbbbbbb"]
-        for name, adapter in zip(names, adapters, strict=True):
-            register(data, server.api_key, name, base, adapter)
-        stored = [data / "adapters" / a.name for a in adapters]
+        stored = [
+            register_model(data, server.api_key, name, base, adapter)
+            for name, adapter in zip(names, adapters, strict=True)
+        ]
         prompts = [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(25)]
         jobs = [(names[i % 2], prompts[i // 2]) for i in range(50)]
         client = server.client(timeout=120)

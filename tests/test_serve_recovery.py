@@ -13,23 +13,36 @@ from tunery.testing import make_tiny_model_dir
 
 
 def _rows(n: int) -> str:
-    return "".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}"},
-                                            {"role": "assistant", "content": " ".join(map(str, range(i)))}]})
-                   + "\n" for i in range(1, n + 1))
+    return "".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Count to {i}"},
+                    {"role": "assistant", "content": " ".join(map(str, range(i)))},
+                ]
+            }
+        )
+        + "\n"
+        for i in range(1, n + 1)
+    )
 
 
 def test_kill_9_mid_job_then_restart_resumes(tmp_path):
     model = make_tiny_model_dir(tmp_path / "tiny")
     data = tmp_path / "data"
-    (tmp_path / "train.jsonl").write_text(_rows(12))
+    (tmp_path / "train.jsonl").write_text(_rows(40))
     server = start_server(data)
     try:
         client = server.client()
         with open(tmp_path / "train.jsonl", "rb") as f:
             upload = client.files.create(file=f, purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=str(model), training_file=upload.id, suffix="durable",
-                                             hyperparameters={"n_epochs": 1},
-                                             extra_body={"tunery": {"hyperparameters": {"save_steps": 2}}})
+        job = client.fine_tuning.jobs.create(
+            model=str(model),
+            training_file=upload.id,
+            suffix="durable",
+            hyperparameters={"n_epochs": 1},
+            extra_body={"tunery": {"hyperparameters": {"save_steps": 2}}},
+        )
         deadline = time.time() + 180
         while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
             assert time.time() < deadline, server.log()[-2000:]
@@ -55,7 +68,11 @@ def test_kill_9_mid_job_then_restart_resumes(tmp_path):
         client = server.client()
         assert client.files.content(upload.id).content == (tmp_path / "train.jsonl").read_bytes()
         deadline = time.time() + 240
-        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
             assert time.time() < deadline, server.log()[-2000:]
             time.sleep(1)
         assert job.status == "succeeded", job.error
@@ -64,10 +81,11 @@ def test_kill_9_mid_job_then_restart_resumes(tmp_path):
         assert any(m.startswith("Worker started; resuming from checkpoint step-") for m in messages)
         assert messages[-1] == "The job has successfully completed"
         # Steps before the checkpoint are not trained twice: step 1 is logged once.
-        assert sum(m.startswith("Step 1/12:") for m in messages) == 1
-        assert sum(m.startswith("Step 12/12:") for m in messages) == 1
-        reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
-                                               messages=[{"role": "user", "content": "Count to 3"}])
+        assert sum(m.startswith("Step 1/40:") for m in messages) == 1
+        assert sum(m.startswith("Step 40/40:") for m in messages) == 1
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "Count to 3"}]
+        )
         assert reply.choices[0].message.role == "assistant"
     finally:
         server.stop()

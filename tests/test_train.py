@@ -16,6 +16,7 @@ from tunery.train.events import read_jsonl
 
 
 def _config(tmp_path, model, **sets):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=sets.pop("n", 20))
     base = {
         "model": str(model),

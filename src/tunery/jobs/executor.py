@@ -114,7 +114,11 @@ class LocalExecutor:
         ever train into the same run dir."""
         for job in self.store.list_jobs(statuses=("running", "validating_files"), oldest_first=True):
             if job.pid and _pid_is_worker(job.pid, job.id):
-                self._stop_orphan(job.pid)
+                self._stop_orphan(job.pid, job.id)
+            self._follow(job.id)  # events the worker wrote while no server was watching
+            if _run_status(self.store.path(job.run_dir)) in ("succeeded", "failed"):
+                self._conclude(job.id, None, None)  # it finished while the server was down
+                continue
             reason = self._missing_files(job)
             if reason:
                 self.store.update_job(
@@ -140,13 +144,13 @@ class LocalExecutor:
                 ],
             )
 
-    def _stop_orphan(self, pid: int) -> None:
+    def _stop_orphan(self, pid: int, job_id: str) -> None:
         try:
             os.kill(pid, signal.SIGTERM)
             deadline = time.time() + self.grace
-            while time.time() < deadline and Path(f"/proc/{pid}").exists():
+            while time.time() < deadline and _pid_is_worker(pid, job_id):
                 time.sleep(0.1)
-            if Path(f"/proc/{pid}").exists():
+            if _pid_is_worker(pid, job_id):
                 os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -202,9 +206,9 @@ class LocalExecutor:
     def _tick(self) -> None:
         with self._lock:
             for r in list(self._running.values()):
-                self._follow(r)
+                self._follow(r.job_id)
                 if r.proc.poll() is not None:
-                    self._follow(r)
+                    self._follow(r.job_id)
                     self._finish(r)
                 elif r.kill_at and time.time() > r.kill_at:
                     log.warning("job %s ignored SIGTERM for %.0fs; killing it", r.job_id, self.grace)
@@ -260,9 +264,9 @@ class LocalExecutor:
         self.store.update_job(job.id, pid=proc.pid)
         self._running[job.id] = _Running(job.id, proc, log_file)
 
-    def _follow(self, r: _Running) -> None:
+    def _follow(self, job_id: str) -> None:
         """Copy new complete lines of events.jsonl into the database."""
-        job = self.store.get_job(None, r.job_id)
+        job = self.store.get_job(None, job_id)
         path = self.store.path(job.run_dir) / "events.jsonl"
         try:
             size = path.stat().st_size
@@ -313,24 +317,29 @@ class LocalExecutor:
     def _finish(self, r: _Running) -> None:
         self._running.pop(r.job_id, None)
         r.log_file.close()
-        job = self.store.get_job(None, r.job_id)
+        self._conclude(r.job_id, r.intent, r.proc.returncode)
+
+    def _conclude(self, job_id: str, intent: str | None, rc: int | None) -> None:
+        """Record how a worker ended: from run.json, what we asked of it (intent), its exit code."""
+        job = self.store.get_job(None, job_id)
         run_dir = self.store.path(job.run_dir)
         try:
             result = json.loads((run_dir / "run.json").read_text())
         except (OSError, ValueError):
             result = None
         status = (result or {}).get("status")
-        rc = r.proc.returncode
-        if r.intent == "cancel":
+        if intent == "cancel":
             self.store.update_job(
                 job.id,
                 pid=None,
                 finished_at=job.finished_at or now(),
                 events=[("info", "Fine-tuning job cancelled; its last checkpoint is kept.")],
             )
-        elif r.intent == "pause":
+        elif status == "succeeded" and intent in (None, "pause", "shutdown"):
+            self._succeed(job, result)  # it finished before the pause or shutdown took effect
+        elif intent == "pause":
             self.store.update_job(job.id, pid=None, resume=True, events=[("info", "Fine-tuning job paused")])
-        elif r.intent == "shutdown" and status != "succeeded":
+        elif intent == "shutdown":
             self.store.update_job(
                 job.id,
                 expect=("running",),
@@ -345,8 +354,6 @@ class LocalExecutor:
                     )
                 ],
             )
-        elif status == "succeeded":
-            self._succeed(job, result)
         elif status == "failed":
             err = result.get("error") or {}
             error = {
@@ -411,7 +418,7 @@ class LocalExecutor:
         hp.update(_resolved_hparams(run_dir / "config.yaml", hp))
         self.store.update_job(
             job.id,
-            expect=("running",),
+            expect=("running", "paused"),
             status="succeeded",
             pid=None,
             finished_at=now(),
@@ -429,6 +436,13 @@ class LocalExecutor:
                 if not self.store.has_message(job.id, msg)
             ],
         )
+
+
+def _run_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def _last_metrics(path: Path) -> dict[str, Any]:

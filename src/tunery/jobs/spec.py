@@ -184,13 +184,25 @@ def _validate(raw: dict[str, Any]):
     from pydantic import ValidationError
 
     from tunery.config import TuneryConfig
+    from tunery.plugins import option_schema
 
+    def fail(exc: ValidationError, prefix: str) -> InvalidRequest:
+        err = exc.errors()[0]
+        loc = ".".join([prefix, *(str(x) for x in err["loc"])]).strip(".")
+        param = loc if loc.startswith("hyperparameters") else f"tunery.{loc}"
+        return InvalidRequest(
+            f"Invalid setting {loc}: {err['msg']}", param=param, code="invalid_hyperparameters"
+        )
+
+    # Option blocks first, so an error names its block (`tunery.lora.r`), not just the field.
+    for name in (raw["method"], raw["objective"]):
+        schema = option_schema(name)
+        if schema is not None and isinstance(raw.get(name), dict):
+            try:
+                schema.model_validate(raw[name])
+            except ValidationError as exc:
+                raise fail(exc, name) from None
     try:
         return TuneryConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        param = "hyperparameters" if loc.startswith("hyperparameters") else f"tunery.{loc}"
-        raise InvalidRequest(
-            f"Invalid setting {loc}: {err['msg']}", param=param, code="invalid_hyperparameters"
-        ) from None
+        raise fail(exc, "") from None

@@ -276,6 +276,7 @@ class Store:
         file_id: str | None = None,
         status: str = "processed",
         status_details: str | None = None,
+        expires_at: int | None = None,
     ) -> FileRow:
         """Move a finished temp file into storage (atomic rename) and record it."""
         file_id = file_id or new_id("file-")
@@ -291,6 +292,7 @@ class Store:
             status=status,
             status_details=status_details,
             created_at=now(),
+            expires_at=expires_at,
             path=rel,
         )
         try:

@@ -7,12 +7,29 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register(method: Method) -> Method:
-    return METHODS.register(method.name, method)
+    # Every method gains a `moe` options block (router loss, router freezing, expert logging) that
+    # acts only on MoE bases; see methods/moe_base.py for why this sits across methods.
+    from tunery.methods.moe_base import with_moe
+
+    return METHODS.register(method.name, with_moe(method))
 
 
 def _load_builtin() -> None:
     # Each import registers one method. Order is the order `tunery methods` lists them in.
-    from tunery.methods import full, lora  # noqa: F401
+    from tunery.methods import (  # noqa: F401, I001 (listing order, not alphabetical)
+        full,
+        freeze,
+        lora,
+        qlora,
+        adalora,
+        ia3,
+        prompt_tuning,
+        prefix_tuning,
+        p_tuning,
+        bottleneck,
+        unipelt,
+        moe_lora,
+    )
 
 
 _load_builtin()

@@ -44,6 +44,11 @@ class Method:
     aux_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
     # False for methods that change the forward itself (prompt learning): the loop then pads rows
     supports_packing: bool = True
+    # after_step(model, step, total_steps): called right after each optimizer step, before the
+    # gradients are zeroed (AdaLoRA reads them to reallocate its rank budget)
+    after_step: Callable[[torch.nn.Module, int, int], None] | None = None
+    # metrics(model) -> extra values merged into each logged step row (expert utilisation)
+    metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -47,8 +47,16 @@ def load_trained(
     spec = model or (info or {}).get("base_model")
     if not spec:
         raise ModelError("No base model given and the adapter does not name one.", hint="Pass --model.")
-    tokenizer_src = info["path"] if info and (Path(info["path"]) / "tokenizer_config.json").exists() else spec
-    tokenizer = load_tokenizer(tokenizer_src, trust_remote_code=trust_remote_code)
+    if info and (Path(info["path"]) / "tokenizer_config.json").exists():
+        # The saved dir's tokenizer (chat template) wins; it is not a model dir, so skip resolve().
+        from transformers import AutoTokenizer
+
+        from tunery.models.load import ensure_pad_token
+
+        tokenizer = AutoTokenizer.from_pretrained(info["path"], trust_remote_code=trust_remote_code)
+        ensure_pad_token(tokenizer, info["path"])
+    else:
+        tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     if info is None:
         return load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code), tokenizer
     method = METHODS.get(info["method"])

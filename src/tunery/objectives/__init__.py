@@ -11,7 +11,19 @@ def register(objective: Objective) -> Objective:
 
 
 def _load_builtin() -> None:
-    from tunery.objectives import sft  # noqa: F401
+    # Each import registers one objective; `tunery methods` lists them in this order.
+    from tunery.objectives import (  # noqa: F401
+        distill,
+        dpo,
+        grpo,
+        kto,
+        orpo,
+        pretrain,
+        reward,
+        rlaif,
+        sft,
+        simpo,
+    )
 
 
 _load_builtin()

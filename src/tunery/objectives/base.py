@@ -7,6 +7,11 @@
 `n_units` is what the loss is averaged over (supervised tokens for SFT, pairs for DPO). The loop
 sums `n_units` over all micro-batches of an optimizer step first and divides every micro-batch's
 `loss_sum` by that total, so gradient accumulation equals one big batch exactly.
+
+`encode` may also return a list of features (pretraining splits a long document into
+`max_length` chunks, each its own example). Online objectives (GRPO) have a `rollout` hook that the
+loop calls on every collated micro-batch of a step before it sums `n_units`: their units (sampled
+completions or their tokens) exist only after generation.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ class Objective:
     setup: Callable[[torch.nn.Module, Any, Any], dict[str, Any]] | None = None
     # optional: objectives that change the model (reward head, classify head)
     prepare_model: Callable[[torch.nn.Module, Any], torch.nn.Module] | None = None
+    # optional: rollout(model, batch, ctx) -> batch with tensors and its final n_units (GRPO samples
+    # completions here, so its units are known only afterwards); called before any loss of the step
+    rollout: Callable[[torch.nn.Module, dict[str, Any], Context], dict[str, Any]] | None = None
+    # optional: method_options(method_name, options) -> options; e.g. the reward head must train in
+    # full (PEFT `modules_to_save`) under LoRA
+    method_options: Callable[[str, BaseModel], BaseModel] | None = None
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

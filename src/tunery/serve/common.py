@@ -181,15 +181,13 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
         seen = 0
-        too_big = False
 
         async def limited():
-            nonlocal seen, too_big
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    too_big = True
                     raise ApiError(413, self._message(), code="request_too_large")
             return message
 

@@ -7,6 +7,7 @@ data dir, so an upload is never held in memory and the size limit stops it as so
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,21 @@ async def upload_file(request: Request, who: Principal = Depends(principal)) -> 
         status_details = None
         if purpose == "fine-tune":
             status_details = _check_training_upload(tmp, up.filename or "upload")
-        row = state.store.adopt_file(
-            who.id, up.filename or "upload", purpose, tmp, status_details=status_details
-        )
         expires = up.fields.get("expires_after[seconds]")
-        if expires and expires.isdigit():
-            row.expires_at = row.created_at + int(expires)
+        if expires is not None and not expires.isdigit():
+            raise ApiError(
+                400,
+                "expires_after[seconds] must be a whole number of seconds.",
+                param="expires_after[seconds]",
+            )
+        row = state.store.adopt_file(
+            who.id,
+            up.filename or "upload",
+            purpose,
+            tmp,
+            status_details=status_details,
+            expires_at=int(time.time()) + int(expires) if expires else None,
+        )
         return file_object(row)
     finally:
         if up.out is not None and not up.out.closed:

@@ -1,4 +1,5 @@
-"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause, resume, events (paged or SSE), checkpoints."""
+"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause, resume, events (paged or SSE)
+and checkpoints."""
 
 from __future__ import annotations
 

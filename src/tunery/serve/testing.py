@@ -114,3 +114,44 @@ def running_server(
         yield server
     finally:
         server.stop()
+
+
+def make_lora_adapter(
+    base_dir: str | Path, out: str | Path, seed: int, r: int = 4, alpha: float = 64
+) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so it really changes the base's replies,
+    saved as a trained run would save it (PEFT files plus tunery.json)."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False)
+    )
+    peft_model.save_pretrained(out)
+    (out / "tunery.json").write_text(
+        json.dumps({"base_model": str(base_dir), "method": "lora", "objective": "sft", "method_options": {}})
+    )
+    return out
+
+
+def register_model(data_dir: str | Path, api_key: str, name: str, base: str | Path, adapter: Path) -> Path:
+    """Record an adapter as a fine-tuned model of `api_key`, as a finished job does; returns its new dir."""
+    from tunery.jobs.store import ModelRow, Store
+
+    data_dir = Path(data_dir)
+    store = Store(data_dir)
+    try:
+        owner = store.key_for(api_key).id
+        rel = f"adapters/{adapter.name}"
+        (data_dir / "adapters").mkdir(exist_ok=True)
+        adapter.rename(data_dir / rel)
+        store.add_model(ModelRow(name=name, owner=owner, base=str(base), path=rel, created_at=0))
+    finally:
+        store.close()
+    return data_dir / rel

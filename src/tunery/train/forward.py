@@ -67,6 +67,11 @@ def padded_inputs(
 
 def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder, lm_head) of a causal LM, seen through peft wrappers; None if not separable."""
+    # Prompt learning (peft) and methods flagged `tunery_full_forward` change the model's own
+    # forward (virtual tokens, past key/values): calling the inner decoder would bypass them.
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if getattr(peft_cfg, "is_prompt_learning", False) or getattr(model, "tunery_full_forward", False):
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

@@ -56,6 +56,8 @@ class LoopSetup:
     save_model: Callable[[Path], None]
     aux_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
     extra_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    after_step: Callable[[torch.nn.Module, int, int], None] | None = None
+    method_metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -100,6 +102,8 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     """One optimizer step over its micro-batches; None if interrupted before it completed."""
     model, obj = s.model, s.objective
     batches = [obj.collate([s.features[i] for i in mb], s.pad_id, s.packed) for mb in step.micro_batches]
+    if obj.rollout is not None:  # online objectives sample first: their units exist only afterwards
+        batches = [obj.rollout(model, b, s.ctx) for b in batches]
     units = sum(b["n_units"] for b in batches)
     loss_total = 0.0
     sums: dict[str, float] = {}
@@ -125,6 +129,8 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     if s.max_grad_norm:
         s.accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.max_grad_norm)
     s.optimizer.step()
+    if s.after_step is not None:  # before zero_grad: AdaLoRA scores importance from the gradients
+        s.after_step(model, step.index, len(s.steps))
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     state.trained_tokens += n_tokens
@@ -147,9 +153,10 @@ def evaluate(s: LoopSetup) -> dict[str, Any]:
     total = units = 0.0
     sums: dict[str, float] = {}
     for mb in split_micro_batches(list(range(len(lengths))), lengths, budget):
-        batch = _to_device(
-            obj.collate([s.val_features[i] for i in mb], s.pad_id, s.packed), s.accelerator.device
-        )
+        batch = obj.collate([s.val_features[i] for i in mb], s.pad_id, s.packed)
+        if obj.rollout is not None:
+            batch = obj.rollout(model, batch, s.ctx)
+        batch = _to_device(batch, s.accelerator.device)
         with s.accelerator.autocast():
             out = obj.loss(model, batch, s.ctx)
         total += float(out.loss_sum)
@@ -219,6 +226,7 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
                     "learning_rate": s.scheduler.get_last_lr()[0],
                     "tokens_per_second": window_tokens / elapsed if elapsed > 0 else 0.0,
                     **state.last_eval,
+                    **(s.method_metrics(s.model) if s.method_metrics is not None else {}),
                 }
                 state.last_metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
                 s.events.metrics(row)

@@ -30,6 +30,8 @@ def build_model(config: TuneryConfig, method: Method, method_opts: Any, objectiv
     )
     if objective.prepare_model is not None:
         model = objective.prepare_model(model, config)
+    if objective.method_options is not None:  # e.g. the reward head trains in full under LoRA
+        method_opts = objective.method_options(method.name, method_opts)
     if config.adapter:  # sequential fine-tuning: continue an existing adapter or model
         from tunery.methods import continue_training
 
@@ -51,7 +53,8 @@ def encode_all(examples: list, tokenizer, objective: Objective, config: TuneryCo
         "system_prompt": config.data.system_prompt,
     }
     feats = cached_encode(ds, tokenizer, lambda ex: objective.encode(ex, tokenizer, config), settings)
-    return [f for f in feats if f is not None]
+    # an example may encode to several features (pretraining splits long documents into chunks)
+    return [x for f in feats if f is not None for x in (f if isinstance(f, list) else [f])]
 
 
 def make_optimizer(model: torch.nn.Module, method: Method, opts: Any, lr: float, weight_decay: float):
@@ -162,6 +165,8 @@ def train(
         save_total_limit=hp.save_total_limit,
         save_model=save_model,
         aux_loss=method.aux_loss,
+        after_step=method.after_step,
+        method_metrics=method.metrics,
         extra_eval=_classification_eval(config, tokenizer, val),
     )
     state = LoopState()

@@ -1,0 +1,198 @@
+"""`reward`: a reward model. A scalar head on the base model, read at each sequence's last token and
+trained with the Bradley-Terry pairwise loss on preference pairs. Logs accuracy (chosen scored above
+rejected) and the mean margin.
+
+`prepare_model` turns the loaded causal LM into `AutoModelForSequenceClassification` with one label
+by moving its decoder into the classification class (no second load) and adding a fresh `score`
+head; the head trains in full under any method (LoRA gets `score` in `modules_to_save`). The saved
+model loads back with `load_reward_model`, which `tunery score` and GRPO's `reward_model` use.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunery.errors import ConfigError, DataError, ModelError
+from tunery.objectives import register
+from tunery.objectives.base import Context, Objective, StepOutput
+from tunery.objectives.common import collate_rows, run_decoder
+from tunery.objectives.losses import bradley_terry_loss
+
+HEAD = "score"  # transformers' name for the head of decoder-only sequence classifiers
+
+
+class RewardOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    center_coefficient: float | None = Field(
+        None, ge=0, description="Weight of a (r_chosen + r_rejected)^2 term that keeps rewards centred."
+    )
+
+
+def prepare_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """The causal LM's decoder under a one-output `score` head (sequence classification)."""
+    from transformers import AutoModelForSequenceClassification
+
+    body_name = model.base_model_prefix
+    body = getattr(model, body_name, None)
+    cfg = model.config
+    cfg.num_labels = 1
+    try:
+        with torch.device("meta"):  # the shell only: its body is replaced by the loaded decoder
+            shell = AutoModelForSequenceClassification.from_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(
+            f"The reward objective needs a sequence-classification head, which {cfg.model_type!r} "
+            f"models do not have in transformers: {exc}",
+            param="objective",
+        ) from None
+    old_head = getattr(shell, HEAD, None)
+    if body is None or not isinstance(old_head, torch.nn.Linear):
+        raise ConfigError(
+            f"The reward objective does not support {cfg.model_type!r} models (no `{HEAD}` head).",
+            param="objective",
+        )
+    setattr(shell, body_name, body)
+    weight = next(body.parameters())
+    head = torch.nn.Linear(old_head.in_features, 1, bias=False, device=weight.device, dtype=torch.float32)
+    torch.nn.init.normal_(head.weight, std=getattr(cfg, "initializer_range", 0.02))
+    setattr(shell, HEAD, head)
+    shell.config = cfg  # one config object: attention settings made on the wrapper reach the body
+    return _scoring_only(shell)
+
+
+def _scoring_only(model: torch.nn.Module) -> torch.nn.Module:
+    """Adapter methods wrap models as causal LMs (peft's CAUSAL_LM task), which looks up the
+    generation hook at wrap time; a reward model has none, so it gets one that explains why."""
+
+    def no_generation(*args: Any, **kwargs: Any) -> Any:
+        raise ModelError("A reward model scores text; it cannot generate.", param="model")
+
+    model.prepare_inputs_for_generation = no_generation
+    return model
+
+
+def method_options(method_name: str, options: BaseModel) -> BaseModel:
+    """Adapter methods train the new head in full and save it with the adapter."""
+    if "modules_to_save" not in type(options).model_fields:
+        return options
+    keep = list(options.modules_to_save or [])
+    return options.model_copy(update={"modules_to_save": keep if HEAD in keep else [*keep, HEAD]})
+
+
+def encode(example: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
+    from tunery.data import encode_pair
+
+    f = encode_pair(example, tokenizer, config.hyperparameters.max_length)
+    return {
+        "chosen": f["prompt_ids"] + f["chosen_ids"],
+        "rejected": f["prompt_ids"] + f["rejected_ids"],
+        "truncated": f["truncated"],
+    }
+
+
+def length(f: dict[str, Any]) -> int:
+    return len(f["chosen"]) + len(f["rejected"])
+
+
+def collate(features: list[dict[str, Any]], pad_id: int, packed: bool) -> dict[str, Any]:
+    rows = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+    batch = collate_rows(rows, None, pad_id, packed)
+    batch["n_pairs"] = batch["n_units"] = len(features)
+    return batch
+
+
+def scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The reward of every row (`[n_rows]`, float32): the head at the row's last token."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = run_decoder(getattr(base, base.base_model_prefix), batch)
+    if "cu_seq_lens" in batch:
+        last = hidden[0, batch["cu_seq_lens"][1:].long() - 1]
+    else:
+        ends = batch["attention_mask"].sum(-1) - 1  # rows are right-padded
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
+    head = getattr(base, HEAD)
+    return head(last.to(next(head.parameters()).dtype)).squeeze(-1).float()
+
+
+def loss(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> StepOutput:
+    o: RewardOptions = ctx.options
+    n = batch["n_pairs"]
+    r = scores(model, batch)
+    losses, correct, margins = bradley_terry_loss(r[:n], r[n:], center_coefficient=o.center_coefficient)
+    return StepOutput(losses.sum(), {"accuracy": float(correct.sum()), "margin": float(margins.sum())})
+
+
+def load_reward_model(adapter: str | Path, model: str | None = None, dtype: Any = None):
+    """(reward model, tokenizer) from a saved model dir of a `reward` run (`model/`, a checkpoint)."""
+    from tunery.methods import METHODS, read_info
+    from tunery.models import load_model, load_tokenizer
+
+    info = read_info(adapter)
+    if info.get("objective") != "reward":
+        raise ModelError(
+            f"{adapter} was trained with objective {info.get('objective')!r}, not 'reward'.",
+            hint="Train a reward model with `objective: reward` on preference pairs.",
+            param="reward_model",
+        )
+    spec = model or info.get("base_model")
+    path = Path(info["path"])
+    if (path / "tokenizer_config.json").exists():  # the run saved its tokenizer (chat template) here
+        from transformers import AutoTokenizer
+
+        from tunery.models.load import ensure_pad_token
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ensure_pad_token(tokenizer, str(path))
+    else:
+        tokenizer = load_tokenizer(spec)
+    method = METHODS.get(info["method"])
+    opts = method.options.model_validate(info.get("method_options") or {})
+    kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
+    base = load_model(spec, dtype=dtype, task="sequence-classification", num_labels=1, **kwargs)
+    return method.load(_scoring_only(base), path, trainable=False).eval(), tokenizer
+
+
+@torch.no_grad()
+def score_conversations(
+    model: torch.nn.Module, tokenizer: Any, conversations: list[list[dict[str, Any]]], batch_size: int = 16
+) -> list[float]:
+    """The reward of each conversation (its last assistant reply in context), as trained: the chat
+    template's rendering up to the reply's end-of-turn token."""
+    from tunery.data import encode_completion
+
+    out: list[float] = []
+    for start in range(0, len(conversations), batch_size):
+        rows = []
+        for k, messages in enumerate(conversations[start : start + batch_size], start):
+            replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            if not replies:
+                raise DataError("Nothing to score: the conversation has no assistant reply.", line=k + 1)
+            f = encode_completion(messages[: replies[-1]], messages[replies[-1] :], tokenizer, None)
+            rows.append(f["prompt_ids"] + f["completion_ids"])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        values = scores(model, collate_rows(rows, None, pad, packed=False))
+        out.extend(float(v) if math.isfinite(float(v)) else 0.0 for v in values)
+    return out
+
+
+register(
+    Objective(
+        name="reward",
+        description="Reward model: a scalar head trained with the Bradley-Terry loss on preference pairs.",
+        options=RewardOptions,
+        data_kind="preference",
+        encode=encode,
+        collate=collate,
+        loss=loss,
+        metric_names=("accuracy", "margin"),
+        length=length,
+        prepare_model=prepare_model,
+        method_options=method_options,
+    )
+)
