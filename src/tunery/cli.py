@@ -108,11 +108,38 @@ def methods(options: bool = typer.Option(False, "--options", help="Also list eac
                 console.print(f"  {name}.{field} (default {f.default!r}): {f.description}")
 
 
-def _mount() -> None:
-    """Sub-commands that live with their packages."""
-    from tunery.data.cli import data_app
+@app.command()
+@user_errors()
+def quickstart(
+    output: str = typer.Option("runs/quickstart", "--output", help="Where the run and results go."),
+    shots: int = typer.Option(3, "--shots", help="Demonstrations in the few-shot baseline."),
+    n_epochs: int = typer.Option(2, "--epochs", help="Training epochs."),
+    max_train: int | None = typer.Option(None, "--max-train", help="Use only this many training examples."),
+    max_test: int | None = typer.Option(None, "--max-test", help="Use only this many test examples."),
+) -> None:
+    """The main job, offline: evaluate smollm2-135m on sentiment, fine-tune LoRA, evaluate again."""
+    from tunery.quickstart import QuickstartSettings, run_quickstart
 
-    app.add_typer(data_app, name="data", help="Validate and inspect training data.")
+    run_quickstart(QuickstartSettings(output=output, shots=shots, n_epochs=n_epochs, max_train=max_train,
+                                      max_test=max_test), console)
+
+
+def _mount() -> None:
+    """Sub-commands that live with their packages (their modules import nothing heavy)."""
+    from tunery.data.cli import data_app
+    from tunery.evaluate import cli as evaluate_cli
+    from tunery.export import cli as export_cli
+    from tunery.objectives import cli as objectives_cli
+    from tunery.serve.cli import jobs_app, keys_app, serve_command
+
+    evaluate_cli.register(app)
+    objectives_cli.register(app)
+    objectives_cli.register_data(data_app)
+    export_cli.register(app)
+    app.command("serve")(serve_command)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(data_app, name="data", help="Validate, inspect and judge training data.")
 
 
 _mount()

@@ -83,6 +83,10 @@ class TuneryConfig(BaseModel):
     classification_positive_class: str | None = Field(None, description="Positive label for binary metrics.")
     classification_betas: list[float] | None = Field(None, description="F-beta scores to report (binary).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in the run directory.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive every metric and the resolved config.",
+    )
 
     @model_validator(mode="after")
     def _check_extra(self) -> TuneryConfig:

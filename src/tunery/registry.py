@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from tunery.errors import ConfigError
@@ -11,9 +11,18 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """Names to plug-ins. `loader` imports the builtin modules on first lookup, so importing a
+    package that owns a registry (e.g. for its CLI) does not import torch and every plug-in."""
+
+    def __init__(self, kind: str, loader: Callable[[], None] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._loader = loader
+
+    def _load(self) -> None:
+        if self._loader is not None:
+            loader, self._loader = self._loader, None
+            loader()
 
     def register(self, name: str, item: T) -> T:
         if name in self._items:
@@ -22,6 +31,7 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str) -> T:
+        self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -32,13 +42,17 @@ class Registry(Generic[T]):
             ) from None
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
+        self._load()
         return iter(self._items)
 
     def items(self):
+        self._load()
         return self._items.items()
 
     def names(self) -> list[str]:
+        self._load()
         return list(self._items)

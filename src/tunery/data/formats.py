@@ -354,7 +354,22 @@ def _chosen_conversation(p: PreferencePair) -> Conversation:
     return Conversation(p.prompt + p.chosen, p.tools, p.line)
 
 
+def _chat_labeled(conv: Conversation) -> list[Labeled]:
+    """A chat example whose last assistant reply is a label (sentiment: system + review + label)
+    as a labeled text: the last user message, labelled with the reply."""
+    msgs = conv.messages
+    users = [m for m in msgs[:-1] if m["role"] == "user"]
+    if not msgs or msgs[-1]["role"] != "assistant" or not users:
+        raise DataError(
+            "A chat example used for classification must end with a user message and the assistant's label.",
+            line=conv.line,
+            field="messages",
+        )
+    return [Labeled(str(users[-1].get("content") or ""), [str(msgs[-1].get("content") or "").strip()], conv.line)]
+
+
 CONVERSIONS: dict[tuple[str, str], Callable[[Any], list[Any]]] = {
+    ("chat", "labeled"): _chat_labeled,
     ("chat", "chat"): lambda c: [c],
     ("chat", "text"): lambda c: [Text(render_chatml(c.messages), c.line)],
     ("chat", "prompt"): lambda c: [_split_reply(c)],

@@ -3,7 +3,7 @@
 from tunery.methods.base import Method, count_parameters
 from tunery.registry import Registry
 
-METHODS: Registry[Method] = Registry("method")
+METHODS: Registry[Method] = Registry("method", loader=lambda: _load_builtin())
 
 
 def register(method: Method) -> Method:
@@ -31,8 +31,6 @@ def _load_builtin() -> None:
         moe_lora,
     )
 
-
-_load_builtin()
 
 from tunery.methods.loading import continue_training, load_trained, read_info  # noqa: E402
 

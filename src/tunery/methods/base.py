@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not to import the registry
+    import torch
 
 
 class NoOptions(BaseModel):
@@ -58,6 +60,8 @@ class Method:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights count as their logical size."""
+    import torch
+
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()

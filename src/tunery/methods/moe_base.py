@@ -94,8 +94,12 @@ def attach(model: torch.nn.Module, options: MoeOptions, trainable: bool = True) 
         model.tunery_moe = state
     state.coef = coef
     if options.train_router is not None:
-        for r in routers:
-            for p in r.parameters():
+        # peft's all-linear also puts a LoRA on the routers (a wrapper whose base_layer is the
+        # router): freezing the routing means freezing that too.
+        ids = {id(r) for r in routers}
+        wrappers = [m for m in model.modules() if id(getattr(m, "base_layer", None)) in ids]
+        for module in [*routers, *wrappers]:
+            for p in module.parameters():
                 p.requires_grad_(options.train_router and trainable)
 
 

@@ -3,7 +3,7 @@
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.registry import Registry
 
-OBJECTIVES: Registry[Objective] = Registry("objective")
+OBJECTIVES: Registry[Objective] = Registry("objective", loader=lambda: _load_builtin())
 
 
 def register(objective: Objective) -> Objective:
@@ -11,8 +11,9 @@ def register(objective: Objective) -> Objective:
 
 
 def _load_builtin() -> None:
-    # Each import registers one objective; `tunery methods` lists them in this order.
+    # Each import registers one objective (its module calls `register`).
     from tunery.objectives import (  # noqa: F401
+        classify,
         distill,
         dpo,
         grpo,
@@ -25,7 +26,5 @@ def _load_builtin() -> None:
         simpo,
     )
 
-
-_load_builtin()
 
 __all__ = ["OBJECTIVES", "Context", "Objective", "StepOutput", "register"]

@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not to import the registry
+    import torch
 
 
 @dataclass
@@ -74,6 +76,14 @@ class Objective:
     # optional: method_options(method_name, options) -> options; e.g. the reward head must train in
     # full (PEFT `modules_to_save`) under LoRA
     method_options: Callable[[str, BaseModel], BaseModel] | None = None
+    # optional: load_model(config, from_pretrained_kwargs) -> model, for objectives whose model is
+    # not a causal LM (classify loads `AutoModelForSequenceClassification` sized to its label set)
+    load_model: Callable[[Any, dict[str, Any]], torch.nn.Module] | None = None
+    # optional: head_modules(model) -> module names the method must train in full and save
+    # (added to `modules_to_save` / `freeze.modules`); they depend on the loaded architecture
+    head_modules: Callable[[torch.nn.Module], list[str]] | None = None
+    # optional: save_info(model, config) -> extra keys for the saved tunery.json (classify: labels)
+    save_info: Callable[[torch.nn.Module, Any], dict[str, Any]] | None = None
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

@@ -12,6 +12,17 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tunery_packed"
+# How packed rows are isolated: "segments" (causal SDPA per example, the default) or "mask" (one SDPA
+# call with a dense 4D block-diagonal causal mask). "mask" exists so the benchmark can measure the
+# lever; both are exact (tests/test_packing.py, tests/test_perf_levers.py).
+MODE = "segments"
+
+
+def block_causal_mask(cu: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, 1, L, L] boolean mask, True where a token may attend: same example and not in the future."""
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), torch.diff(cu.long()))
+    pos = torch.arange(length, device=cu.device)
+    return ((seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :]))[None, None]
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -26,6 +37,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    if MODE == "mask":
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=block_causal_mask(cu, query.shape[2]),
+            scale=scaling,
+            dropout_p=dropout if module.training else 0.0,
+        )
+        return out.transpose(1, 2).contiguous(), None
     outs = []
     bounds = cu.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):

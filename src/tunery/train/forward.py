@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 IGNORE = -100
 LOGIT_CHUNK = 1024
+# False applies the LM head at every position (prompt tokens too), as stock trainers do. Only the
+# benchmark turns it off, to measure what computing logits only where supervised saves.
+SUPERVISED_HEAD_ONLY = True
 
 
 def packed_inputs(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None) -> dict:
@@ -134,6 +137,9 @@ def supervised_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
         return generic_loss(model, batch)
     hidden = decoder_hidden(model, batch)
     sel = labels != IGNORE
+    if not SUPERVISED_HEAD_ONLY:  # ignored targets add 0 to the loss and never count as correct
+        loss, correct, _ = head_loss(parts[1], hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+        return loss, correct, int(sel.sum())
     h = hidden[sel]
     return head_loss(parts[1], h, labels[sel])
 

@@ -90,7 +90,13 @@ def run(config: TuneryConfig, subscribers: list[Subscriber] | None = None) -> Ru
     events = EventLog(out)
     for sub in subscribers or []:
         events.subscribe(sub)
+    from tunery.train.trackers import close_all, make_trackers
+
+    trackers: list = []
     try:
+        trackers = make_trackers(config, out)  # report_to: they subscribe like any other consumer
+        for tracker in trackers:
+            events.subscribe(tracker)
         result = _run(config, out, events)
     except TuneryError as exc:
         err = {"code": exc.code, "message": exc.message, "param": exc.param}
@@ -99,6 +105,8 @@ def run(config: TuneryConfig, subscribers: list[Subscriber] | None = None) -> Ru
             out / "run.json", {"status": "failed", "error": err, "trained_tokens": 0, "model_dir": None}
         )
         raise
+    finally:
+        close_all(trackers)
     write_json_atomic(
         out / "run.json",
         {

@@ -25,13 +25,18 @@ def build_model(config: TuneryConfig, method: Method, method_opts: Any, objectiv
 
     kwargs = method.load_kwargs(method_opts) if method.load_kwargs else {}
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    model = load_model(
-        config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code, **kwargs
-    )
+    if objective.load_model is not None:  # e.g. classify: a sequence-classification model
+        model = objective.load_model(config, kwargs)
+    else:
+        model = load_model(
+            config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code, **kwargs
+        )
     if objective.prepare_model is not None:
         model = objective.prepare_model(model, config)
     if objective.method_options is not None:  # e.g. the reward head trains in full under LoRA
         method_opts = objective.method_options(method.name, method_opts)
+    if objective.head_modules is not None:  # a new head trains in full under any method
+        method_opts = _train_in_full(method_opts, objective.head_modules(model))
     if config.adapter:  # sequential fine-tuning: continue an existing adapter or model
         from tunery.methods import continue_training
 
@@ -39,6 +44,15 @@ def build_model(config: TuneryConfig, method: Method, method_opts: Any, objectiv
     else:
         model = method.apply(model, method_opts)
     return model, tokenizer
+
+
+def _train_in_full(options: Any, names: list[str]) -> Any:
+    """Options with `names` added to the method's list of fully trained modules, if it has one."""
+    for field in ("modules_to_save", "modules"):
+        if field in type(options).model_fields:
+            keep = list(getattr(options, field) or [])
+            return options.model_copy(update={field: keep + [n for n in names if n not in keep]})
+    return options
 
 
 def encode_all(examples: list, tokenizer, objective: Objective, config: TuneryConfig, content_hash: str):
@@ -142,7 +156,9 @@ def train(
     )
 
     def save_model(directory: Path) -> None:
-        save_trained(accelerator.unwrap_model(model), directory, config, method, objective, tokenizer)
+        unwrapped = accelerator.unwrap_model(model)
+        extra = objective.save_info(unwrapped, config) if objective.save_info else None
+        save_trained(unwrapped, directory, config, method, objective, tokenizer, extra)
 
     loop = LoopSetup(
         model=model,

@@ -1,0 +1,355 @@
+"""Classification heads after training: load, predict probabilities, evaluate with calibration, the
+`tunery classify` command, and the head part of `tunery quickstart --task sentiment --head`.
+
+Metrics are the ones `tunery eval` reports for generated labels (`classification_metrics`), plus log
+loss and calibration: the expected calibration error (ECE) over equal-width confidence bins, and
+the bins themselves (a reliability diagram in numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tunery.cli_common import console, user_errors
+from tunery.errors import DataError, ModelError, TuneryError
+
+
+def is_classifier(adapter: str | Path | None) -> bool:
+    """True when `adapter` is a saved model dir of a `classify` run."""
+    if not adapter:
+        return False
+    from tunery.methods import read_info
+
+    try:
+        return read_info(adapter).get("objective") == "classify"
+    except TuneryError:
+        return False
+
+
+def load_classifier(model: str | None, adapter: str | Path | None = None, dtype: Any = None):
+    """(classifier, tokenizer, info) from a saved `classify` model dir (adapter), or a plain
+    sequence-classification model dir with id2label (model only). `info` has labels/multi_label/threshold."""
+    from tunery.methods import METHODS, read_info
+    from tunery.models import load_tokenizer
+    from tunery.objectives.classify import load_classification_model, scoring_only
+
+    if adapter is None:
+        if model is None:
+            raise TuneryError("Pass --model, --adapter, or both.")
+        from tunery.models import load_model
+
+        clf = scoring_only(load_model(model, dtype=dtype, task="sequence-classification")).eval()
+        labels = [clf.config.id2label[i] for i in range(clf.config.num_labels)]
+        multi = clf.config.problem_type == "multi_label_classification"
+        return clf, load_tokenizer(model), {"labels": labels, "multi_label": multi, "threshold": 0.5}
+    info = read_info(adapter)
+    if info.get("objective") != "classify" or not info.get("labels"):
+        raise ModelError(
+            f"{adapter} was trained with objective {info.get('objective')!r}, not 'classify'.",
+            hint="Train a classifier with `objective: classify` on labeled data.",
+            param="adapter",
+        )
+    spec = model or info.get("base_model")
+    path = Path(info["path"])
+    if (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        from tunery.models.load import ensure_pad_token
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ensure_pad_token(tokenizer, str(path))
+    else:
+        tokenizer = load_tokenizer(spec)
+    method = METHODS.get(info["method"])
+    opts = method.options.model_validate(info.get("method_options") or {})
+    kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
+    base = load_classification_model(
+        spec, info["labels"], multi_label=bool(info.get("multi_label")), dtype=dtype, **kwargs
+    )
+    clf = method.load(base, path, trainable=False).eval()
+    return clf, tokenizer, {k: info.get(k) for k in ("labels", "multi_label", "threshold")}
+
+
+def predict_proba(
+    model: Any, tokenizer: Any, texts: list[str], *, multi_label: bool = False, batch_size: int = 32,
+    max_length: int = 512,
+) -> list[list[float]]:
+    """Probabilities per text and label (softmax, or a sigmoid per label with multi_label)."""
+    import torch
+
+    from tunery.objectives.classify import class_logits, encode_text, is_encoder
+    from tunery.objectives.common import collate_rows
+
+    encoder = is_encoder(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            rows = [encode_text(t, tokenizer, max_length, encoder)["input_ids"] for t in texts[start : start + batch_size]]
+            logits = class_logits(model, collate_rows(rows, None, pad, packed=False))
+            probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+            out.extend(probs.tolist())
+    return out
+
+
+def calibration(confidences: list[float], correct: list[bool], n_bins: int = 10) -> dict[str, Any]:
+    """ECE = sum over bins of (bin share) * |accuracy - mean confidence|, with the bins."""
+    bins = []
+    ece = 0.0
+    n = max(1, len(confidences))
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c == 0)]
+        if not idx:
+            bins.append({"low": lo, "high": hi, "count": 0, "confidence": None, "accuracy": None})
+            continue
+        conf = sum(confidences[i] for i in idx) / len(idx)
+        acc = sum(correct[i] for i in idx) / len(idx)
+        ece += len(idx) / n * abs(acc - conf)
+        bins.append({"low": lo, "high": hi, "count": len(idx), "confidence": conf, "accuracy": acc})
+    return {"ece": ece, "n_bins": n_bins, "bins": bins}
+
+
+def load_labeled(path: str | Path) -> list[Any]:
+    from tunery.data import load_dataset
+
+    return load_dataset(path, kind="labeled").examples
+
+
+def evaluate_classifier(
+    model: Any,
+    tokenizer: Any,
+    data: str | Path | list[Any],
+    labels: list[str],
+    *,
+    multi_label: bool = False,
+    threshold: float = 0.5,
+    positive_class: str | None = None,
+    betas: list[float] | None = None,
+    batch_size: int = 32,
+    n_examples: int = 5,
+) -> dict[str, Any]:
+    """Accuracy/precision/recall/F1/confusion (as for generated labels), log loss and calibration,
+    and inference throughput, on a labeled (or chat-with-label-reply) file or examples."""
+    from tunery.evaluate.metrics import classification_metrics
+    from tunery.objectives.classify import check_labels
+
+    examples = load_labeled(data) if isinstance(data, str | Path) else list(data)
+    if not examples:
+        raise DataError("No examples to evaluate.", file=str(data))
+    check_labels(str(data) if isinstance(data, str | Path) else "examples", examples, labels)
+    t = time.perf_counter()
+    probs = predict_proba(model, tokenizer, [e.text for e in examples], multi_label=multi_label, batch_size=batch_size)
+    seconds = time.perf_counter() - t
+    eps = 1e-12
+    index = {label: i for i, label in enumerate(labels)}
+    if multi_label:
+        preds = [[labels[j] for j, p in enumerate(row) if p > threshold] for row in probs]
+        truth = [[1.0 if lab in e.labels else 0.0 for lab in labels] for e in examples]
+        log_loss = -sum(
+            y * math.log(max(p, eps)) + (1 - y) * math.log(max(1 - p, eps))
+            for row, ys in zip(probs, truth, strict=True)
+            for p, y in zip(row, ys, strict=True)
+        ) / (len(examples) * len(labels))
+        correct = [set(p) == set(e.labels) for p, e in zip(preds, examples, strict=True)]
+        flat_conf = [max(p, 1 - p) for row in probs for p in row]
+        flat_ok = [(p > threshold) == (y > 0.5) for row, ys in zip(probs, truth, strict=True) for p, y in zip(row, ys, strict=True)]
+        res: dict[str, Any] = {"n": len(examples), "accuracy": sum(correct) / len(examples)}
+        per_label = {}
+        for j, lab in enumerate(labels):
+            tp = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] > threshold and ys[j])
+            fp = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] > threshold and not ys[j])
+            fn = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] <= threshold and ys[j])
+            prec = tp / (tp + fp) if tp + fp else 0.0
+            rec = tp / (tp + fn) if tp + fn else 0.0
+            per_label[lab] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0}
+        res["per_class"] = per_label
+        res["macro_f1"] = sum(v["f1"] for v in per_label.values()) / len(labels)
+        res["calibration"] = calibration(flat_conf, flat_ok)
+        predictions = [",".join(p) for p in preds]
+    else:
+        predictions = [labels[max(range(len(row)), key=row.__getitem__)] for row in probs]
+        refs = [e.labels[0] for e in examples]
+        res = classification_metrics(predictions, refs, labels, positive_class=positive_class, betas=betas)
+        log_loss = -sum(math.log(max(row[index[r]], eps)) for row, r in zip(probs, refs, strict=True)) / len(refs)
+        res["calibration"] = calibration([max(row) for row in probs], [p == r for p, r in zip(predictions, refs, strict=True)])
+        res["n"] = len(examples)
+    res["log_loss"] = log_loss
+    res["labels"] = labels
+    res["examples_per_second"] = len(examples) / seconds if seconds > 0 else None
+    res["examples"] = [
+        {"text": e.text, "reference": ",".join(e.labels), "prediction": p, "probabilities": dict(zip(labels, row, strict=True))}
+        for e, p, row in list(zip(examples, predictions, probs, strict=True))[:n_examples]
+    ]
+    res["predictions"] = [
+        {"label": p, "probabilities": dict(zip(labels, row, strict=True))} for p, row in zip(predictions, probs, strict=True)
+    ]
+    return res
+
+
+def render_classifier_eval(res: dict[str, Any], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value")
+    table.add_row("examples", str(res["n"]))
+    table.add_row("accuracy", f"{100 * res['accuracy']:.1f}%")
+    table.add_row("macro F1", f"{res['macro_f1']:.3f}")
+    table.add_row("log loss", f"{res['log_loss']:.4f}")
+    table.add_row("ECE (10 bins)", f"{res['calibration']['ece']:.4f}")
+    if res.get("examples_per_second"):
+        table.add_row("inference examples/s", f"{res['examples_per_second']:.1f}")
+    return table
+
+
+# --------------------------------------------------------------------------- tunery classify
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a JSONL (`text`, or chat `messages`: the last user message) or a plain-text file."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if path.suffix not in {".jsonl", ".json"}:
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise DataError("Not valid JSON.", file=str(path), line=n) from None
+        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            texts.append(rec["text"])
+        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            users = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            if not users:
+                raise DataError("No user message to classify.", file=str(path), line=n, field="messages")
+            texts.append(str(users[-1] or ""))
+        else:
+            raise DataError("Expected a 'text' string or chat 'messages'.", file=str(path), line=n, field="text")
+    return texts
+
+
+@user_errors()
+def classify_command(
+    model: str | None = typer.Option(None, "--model", help="Base model (default: the adapter's base)."),
+    adapter: str | None = typer.Option(None, "--adapter", help="Saved model dir of a classify run."),
+    input: Path = typer.Option(..., "--input", help="JSONL with 'text' (or chat) rows, or one text per line."),
+    output: Path | None = typer.Option(None, "--output", help="Write JSONL here (default: stdout)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+) -> None:
+    """Label each text with a classification head; writes {text, label, probabilities} per line."""
+    clf, tok, info = load_classifier(model, adapter)
+    texts = read_texts(input)
+    probs = predict_proba(clf, tok, texts, multi_label=bool(info["multi_label"]), batch_size=batch_size)
+    rows = [prediction_row(t, p, info) for t, p in zip(texts, probs, strict=True)]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if output is None:
+        typer.echo(body, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(body, encoding="utf-8")
+        console.print(f"Wrote {len(rows)} labels to [bold]{output}[/]")
+
+
+def prediction_row(text: str | None, probs: list[float], info: dict[str, Any]) -> dict[str, Any]:
+    labels = info["labels"]
+    if info.get("multi_label"):
+        label: Any = [lab for lab, p in zip(labels, probs, strict=True) if p > (info.get("threshold") or 0.5)]
+    else:
+        label = labels[max(range(len(probs)), key=probs.__getitem__)]
+    row = {"label": label, "probabilities": dict(zip(labels, probs, strict=True))}
+    return {"text": text, **row} if text is not None else row
+
+
+def register(app: typer.Typer) -> None:
+    """Mount `tunery classify` on the main app."""
+    app.command("classify")(classify_command)
+
+
+# --------------------------------------------------------------------------- quickstart --head
+
+
+def run_head_quickstart(
+    console: Any,
+    *,
+    models: tuple[str, ...] = ("minilm-l6", "smollm2-135m"),
+    output: str | Path = "runs/quickstart-head",
+    generative: dict[str, Any] | None = None,
+    n_epochs: int = 4,
+    batch_size: int = 16,
+    learning_rate: float | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Train a classification head on the bundled sentiment data for each model (LoRA for decoders,
+    full fine-tuning for small encoders), evaluate on the test split, and print them beside the
+    generative result (`generative`: a row with label/accuracy/macro_f1/train_seconds/examples_per_second)."""
+    from rich.table import Table
+
+    from tunery.config import load_config
+    from tunery.resources import dataset_file
+    from tunery.train import run
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    train = _subset(dataset_file("sentiment", "train"), max_train, out / "train.jsonl")
+    valid = dataset_file("sentiment", "validation")
+    test = _subset(dataset_file("sentiment", "test"), max_test, out / "test.jsonl")
+    rows = []
+    for spec in models:
+        from tunery.objectives.classify import _is_encoder_spec
+
+        encoder = _is_encoder_spec(spec)
+        method, lr = ("full", 5e-5) if encoder else ("lora", 1e-3)
+        console.rule(f"[bold]Classification head on {spec} ({method})")
+        cfg = load_config(
+            sets=[
+                f"model={spec}", f"data.train={train}", f"data.validation={valid}", "objective=classify",
+                f"method={method}", f"hyperparameters.n_epochs={n_epochs}",
+                f"hyperparameters.batch_size={batch_size}", f"hyperparameters.learning_rate={learning_rate or lr}",
+                "hyperparameters.max_length=128", f"seed={seed}", f"output={out / spec}",
+            ]
+        )
+        t = time.perf_counter()
+        result = run(cfg)
+        train_seconds = time.perf_counter() - t
+        clf, tok, info = load_classifier(None, result.model_dir)
+        res = evaluate_classifier(clf, tok, test, info["labels"])
+        rows.append(
+            {
+                "label": f"{spec} head ({method})", "accuracy": res["accuracy"], "macro_f1": res["macro_f1"],
+                "train_seconds": round(train_seconds, 1), "examples_per_second": res["examples_per_second"],
+                "log_loss": res["log_loss"], "ece": res["calibration"]["ece"], "model_dir": str(result.model_dir),
+            }
+        )
+        del clf
+    if generative:
+        rows.append(generative)
+    table = Table(title="Sentiment test set: classification heads vs generated labels")
+    for col in ("model", "accuracy", "macro F1", "training s", "inference examples/s"):
+        table.add_column(col)
+    for r in rows:
+        eps = r.get("examples_per_second")
+        table.add_row(
+            r["label"], f"{100 * r['accuracy']:.1f}%", f"{r['macro_f1']:.3f}", str(r.get("train_seconds", "-")),
+            "-" if eps is None else f"{eps:.1f}",
+        )
+    console.print(table)
+    summary = {"rows": rows}
+    (out / "quickstart-head.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _subset(path: Path, limit: int | None, out: Path) -> Path:
+    if limit is None:
+        return path
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
