@@ -37,19 +37,26 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+def matmul_peak(dtype_name: str, n_max: int = 2048, seconds: float = 3.0) -> float:
     """Sustained GFLOPS of a large square `torch.matmul` in this process (same threads as the runs).
 
-    The best of several timed repetitions: the machine is shared, and the peak is what the hardware
-    can do, not what it did while a neighbour was busy.
+    The size doubles from 256 up to `n_max` while one product stays under half a second: without
+    AVX512-BF16, bf16 matmuls run a slow fallback (well under 1 GFLOPS) and a 2048 product would
+    take a minute. The best of several timed repetitions is kept: the machine is shared, and the
+    peak is what the hardware can do, not what it did while a neighbour was busy.
     """
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    for _ in range(2):  # warm-up: oneDNN picks and caches its kernel on the first calls
-        torch.matmul(a, b)
+    n = 256
+    while True:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)  # also the warm-up: oneDNN picks and caches its kernel on the first call
+        if n >= n_max or time.perf_counter() - t0 > 0.06:
+            break
+        n *= 2
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:

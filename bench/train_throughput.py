@@ -63,7 +63,9 @@ def model_dir(spec: str, tmp: Path) -> str:
 def lora_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 class StepClock:
@@ -125,9 +127,11 @@ def pad_collator(pad_id: int):
 
 def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace, tmp: Path) -> dict:
     import torch
-    from datasets import Dataset
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datasets import Dataset
+    from tunery.train.precision import cpu_has_bf16
 
     tok = AutoTokenizer.from_pretrained(path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -155,7 +159,7 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
 
         targs = TrainingArguments(
             per_device_train_batch_size=args.batch_size,
-            bf16=variant == "trainer-tuned",
+            bf16=variant == "trainer-tuned" and cpu_has_bf16(),
             gradient_checkpointing=False,
             remove_unused_columns=False,
             **common_args,
@@ -173,7 +177,11 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
 
         mean_len = sum(len(x["input_ids"]) for x in train) / len(train)
         rows = max(1, round(args.batch_size * mean_len / args.max_length))
-        extra = {} if variant == "trl-defaults" else {"gradient_checkpointing": False}
+        # TRL defaults to bf16; without AVX512-BF16 that is a scalar fallback hundreds of times slower
+        # (see the matmul peaks), so both TRL variants follow the hardware, as Tunery's auto does.
+        extra = {"bf16": cpu_has_bf16()}
+        if variant == "trl-tuned":
+            extra["gradient_checkpointing"] = False
         sargs = SFTConfig(
             packing=True, max_length=args.max_length, per_device_train_batch_size=rows, **extra, **common_args
         )
@@ -200,7 +208,9 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
     }
 
 
-def run_tunery(variant: str, path: str, train_path: Path, train: list[dict], args: argparse.Namespace, tmp: Path) -> dict:
+def run_tunery(
+    variant: str, path: str, train_path: Path, train: list[dict], args: argparse.Namespace, tmp: Path
+) -> dict:
     from tunery.config import TuneryConfig
     from tunery.methods import load_trained
     from tunery.train import attention, forward
@@ -311,8 +321,9 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"{report['examples']} examples of datasets/chat_bench (1 epoch), {report['batch_size']} examples per "
-        f"step, max length {report['max_length']}, LoRA r16/alpha32 all-linear, lr {report['learning_rate']} "
+        f"{report['examples']} examples of datasets/chat_bench (1 epoch), {report['batch_size']} examples "
+        f"per step, max length {report['max_length']}, LoRA r16/alpha32 all-linear, "
+        f"lr {report['learning_rate']} "
         f"constant; first {report['warmup_steps']} step(s) excluded from tokens/s. {m['threads']} threads, "
         f"CPU bf16: {m['cpu_bf16']}. Load average before the run: {m['load_average']}, after: "
         f"{report['load_average_after']}. Matmul peaks (this run): fp32 {report['peak_gflops']['fp32']:.0f} "
@@ -401,7 +412,7 @@ def parent(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="a model spec, or `tiny` for a random 2-layer llama")
+    p.add_argument("--model", default="smollm2-135m", help="a model spec, or `tiny` (random 2-layer llama)")
     p.add_argument("--examples", type=int, default=64, help="training rows (one epoch)")
     p.add_argument("--eval-examples", type=int, default=16, help="held-out rows for the common loss")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")

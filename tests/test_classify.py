@@ -77,7 +77,10 @@ def test_head_learns_toy_task_and_reloads(tmp_path, tiny_bert, tiny_llama, arch,
     train = toy(tmp_path / "train.jsonl", 32)
     valid = toy(tmp_path / "valid.jsonl", 20, offset=100)
     cfg = config(
-        tmp_path, model, train, method,
+        tmp_path,
+        model,
+        train,
+        method,
         **{"data.validation": str(valid), "hyperparameters.learning_rate": lr},
     )
     result = run(cfg)
@@ -121,13 +124,15 @@ def test_class_weights_follow_the_formula():
 def test_balanced_weights_and_unknown_validation_label(tmp_path, tiny_bert):
     from tunery.objectives.classify import class_weight_vector, label_set
 
-    rows = [{"text": f"a {i}", "label": "x" if i < 6 else "y"} for i in range(8)]
+    rows = [{"text": f"a {i}", "label": "x" if i < 9 else "y"} for i in range(12)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = config(tmp_path, tiny_bert, train, "full", **{"classify.class_weights": "balanced"})
     labels = label_set(cfg)
     assert labels == ["x", "y"]
-    assert class_weight_vector(cfg, labels) == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])
-    valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "zzz"}])
+    assert class_weight_vector(cfg, labels) == pytest.approx([12 / (2 * 9), 12 / (2 * 3)])
+    valid = write_jsonl(
+        tmp_path / "valid.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "zzz"}]
+    )
     cfg = config(tmp_path, tiny_bert, train, "full", **{"data.validation": str(valid)})
     with pytest.raises(DataError) as err:
         run(cfg)
@@ -142,8 +147,13 @@ def test_chat_labels_convert_and_cli_writes_probabilities(tmp_path, tiny_bert):
     from tunery.evaluate.classify import register
 
     chat = [
-        {"messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": w},
-                      {"role": "assistant", "content": "positive" if i % 2 == 0 else "negative"}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Classify."},
+                {"role": "user", "content": w},
+                {"role": "assistant", "content": "positive" if i % 2 == 0 else "negative"},
+            ]
+        }
         for i, w in enumerate(["wonderful", "terrible", "great", "it broke"] * 4)
     ]
     train = write_jsonl(tmp_path / "chat.jsonl", chat)
@@ -162,6 +172,34 @@ def test_chat_labels_convert_and_cli_writes_probabilities(tmp_path, tiny_bert):
     assert len(rows) == 16 and rows[0]["label"] in {"positive", "negative"}
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
+    # `tunery eval` on the head model: classification metrics plus log loss and calibration
+    from tunery.evaluate.cli import register as register_eval
+
+    register_eval(app)
+    res = CliRunner().invoke(
+        app,
+        ["eval", "--adapter", str(result.model_dir), "--data", str(train), "--output", str(tmp_path / "ev")],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {"accuracy", "macro_f1", "confusion_matrix", "log_loss", "calibration"} <= set(report)
+
+    # the server's /v1/classifications on the same (local, full fine-tuned) model dir
+    from fastapi.testclient import TestClient
+
+    from tunery.serve.app import create_app
+    from tunery.serve.common import Settings
+
+    app_ = create_app(Settings(data_dir=tmp_path / "srv", no_auth=True, run_executor=False))
+    with TestClient(app_) as client:
+        body = {"model": str(result.model_dir.resolve()), "input": ["wonderful", "terrible"]}
+        got = client.post("/v1/classifications", json=body).json()
+        assert got["object"] == "list" and [d["index"] for d in got["data"]] == [0, 1]
+        assert got["data"][0]["probabilities"] == pytest.approx(rows[0]["probabilities"], abs=1e-5)
+        assert (
+            client.post("/v1/classifications", json={"model": body["model"], "input": 3}).status_code == 400
+        )
+
 
 @pytest.mark.slow
 def test_minilm_sentiment_head_reaches_90_percent(tmp_path):
@@ -171,9 +209,15 @@ def test_minilm_sentiment_head_reaches_90_percent(tmp_path):
     t = time.perf_counter()
     cfg = load_config(
         sets=[
-            "model=minilm-l6", f"data.train={dataset_file('sentiment', 'train')}", "objective=classify",
-            "method=full", "hyperparameters.n_epochs=4", "hyperparameters.batch_size=16",
-            "hyperparameters.learning_rate=1e-4", "hyperparameters.max_length=128", f"output={tmp_path / 'run'}",
+            "model=minilm-l6",
+            f"data.train={dataset_file('sentiment', 'train')}",
+            "objective=classify",
+            "method=full",
+            "hyperparameters.n_epochs=4",
+            "hyperparameters.batch_size=16",
+            "hyperparameters.learning_rate=2e-4",
+            "hyperparameters.max_length=128",
+            f"output={tmp_path / 'run'}",
         ]
     )
     result = run(cfg)

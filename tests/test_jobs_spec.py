@@ -107,3 +107,12 @@ def test_model_names():
     assert name.startswith("ft:my-llama:alice-smith::") and len(name.rsplit(":", 1)[1]) == 8
     assert model_name("smollm2-135m", "admin", "v2").startswith("ft:smollm2-135m:admin:v2:")
     assert base_display("org/model:tag") == "model-tag"
+
+
+@pytest.mark.parametrize("objective", ["grpo", "rlaif"])
+def test_server_never_allows_custom_reward_code(objective):
+    rewards = [{"name": "contains", "word": "blue"}]
+    body = {"tunery": {"objective": objective,
+                       objective: {"allow_custom_rewards": True, "reward_functions": rewards}}}
+    _, cfg = _config(body)
+    assert cfg.objective_options.allow_custom_rewards is False

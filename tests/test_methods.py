@@ -193,3 +193,13 @@ def test_full_is_not_switchable(tiny_llama, tmp_path):
     saved = str(_save(model, method, tiny_llama, tmp_path / "full"))
     with pytest.raises(ModelError, match="whole model"):
         AdapterSet.load(str(tiny_llama), {"a": saved})
+
+
+@pytest.mark.parametrize("name", ["freeze", "bottleneck", "unipelt", "moe_lora", "ia3"])
+def test_continue_training_a_saved_model(name, tiny_llama, train_file, tmp_path):
+    first = run(_config(tiny_llama, name, tmp_path / "first", train_file))
+    second = run(_config(tiny_llama, name, tmp_path / "second", train_file, adapter=str(first.model_dir)))
+    losses_first = [r["train_loss"] for r in read_jsonl(first.output_dir / "metrics.jsonl")]
+    losses_second = [r["train_loss"] for r in read_jsonl(second.output_dir / "metrics.jsonl")]
+    # the second run starts where the first ended, not from the base model
+    assert losses_second[0] < losses_first[0] - 0.03, (losses_first, losses_second)

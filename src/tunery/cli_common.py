@@ -63,6 +63,8 @@ class ProgressPrinter:
             self.progress.update(self.task, completed=data["step"], info=info)
         elif "total_steps" in data and self.task is None:
             self._start(data["total_steps"])
+        elif event["level"] == "error":
+            return  # the command prints the error itself, with its hint
         elif event["level"] != "info" or data.get("kind") in ("checkpoint", "model"):
             self.progress.console.print(
                 f"[dim]{event['message']}[/]"

@@ -97,7 +97,12 @@ class TuneryConfig(BaseModel):
             if schema is None:
                 raise ValueError(f"unknown config key {key!r}")
             if isinstance(value, dict):
-                self.model_extra[key] = schema.model_validate(value)
+                try:
+                    self.model_extra[key] = schema.model_validate(value)
+                except ValidationError as exc:  # name the block: `lora.r`, not just `r`
+                    raise ValueError("; ".join(
+                        f"{key}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+                    )) from None
         return self
 
     def options(self, name: str) -> BaseModel:

@@ -66,12 +66,13 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     rows = []
     console.rule("[bold]2/4 Evaluate the base model: zero-shot and few-shot")
     t = time.perf_counter()
-    zero = evaluate(base, tok, test, labels=LABELS, batch_size=16, description="zero-shot", n_shown=0)
+    zero = evaluate(base, tok, test, labels=LABELS, batch_size=16, description="zero-shot", n_shown=0,
+                    compute_loss=False)
     rows.append(_row(f"{s.model} zero-shot", zero, time.perf_counter() - t))
     t = time.perf_counter()
     shots = build_few_shot(load_conversations(train), s.shots, s.seed)
     few = evaluate(base, tok, test, labels=LABELS, batch_size=16, few_shot=shots,
-                   description=f"{s.shots}-shot", n_shown=0)
+                   description=f"{s.shots}-shot", n_shown=0, compute_loss=False)
     rows.append(_row(f"{s.model} {s.shots}-shot", few, time.perf_counter() - t))
     del base
 
@@ -93,7 +94,8 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     console.rule("[bold]4/4 Evaluate the fine-tuned model")
     tuned, tok = load_trained(s.model, str(result.model_dir), dtype=torch.float32)
     t = time.perf_counter()
-    after = evaluate(tuned, tok, test, labels=LABELS, batch_size=16, description="fine-tuned", n_shown=5)
+    after = evaluate(tuned, tok, test, labels=LABELS, batch_size=16, description="fine-tuned", n_shown=5,
+                     compute_loss=False)
     rows.append(_row("LoRA fine-tuned", after, time.perf_counter() - t))
     summary = {"rows": rows, "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - t_start, 1), "adapter": str(result.model_dir),

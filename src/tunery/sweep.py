@@ -70,8 +70,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         if base is None:
             raise ConfigError(f"{p}: base config {raw['base']} not found", param="base")
     if not raw.get("eval_data"):
-        raise ConfigError(f"{p}: eval_data is required (the file every trial is evaluated on)",
-                          param="eval_data")
+        raise ConfigError(
+            f"{p}: eval_data is required (the file every trial is evaluated on)", param="eval_data"
+        )
     fractions = raw.get("data_fractions") or [1.0]
     if any(not (0 < float(f) <= 1) for f in fractions):
         raise ConfigError(f"{p}: data_fractions must be in (0, 1], got {fractions}", param="data_fractions")
@@ -145,8 +146,9 @@ def run_trial(spec: SweepSpec, index: int, sets: dict[str, Any], fraction: float
     for key in ("loss", "perplexity", "accuracy", "macro_f1", "exact_match", "chrf", "rouge_l"):
         row[key] = scores.get(key)
     row[spec.metric] = scores.get(spec.metric)
-    (trial_dir / "eval.json").write_text(json.dumps({k: v for k, v in scores.items()
-                                                     if k != "predictions"}, indent=2, default=str))
+    (trial_dir / "eval.json").write_text(
+        json.dumps({k: v for k, v in scores.items() if k != "predictions"}, indent=2, default=str)
+    )
     return row
 
 
@@ -158,13 +160,17 @@ def _validate(raw: dict[str, Any]):
     try:
         return TuneryConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"sweep trial config is invalid: {exc.errors()[0]['msg']} at "
-                          f"{'.'.join(str(x) for x in exc.errors()[0]['loc'])}") from None
+        raise ConfigError(
+            f"sweep trial config is invalid: {exc.errors()[0]['msg']} at "
+            f"{'.'.join(str(x) for x in exc.errors()[0]['loc'])}"
+        ) from None
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))] or [{}]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))] or [
+        {}
+    ]
 
 
 def better(a: float | None, b: float | None, metric: str) -> bool:
@@ -190,8 +196,9 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any]:
                 index += 1
     best = None
     for r in rows:
-        if r.get("status") == "succeeded" and (best is None or better(r[spec.metric], best[spec.metric],
-                                                                      spec.metric)):
+        if r.get("status") == "succeeded" and (
+            best is None or better(r[spec.metric], best[spec.metric], spec.metric)
+        ):
             best = r
     write_outputs(spec, rows, best)
     return {"rows": rows, "best": best, "output": str(out)}
@@ -214,7 +221,9 @@ def _optuna(spec: SweepSpec, evals) -> list[dict[str, Any]]:
             elif isinstance(lo, list) or (kind and kind[0] == "choice"):
                 sets[key] = trial.suggest_categorical(key, lo if isinstance(lo, list) else [lo, hi])
             else:
-                sets[key] = trial.suggest_float(key, float(lo), float(hi), log=bool(kind and kind[0] == "log"))
+                sets[key] = trial.suggest_float(
+                    key, float(lo), float(hi), log=bool(kind and kind[0] == "log")
+                )
         row = run_trial(spec, trial.number, sets, spec.data_fractions[-1], evals)
         rows.append(row)
         value = row.get(spec.metric)
@@ -239,8 +248,9 @@ def write_outputs(spec: SweepSpec, rows: list[dict[str, Any]], best: dict[str, A
         mark = " **best**" if best is r else ""
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + f" |{mark}")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "sweep.json").write_text(json.dumps({"metric": spec.metric, "rows": rows, "best": best},
-                                               indent=2, default=str))
+    (out / "sweep.json").write_text(
+        json.dumps({"metric": spec.metric, "rows": rows, "best": best}, indent=2, default=str)
+    )
     if best is not None:
         cfg = Path(best["run_dir"]) / "config.yaml"
         (out / "best.yaml").write_text(cfg.read_text() if cfg.exists() else yaml.safe_dump(best))

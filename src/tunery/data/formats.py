@@ -365,7 +365,8 @@ def _chat_labeled(conv: Conversation) -> list[Labeled]:
             line=conv.line,
             field="messages",
         )
-    return [Labeled(str(users[-1].get("content") or ""), [str(msgs[-1].get("content") or "").strip()], conv.line)]
+    label = str(msgs[-1].get("content") or "").strip()
+    return [Labeled(str(users[-1].get("content") or ""), [label], conv.line)]
 
 
 CONVERSIONS: dict[tuple[str, str], Callable[[Any], list[Any]]] = {

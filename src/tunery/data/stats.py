@@ -106,9 +106,7 @@ def near_duplicate_pairs(
             buckets.setdefault(key, []).append(i)
     found: dict[tuple[int, int], float] = {}
     targets = range(len(right_sh))
-    right_sigs = (
-        [hasher.signature(sh) for sh in right_sh] if right is not None else [None] * len(right_sh)
-    )
+    right_sigs = [hasher.signature(sh) for sh in right_sh] if right is not None else [None] * len(right_sh)
     for j in targets:
         if right is None:
             continue
@@ -217,7 +215,8 @@ def labels_of(examples: list[Any]) -> list[str] | None:
     if examples and all(isinstance(e, Labeled) for e in examples):
         return [label for e in examples for label in e.labels]
     if examples and all(isinstance(e, Conversation) for e in examples):
-        from tunery.evaluate.metrics import is_label_set, normalize as label_norm
+        from tunery.evaluate.metrics import is_label_set
+        from tunery.evaluate.metrics import normalize as label_norm
 
         replies = []
         for e in examples:
@@ -246,7 +245,9 @@ def histogram(values: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
     lo, hi = min(values), max(values)
     width = max(1, -(-(hi - lo + 1) // bins))
     counts = Counter((v - lo) // width for v in values)
-    return [(lo + b * width, lo + (b + 1) * width - 1, counts.get(b, 0)) for b in range((hi - lo) // width + 1)]
+    return [
+        (lo + b * width, lo + (b + 1) * width - 1, counts.get(b, 0)) for b in range((hi - lo) // width + 1)
+    ]
 
 
 def histogram_text(values: list[int], unit: str, bins: int = 10, width: int = 40) -> str:
@@ -287,8 +288,15 @@ def _summary(values: list[int]) -> dict[str, Any]:
     def pct(q: float) -> int:
         return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
-    return {"n": len(s), "min": s[0], "mean": round(sum(s) / len(s), 1), "p50": pct(0.5), "p95": pct(0.95),
-            "max": s[-1], "total": sum(s)}
+    return {
+        "n": len(s),
+        "min": s[0],
+        "mean": round(sum(s) / len(s), 1),
+        "p50": pct(0.5),
+        "p95": pct(0.95),
+        "max": s[-1],
+        "total": sum(s),
+    }
 
 
 def data_stats(

@@ -86,8 +86,10 @@ class LocalTeacher:
         ids = [chat_prompt(self.tokenizer, p) for p in prompts]
         params = GenerationParams(max_new_tokens=max_tokens, temperature=temperature, seed=self.seed)
         self.seed += 1  # a new seed per call: repeated calls must not produce the same samples
-        return [r.text for r in generate_batch(self.model_obj, self.tokenizer, ids, params,
-                                               batch_size=self.batch_size)]
+        return [
+            r.text
+            for r in generate_batch(self.model_obj, self.tokenizer, ids, params, batch_size=self.batch_size)
+        ]
 
 
 @dataclass
@@ -128,26 +130,34 @@ def read_seeds(path: str | Path) -> list[dict[str, str]]:
             users = [m.get("content") for m in msgs if m.get("role") == "user"]
             replies = [m.get("content") for m in msgs if m.get("role") == "assistant"]
             if not users or not replies:
-                raise DataError("needs a user and an assistant message", file=str(path), line=line,
-                                field="messages")
+                raise DataError(
+                    "needs a user and an assistant message", file=str(path), line=line, field="messages"
+                )
             seeds.append({"input": str(users[-1]), "output": str(replies[-1])})
         elif "input" in rec and "output" in rec:
             seeds.append({"input": str(rec["input"]), "output": str(rec["output"])})
         elif "prompt" in rec and "completion" in rec:
             seeds.append({"input": str(rec["prompt"]), "output": str(rec["completion"])})
         else:
-            raise DataError("a seed needs messages, input/output or prompt/completion", file=str(path),
-                            line=line)
+            raise DataError(
+                "a seed needs messages, input/output or prompt/completion", file=str(path), line=line
+            )
     return seeds
 
 
 def generation_prompt(task: str, shots: list[dict[str, str]]) -> list[dict[str, Any]]:
     examples = "\n".join(json.dumps(s, ensure_ascii=False) for s in shots)
     return [
-        {"role": "system", "content": "You write new, varied training examples for a task. "
-         'Reply with exactly one JSON object {"input": ..., "output": ...} and nothing else.'},
-        {"role": "user", "content": f"Task: {task}\n\nExamples:\n{examples}\n\nWrite one new example "
-         "that differs from these."},
+        {
+            "role": "system",
+            "content": "You write new, varied training examples for a task. "
+            'Reply with exactly one JSON object {"input": ..., "output": ...} and nothing else.',
+        },
+        {
+            "role": "user",
+            "content": f"Task: {task}\n\nExamples:\n{examples}\n\nWrite one new example "
+            "that differs from these.",
+        },
     ]
 
 
@@ -160,10 +170,15 @@ def label_prompt(task: str, shots: list[dict[str, str]], text: str) -> list[dict
 
 def judge_prompt(task: str, pair: dict[str, str]) -> list[dict[str, Any]]:
     return [
-        {"role": "system", "content": "You grade training examples. Reply with one integer from 1 "
-         "(useless or wrong) to 10 (correct and useful)."},
-        {"role": "user", "content": f"Task: {task}\nInput: {pair['input']}\nOutput: {pair['output']}\n"
-         "Score:"},
+        {
+            "role": "system",
+            "content": "You grade training examples. Reply with one integer from 1 "
+            "(useless or wrong) to 10 (correct and useful).",
+        },
+        {
+            "role": "user",
+            "content": f"Task: {task}\nInput: {pair['input']}\nOutput: {pair['output']}\nScore:",
+        },
     ]
 
 
@@ -235,8 +250,9 @@ def synthesize(
     """Generate up to `settings.n` filtered examples (fewer when `max_requests` runs out)."""
     s = settings
     if not seeds and inputs is None:
-        raise TuneryError("data synth needs seed examples (--seeds) to show the teacher the format.",
-                          param="seeds")
+        raise TuneryError(
+            "data synth needs seed examples (--seeds) to show the teacher the format.", param="seeds"
+        )
     rng = random.Random(s.seed)
     filt = _Filter(s, seeds)
     result = SynthResult(stats={"requested": 0, "kept": 0})
@@ -278,8 +294,14 @@ def synthesize(
     return result
 
 
-def _row(pair: dict[str, str], s: SynthSettings, teacher: Teacher, shots: list[dict[str, str]],
-         score: float | None, labeled: bool) -> dict[str, Any]:
+def _row(
+    pair: dict[str, str],
+    s: SynthSettings,
+    teacher: Teacher,
+    shots: list[dict[str, str]],
+    score: float | None,
+    labeled: bool,
+) -> dict[str, Any]:
     messages = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
     messages += [{"role": "user", "content": pair["input"]}, {"role": "assistant", "content": pair["output"]}]
     return {

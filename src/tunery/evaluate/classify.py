@@ -77,7 +77,12 @@ def load_classifier(model: str | None, adapter: str | Path | None = None, dtype:
 
 
 def predict_proba(
-    model: Any, tokenizer: Any, texts: list[str], *, multi_label: bool = False, batch_size: int = 32,
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    multi_label: bool = False,
+    batch_size: int = 32,
     max_length: int = 512,
 ) -> list[list[float]]:
     """Probabilities per text and label (softmax, or a sigmoid per label with multi_label)."""
@@ -91,7 +96,10 @@ def predict_proba(
     out: list[list[float]] = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            rows = [encode_text(t, tokenizer, max_length, encoder)["input_ids"] for t in texts[start : start + batch_size]]
+            rows = [
+                encode_text(t, tokenizer, max_length, encoder)["input_ids"]
+                for t in texts[start : start + batch_size]
+            ]
             logits = class_logits(model, collate_rows(rows, None, pad, packed=False))
             probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
             out.extend(probs.tolist())
@@ -145,7 +153,9 @@ def evaluate_classifier(
         raise DataError("No examples to evaluate.", file=str(data))
     check_labels(str(data) if isinstance(data, str | Path) else "examples", examples, labels)
     t = time.perf_counter()
-    probs = predict_proba(model, tokenizer, [e.text for e in examples], multi_label=multi_label, batch_size=batch_size)
+    probs = predict_proba(
+        model, tokenizer, [e.text for e in examples], multi_label=multi_label, batch_size=batch_size
+    )
     seconds = time.perf_counter() - t
     eps = 1e-12
     index = {label: i for i, label in enumerate(labels)}
@@ -159,7 +169,11 @@ def evaluate_classifier(
         ) / (len(examples) * len(labels))
         correct = [set(p) == set(e.labels) for p, e in zip(preds, examples, strict=True)]
         flat_conf = [max(p, 1 - p) for row in probs for p in row]
-        flat_ok = [(p > threshold) == (y > 0.5) for row, ys in zip(probs, truth, strict=True) for p, y in zip(row, ys, strict=True)]
+        flat_ok = [
+            (p > threshold) == (y > 0.5)
+            for row, ys in zip(probs, truth, strict=True)
+            for p, y in zip(row, ys, strict=True)
+        ]
         res: dict[str, Any] = {"n": len(examples), "accuracy": sum(correct) / len(examples)}
         per_label = {}
         for j, lab in enumerate(labels):
@@ -168,7 +182,11 @@ def evaluate_classifier(
             fn = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] <= threshold and ys[j])
             prec = tp / (tp + fp) if tp + fp else 0.0
             rec = tp / (tp + fn) if tp + fn else 0.0
-            per_label[lab] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0}
+            per_label[lab] = {
+                "precision": prec,
+                "recall": rec,
+                "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            }
         res["per_class"] = per_label
         res["macro_f1"] = sum(v["f1"] for v in per_label.values()) / len(labels)
         res["calibration"] = calibration(flat_conf, flat_ok)
@@ -177,18 +195,28 @@ def evaluate_classifier(
         predictions = [labels[max(range(len(row)), key=row.__getitem__)] for row in probs]
         refs = [e.labels[0] for e in examples]
         res = classification_metrics(predictions, refs, labels, positive_class=positive_class, betas=betas)
-        log_loss = -sum(math.log(max(row[index[r]], eps)) for row, r in zip(probs, refs, strict=True)) / len(refs)
-        res["calibration"] = calibration([max(row) for row in probs], [p == r for p, r in zip(predictions, refs, strict=True)])
+        log_loss = -sum(math.log(max(row[index[r]], eps)) for row, r in zip(probs, refs, strict=True)) / len(
+            refs
+        )
+        res["calibration"] = calibration(
+            [max(row) for row in probs], [p == r for p, r in zip(predictions, refs, strict=True)]
+        )
         res["n"] = len(examples)
     res["log_loss"] = log_loss
     res["labels"] = labels
     res["examples_per_second"] = len(examples) / seconds if seconds > 0 else None
     res["examples"] = [
-        {"text": e.text, "reference": ",".join(e.labels), "prediction": p, "probabilities": dict(zip(labels, row, strict=True))}
+        {
+            "text": e.text,
+            "reference": ",".join(e.labels),
+            "prediction": p,
+            "probabilities": dict(zip(labels, row, strict=True)),
+        }
         for e, p, row in list(zip(examples, predictions, probs, strict=True))[:n_examples]
     ]
     res["predictions"] = [
-        {"label": p, "probabilities": dict(zip(labels, row, strict=True))} for p, row in zip(predictions, probs, strict=True)
+        {"label": p, "probabilities": dict(zip(labels, row, strict=True))}
+        for p, row in zip(predictions, probs, strict=True)
     ]
     return res
 
@@ -226,12 +254,16 @@ def read_texts(path: Path) -> list[str]:
         if isinstance(rec, dict) and isinstance(rec.get("text"), str):
             texts.append(rec["text"])
         elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            users = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            users = [
+                m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"
+            ]
             if not users:
                 raise DataError("No user message to classify.", file=str(path), line=n, field="messages")
             texts.append(str(users[-1] or ""))
         else:
-            raise DataError("Expected a 'text' string or chat 'messages'.", file=str(path), line=n, field="text")
+            raise DataError(
+                "Expected a 'text' string or chat 'messages'.", file=str(path), line=n, field="text"
+            )
     return texts
 
 
@@ -239,7 +271,9 @@ def read_texts(path: Path) -> list[str]:
 def classify_command(
     model: str | None = typer.Option(None, "--model", help="Base model (default: the adapter's base)."),
     adapter: str | None = typer.Option(None, "--adapter", help="Saved model dir of a classify run."),
-    input: Path = typer.Option(..., "--input", help="JSONL with 'text' (or chat) rows, or one text per line."),
+    input: Path = typer.Option(
+        ..., "--input", help="JSONL with 'text' (or chat) rows, or one text per line."
+    ),
     output: Path | None = typer.Option(None, "--output", help="Write JSONL here (default: stdout)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
@@ -311,10 +345,17 @@ def run_head_quickstart(
         console.rule(f"[bold]Classification head on {spec} ({method})")
         cfg = load_config(
             sets=[
-                f"model={spec}", f"data.train={train}", f"data.validation={valid}", "objective=classify",
-                f"method={method}", f"hyperparameters.n_epochs={n_epochs}",
-                f"hyperparameters.batch_size={batch_size}", f"hyperparameters.learning_rate={learning_rate or lr}",
-                "hyperparameters.max_length=128", f"seed={seed}", f"output={out / spec}",
+                f"model={spec}",
+                f"data.train={train}",
+                f"data.validation={valid}",
+                "objective=classify",
+                f"method={method}",
+                f"hyperparameters.n_epochs={n_epochs}",
+                f"hyperparameters.batch_size={batch_size}",
+                f"hyperparameters.learning_rate={learning_rate or lr}",
+                "hyperparameters.max_length=128",
+                f"seed={seed}",
+                f"output={out / spec}",
             ]
         )
         t = time.perf_counter()
@@ -324,9 +365,14 @@ def run_head_quickstart(
         res = evaluate_classifier(clf, tok, test, info["labels"])
         rows.append(
             {
-                "label": f"{spec} head ({method})", "accuracy": res["accuracy"], "macro_f1": res["macro_f1"],
-                "train_seconds": round(train_seconds, 1), "examples_per_second": res["examples_per_second"],
-                "log_loss": res["log_loss"], "ece": res["calibration"]["ece"], "model_dir": str(result.model_dir),
+                "label": f"{spec} head ({method})",
+                "accuracy": res["accuracy"],
+                "macro_f1": res["macro_f1"],
+                "train_seconds": round(train_seconds, 1),
+                "examples_per_second": res["examples_per_second"],
+                "log_loss": res["log_loss"],
+                "ece": res["calibration"]["ece"],
+                "model_dir": str(result.model_dir),
             }
         )
         del clf
@@ -338,7 +384,10 @@ def run_head_quickstart(
     for r in rows:
         eps = r.get("examples_per_second")
         table.add_row(
-            r["label"], f"{100 * r['accuracy']:.1f}%", f"{r['macro_f1']:.3f}", str(r.get("train_seconds", "-")),
+            r["label"],
+            f"{100 * r['accuracy']:.1f}%",
+            f"{r['macro_f1']:.3f}",
+            str(r.get("train_seconds", "-")),
             "-" if eps is None else f"{eps:.1f}",
         )
     console.print(table)
@@ -353,3 +402,36 @@ def _subset(path: Path, limit: int | None, out: Path) -> Path:
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def eval_classifier_command(
+    model: str | None,
+    adapter: str,
+    data: Path,
+    output: Path,
+    positive_class: str | None = None,
+    betas: list[float] | None = None,
+) -> dict[str, Any]:
+    """`tunery eval` on a classify model: writes eval.json and predictions.jsonl like the generative path."""
+    with console.status(f"Loading {adapter}…"):
+        clf, tok, info = load_classifier(model, adapter)
+    res = evaluate_classifier(
+        clf,
+        tok,
+        data,
+        info["labels"],
+        multi_label=bool(info.get("multi_label")),
+        threshold=info.get("threshold") or 0.5,
+        positive_class=positive_class,
+        betas=betas,
+    )
+    predictions = res.pop("predictions")
+    res.update({"model": model, "adapter": adapter, "data": str(data), "kind": "classification_head"})
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    with (output / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    console.print(render_classifier_eval(res, f"Evaluation of {adapter} on {data}"))
+    console.print(f"Wrote [bold]{output / 'eval.json'}[/]")
+    return res

@@ -59,6 +59,11 @@ def eval_command(
         raise TuneryError("Pass --model, --adapter, or both.")
     if shots and train is None:
         raise TuneryError("--shots needs --train (the file demonstrations are taken from).")
+    from tunery.evaluate.classify import eval_classifier_command, is_classifier
+
+    if is_classifier(adapter):  # a classification head: probabilities, not generated labels
+        eval_classifier_command(model, adapter, data, output, positive_class, beta or None)
+        return
     few = build_few_shot(load_conversations(train), shots, seed) if shots and train else None
     mdl, tok = _load(model, adapter)
     res = evaluate(

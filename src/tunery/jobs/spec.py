@@ -177,6 +177,11 @@ def build_config(job: Any, data_dir: str | Path, training_path: Path, validation
     raw["hyperparameters"] = hp
     for name, opts in (ext.get("options") or {}).items():
         raw[name] = opts
+    # Requests come from the network: reward code is never imported from a request, whatever it asks.
+    for name in ("grpo", "rlaif"):
+        if raw["objective"] == name or name in raw:
+            block = raw.get(name) if isinstance(raw.get(name), dict) else {}
+            raw[name] = {**block, "allow_custom_rewards": False}
     return _validate(raw)
 
 

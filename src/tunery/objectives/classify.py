@@ -38,7 +38,9 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     multi_label: bool = Field(False, description="Each text may have several labels (sigmoid per label).")
-    threshold: float = Field(0.5, gt=0, lt=1, description="Multi-label: probability above which a label is on.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Multi-label: probability above which a label is on."
+    )
     class_weights: list[float] | Literal["balanced"] | None = Field(
         None, description="Loss weight per label (in label order), or 'balanced' (N / (C * n_c))."
     )
@@ -236,7 +238,9 @@ def encode_text(text: str, tokenizer: Any, max_length: int, encoder: bool) -> di
 
 def encode(example: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
     # Labels stay strings: the tokenized cache does not key on the label order, the loss maps them.
-    feats = encode_text(example.text, tokenizer, config.hyperparameters.max_length, _is_encoder_spec(config.model))
+    feats = encode_text(
+        example.text, tokenizer, config.hyperparameters.max_length, _is_encoder_spec(config.model)
+    )
     feats["labels"] = list(example.labels)
     return feats
 

@@ -25,7 +25,7 @@ log = logging.getLogger("tunery.serve")
 def create_app(settings: Settings) -> FastAPI:
     from tunery.jobs.executor import LocalExecutor
     from tunery.jobs.store import Store
-    from tunery.serve import files, inference, jobs, models
+    from tunery.serve import classify, files, inference, jobs, models, ui
 
     store = Store(settings.data_dir, settings.database_url)
     if settings.api_key:
@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
             "running_jobs": len(executor._running) if executor is not None else 0,
         }
 
-    for module in (files, jobs, models, inference):
+    for module in (files, jobs, models, inference, classify, ui):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * (1 << 20))
     return app

@@ -1,0 +1,308 @@
+"""The web dashboard: `/` serves the single-page UI, `/ui/...` its static files, and `/v1/tunery/...`
+holds the few JSON endpoints the UI needs that OpenAI's API lacks (registries, a validation report
+with line numbers, a memory/time estimate, evaluation on the server's models, model export).
+
+The UI itself is plain ES modules under `tunery/ui/static` (no build step) and talks to the same API
+with the same keys as any other client.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse
+
+from tunery.jobs.store import new_id
+from tunery.serve.common import ApiError, Principal, principal
+from tunery.serve.jobs import _aliases, resolve_model_name
+
+STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"
+router = APIRouter()
+api = APIRouter(prefix="/v1/tunery", tags=["tunery dashboard"])
+
+# One-line explanations of OpenAI's hyperparameters for the New-job form (the Tunery ones come
+# from the config's field descriptions).
+OPENAI_HELP = {
+    "n_epochs": "Passes over the training data. auto: 3, more for tiny files, fewer for huge ones.",
+    "batch_size": "Examples per optimizer step. auto: 0.2% of the examples, between 1 and 256.",
+    "learning_rate_multiplier": "Scales the method's base learning rate. auto: 0.05-0.2 by batch size.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages and static files
+
+
+@router.get("/", include_in_schema=False)
+def dashboard() -> HTMLResponse:
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+
+@router.get("/ui/{path:path}", include_in_schema=False)
+def static_file(path: str) -> FileResponse:
+    target = (STATIC / path).resolve()
+    # Only files inside the static folder: `..` or absolute paths get the normal 404.
+    if not target.is_relative_to(STATIC) or not target.is_file():
+        raise ApiError(404, f"Unknown request URL: GET /ui/{path}.", code="unknown_url")
+    media = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}.get(target.suffix)
+    return FileResponse(target, media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries
+
+
+def _options(schema: Any) -> list[dict[str, Any]]:
+    """A pydantic options model as form fields: name, type, default, description, choices."""
+    out = []
+    props = schema.model_json_schema().get("properties", {})
+    for name, field in schema.model_fields.items():
+        prop = props.get(name, {})
+        kinds = [p.get("type") for p in prop.get("anyOf", [prop]) if p.get("type") not in (None, "null")]
+        default = field.get_default(call_default_factory=True)
+        if hasattr(default, "model_dump"):  # a nested options block (e.g. moe): its fields' defaults
+            default = default.model_dump(mode="json")
+        try:
+            json.dumps(default)
+        except TypeError:
+            default = str(default)
+        if not kinds and (prop.get("$ref") or prop.get("allOf")):
+            kinds = ["object"]
+        out.append(
+            {
+                "name": name,
+                "type": kinds[0] if kinds else "string",
+                "default": default,
+                "description": field.description or "",
+                "choices": prop.get("enum"),
+            }
+        )
+    return out
+
+
+@api.get("/registry", summary="Methods, objectives, hyperparameters and base models for the New-job form")
+def registry(who: Principal = Depends(principal)) -> dict[str, Any]:
+    from tunery.config import Hyperparameters
+    from tunery.methods import METHODS
+    from tunery.objectives import OBJECTIVES
+
+    methods = [
+        {
+            "name": name,
+            "description": m.description,
+            "scale": m.scale,
+            "can_merge": m.can_merge,
+            "options": _options(m.options),
+        }
+        for name, m in METHODS.items()
+    ]
+    objectives = [
+        {
+            "name": name,
+            "description": o.description,
+            "data_kind": o.data_kind,
+            "options": _options(o.options),
+        }
+        for name, o in OBJECTIVES.items()
+    ]
+    hp = []
+    for field in _options(Hyperparameters):
+        if field["name"] in OPENAI_HELP:
+            field.update(openai=True, description=OPENAI_HELP[field["name"]])
+        else:
+            field["openai"] = False
+        hp.append(field)
+    models = [{"id": name, "description": a.description} for name, a in _aliases().items()]
+    return {"methods": methods, "objectives": objectives, "hyperparameters": hp, "base_models": models}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation report
+
+
+def _report(path: Path, filename: str, method: str, min_examples: int, tokenizer: Any = None) -> dict:
+    from tunery.data import validate_file
+
+    report = validate_file(path, method=method, tokenizer=tokenizer, min_examples=min_examples).to_dict()
+    # The stored path means nothing to the user; they know the file by the name they uploaded.
+    text = json.dumps(report).replace(json.dumps(str(path))[1:-1], filename)
+    out = json.loads(text)
+    out["path"] = filename
+    return out
+
+
+def _method_arg(method: str) -> str:
+    from tunery.data.validate import kind_for_method
+
+    kind_for_method(method)  # a ConfigError naming the known ones when unknown
+    return method
+
+
+@api.post(
+    "/validate",
+    summary="Validate a data file before uploading it (the checks of `tunery data validate`)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def validate_upload(
+    request: Request,
+    filename: str = "upload.jsonl",
+    method: str = "sft",
+    min_examples: int = 10,
+    who: Principal = Depends(principal),
+) -> dict[str, Any]:
+    """The raw file is the request body; the report lists every problem with its line and field."""
+    method = _method_arg(method)
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload.jsonl"
+    tmp_dir = request.app.state.store.data_dir / "files" / ".tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    # Keep the suffix: the reader picks JSONL / CSV / Parquet by it.
+    tmp = tmp_dir / (new_id("validate-") + Path(name).suffix.lower())
+    try:
+        with open(tmp, "wb") as fh:
+            async for chunk in request.stream():
+                fh.write(chunk)
+        return await run_in_threadpool(_report, tmp, name, method, max(0, min_examples))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@api.get("/files/{file_id}/validate", summary="Validation report of an uploaded file")
+def validate_uploaded(
+    file_id: str,
+    request: Request,
+    method: str = "sft",
+    min_examples: int = 10,
+    who: Principal = Depends(principal),
+) -> dict[str, Any]:
+    store = request.app.state.store
+    row = store.get_file(who.id, file_id)
+    return _report(store.path(row.path), row.filename, _method_arg(method), max(0, min_examples))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and time estimate
+
+
+@api.post("/estimate", summary="Rough memory and time estimate of a fine-tuning job")
+def estimate(
+    request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
+) -> dict[str, Any]:
+    """Body: {model, method, objective?, training_file?, n_examples?, tokens_per_example?,
+    hyperparameters?: {n_epochs, batch_size, max_length, micro_batch_tokens}, options?: {...}}."""
+    from tunery.serve.ui_estimate import estimate_job
+
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "Missing required parameter: 'model'.", param="model")
+    base_spec, adapter = resolve_model_name(request, who, model)
+    data_path = None
+    if body.get("training_file"):
+        store = request.app.state.store
+        data_path = store.path(store.get_file(who.id, str(body["training_file"])).path)
+    return estimate_job(
+        base_spec,
+        method=str(body.get("method") or "lora"),
+        objective=str(body.get("objective") or "sft"),
+        data_path=data_path,
+        n_examples=body.get("n_examples"),
+        tokens_per_example=body.get("tokens_per_example"),
+        hyperparameters=body.get("hyperparameters") or {},
+        options=body.get("options") or {},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate / compare on the server's models
+
+
+def _run_eval(rows: list[tuple[str, str, str | None]], data: Path, max_new_tokens: int | None) -> dict:
+    from tunery.evaluate.run import compare
+    from tunery.methods import load_trained
+
+    loaded = []
+    for label, base, adapter in rows:
+        model, tok = load_trained(base, adapter)
+        loaded.append((label, model, tok, None))
+    result = compare(loaded, data, max_new_tokens=max_new_tokens, progress=False, batch_size=8)
+    for row in result["rows"]:
+        row.pop("predictions", None)  # one per example: the disagreements carry what the UI shows
+    return result
+
+
+@api.post("/evaluate", summary="Evaluate and compare models on an uploaded test file")
+async def evaluate_models(
+    request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
+) -> dict[str, Any]:
+    """Body: {file: file id (chat examples, the last assistant message is the reference),
+    models: [model names], max_new_tokens?}. Returns {rows: [{label, metrics...}], disagreements}."""
+    store = request.app.state.store
+    names = body.get("models")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ApiError(400, "models must be a non-empty list of model names.", param="models")
+    if len(names) > 4:
+        raise ApiError(400, "Compare at most 4 models at once.", param="models")
+    file_id = body.get("file")
+    if not isinstance(file_id, str) or not file_id:
+        raise ApiError(400, "Missing required parameter: 'file'.", param="file")
+    row = store.get_file(who.id, file_id)
+    max_new = body.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+        raise ApiError(400, "max_new_tokens must be a positive integer.", param="max_new_tokens")
+    rows = []
+    for name in dict.fromkeys(names):
+        base, rel = resolve_model_name(request, who, name)
+        rows.append((name, base, str(store.path(rel)) if rel else None))
+    return await run_in_threadpool(_run_eval, rows, store.path(row.path), max_new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+EXPORT_FORMATS = ("adapter", "hf", "gguf")
+
+
+@api.post(
+    "/export",
+    summary="Export a fine-tuned model (PEFT adapter, merged HF or GGUF) as a zip download",
+    response_class=FileResponse,
+)
+async def export_model(
+    request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
+) -> FileResponse:
+    from tunery.export import export
+
+    name, fmt = body.get("model"), body.get("format", "adapter")
+    if not isinstance(name, str) or not name.startswith("ft:"):
+        raise ApiError(400, "Only fine-tuned models (ft:...) can be exported.", param="model")
+    if fmt not in EXPORT_FORMATS:
+        raise ApiError(400, f"format must be one of {', '.join(EXPORT_FORMATS)}.", param="format")
+    store = request.app.state.store
+    base, rel = resolve_model_name(request, who, name)
+    work = Path(tempfile.mkdtemp(prefix="export-", dir=store.data_dir / "files" / ".tmp"))
+    slug = name.replace(":", "-").strip("-")
+    out = work / slug
+    await run_in_threadpool(export, base, str(store.path(rel)), fmt, out)
+    archive = await run_in_threadpool(shutil.make_archive, str(work / f"{slug}-{fmt}"), "zip", out)
+    from starlette.background import BackgroundTask
+
+    return FileResponse(
+        archive,
+        media_type="application/zip",
+        filename=Path(archive).name,
+        background=BackgroundTask(shutil.rmtree, work, True),
+    )
+
+
+router.include_router(api)

@@ -1,0 +1,207 @@
+"""Data and experiment workflows: stats/leakage, synth, trackers, sweep, recommend (tiny models)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from tunery.data.stats import data_stats, duplicates, leakage
+from tunery.data.synth import SynthSettings, _Filter, parse_pair, parse_score
+from tunery.data.types import Conversation
+from tunery.workflows_cli import register
+
+
+def _app() -> typer.Typer:
+    app, data_app = typer.Typer(), typer.Typer()
+
+    @data_app.callback()
+    def _group() -> None:
+        """data"""
+
+    register(app, data_app)
+    app.add_typer(data_app, name="data")
+    return app
+
+
+def _conv(user: str, reply: str, line: int = 0) -> Conversation:
+    return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": reply}], line=line)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _chat(user: str, reply: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+REVIEWS = [
+    "the acting was superb and the plot kept me guessing until the very end",
+    "a dull script with wooden performances and far too many scenes",
+    "beautiful photography but the story never finds its footing at all",
+    "i laughed from start to finish and would happily watch it again",
+    "the sound mix drowned out every line of dialogue in the theatre",
+    "a tender family drama carried by two remarkable lead performances",
+]
+LONG = REVIEWS[0] + " and " + REVIEWS[3]
+
+
+def test_duplicates_exact_and_near():
+    examples = [
+        _conv(REVIEWS[0], "positive", 1),
+        _conv(REVIEWS[1], "negative", 2),
+        _conv("  THE acting was superb and the plot kept me guessing until the very end ", "positive", 3),
+        _conv(REVIEWS[2], "negative", 4),
+        _conv(LONG, "positive", 5),
+        _conv(LONG + " truly", "positive", 6),  # one word added to a long review: near duplicate
+    ]
+    rep = duplicates(examples)
+    assert rep.exact_groups == [[1, 3]] and rep.n_exact == 1
+    near_lines = {(a, b) for a, b, _ in rep.near_pairs}
+    assert near_lines == {(5, 6)}
+    assert all(s >= 0.8 for *_, s in rep.near_pairs)
+
+
+def test_leakage_exact_near_and_clean():
+    train = [_conv(r, "x", i + 1) for i, r in enumerate(REVIEWS[:4])]
+    test = [
+        _conv(REVIEWS[1], "different answer", 1),  # same prompt: leakage even with another reply
+        _conv(REVIEWS[3].replace("again", "again soon"), "y", 2),
+        _conv(REVIEWS[4], "z", 3),
+    ]
+    rep = leakage(train, test)
+    assert rep.exact == [(1, 2)]
+    assert [(o, t) for o, t, _ in rep.near] == [(2, 4)]
+    assert rep.count == 2 and rep.fraction == pytest.approx(2 / 3)
+    assert "2 of 3 examples" in rep.message("test.jsonl")
+    assert leakage(train, [test[2]]).message() is None
+
+
+def test_data_stats_cli_writes_histogram_and_flags_leakage(tmp_path):
+    rows = [_chat(r, "positive" if i % 2 else "negative") for i, r in enumerate(REVIEWS)]
+    rows += [rows[0], rows[1]]  # 2 exact repeats
+    train = _write(tmp_path / "train.jsonl", rows)
+    test = _write(tmp_path / "test.jsonl", [rows[2], _chat("an unrelated question about trains", "negative")])
+    out = tmp_path / "stats"
+    res = CliRunner().invoke(_app(), ["data", "stats", str(train), "--test", str(test), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Leakage: 1 of 2 examples" in res.output and "2 exact repeats" in res.output
+    assert (out / "lengths.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Length histogram" in (out / "lengths.txt").read_text()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["labels"] == {"negative": 4, "positive": 4}
+    assert stats["examples"] == 8 and stats["test"]["leakage"]["exact"] == [[1, 3]]
+    assert sum(c for *_, c in stats["histogram"]) == 8
+
+
+def test_data_stats_counts_tokens_with_the_tokenizer(tmp_path, tiny_llama):
+    from tunery.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama))
+    train = _write(tmp_path / "t.jsonl", [_chat(r, "ok") for r in REVIEWS])
+    stats = data_stats(train, tokenizer=tok)
+    assert stats["length_unit"] == "tokens"
+    first = len(tok(f"user: {REVIEWS[0]}\nassistant: ok", add_special_tokens=False)["input_ids"])
+    assert stats["lengths"]["min"] <= first <= stats["lengths"]["max"]
+
+
+def test_synth_filters_parse_length_label_and_duplicates():
+    assert parse_pair('Sure! {"input": "2+2", "output": "4"} done') == {"input": "2+2", "output": "4"}
+    assert parse_pair("Input: hello there\nOutput: greeting") == {"input": "hello there", "output": "greeting"}
+    assert parse_pair("no structure at all") is None
+    assert parse_score("I'd give it 7/10.") == 7 and parse_score("none") is None
+    s = SynthSettings(task="sentiment", labels=["positive", "negative"], max_chars=200)
+    f = _Filter(s, [{"input": REVIEWS[0], "output": "positive"}])
+    assert f.reason({"input": REVIEWS[1], "output": "Negative."}) is None  # label canonicalised
+    assert f.reason({"input": REVIEWS[1], "output": "meh"}) == "invalid_label"
+    assert f.reason({"input": REVIEWS[0].upper(), "output": "positive"}) == "exact_duplicate"
+    assert f.reason({"input": REVIEWS[0] + " indeed", "output": "positive"}) == "near_duplicate"
+    assert f.reason({"input": "x" * 300, "output": "positive"}) == "too_long"
+    assert f.reason({"input": "", "output": "positive"}) == "too_short"
+
+
+def test_synth_with_local_tiny_teacher(tmp_path, tiny_llama):
+    from tunery.data import load_dataset
+    from tunery.data.synth import LocalTeacher, read_seeds, synthesize, write_jsonl
+
+    seeds = read_seeds(_write(tmp_path / "seeds.jsonl", [_chat(REVIEWS[0], "positive")]))
+    teacher = LocalTeacher(str(tiny_llama))
+    # Label mode: the teacher answers given inputs; a random model's replies are kept (no label set).
+    res = synthesize(teacher, SynthSettings(task="Rate the review.", n=3, max_tokens=6), seeds, REVIEWS[1:4])
+    assert res.stats["requested"] == 3
+    assert res.stats["kept"] + sum(v for k, v in res.stats.items() if k not in ("kept", "requested")) == 3
+    for row in res.rows:
+        assert row["provenance"]["teacher"] == {"type": "local", "model": str(tiny_llama), "adapter": None}
+        assert row["provenance"]["mode"] == "label" and row["provenance"]["seed_inputs"] == [REVIEWS[0]]
+    path = write_jsonl(res.rows, tmp_path / "out.jsonl")
+    if res.rows:
+        assert len(load_dataset(path, kind="chat")) == len(res.rows)  # trainable as written
+    # Generate mode: random text is not a JSON pair, so every candidate is rejected and accounted for.
+    gen = synthesize(teacher, SynthSettings(task="Rate.", n=2, max_tokens=8, max_requests=3), seeds)
+    assert gen.stats["requested"] == 3 and gen.stats.get("unparseable", 0) + gen.stats["kept"] == 3
+    assert all(r["reason"] for r in gen.rejected)
+
+
+def test_synth_cli_with_served_teacher(tmp_path, tiny_llama):
+    from tunery.serve.testing import running_server
+
+    seeds = _write(tmp_path / "seeds.jsonl", [_chat(REVIEWS[0], "positive"), _chat(REVIEWS[1], "negative")])
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(REVIEWS[2:5]) + "\n")
+    out = tmp_path / "synth.jsonl"
+    with running_server(tmp_path / "srv") as server:
+        args = ["data", "synth", "--seeds", str(seeds), "--inputs", str(inputs), "--output", str(out),
+                "--task", "Classify the sentiment.", "--teacher-url", server.base_url,
+                "--teacher-model", str(tiny_llama), "--api-key", server.api_key, "--max-tokens", "5",
+                "--temperature", "0", "--rejected", str(tmp_path / "rej.jsonl")]
+        res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    rejected = (tmp_path / "rej.jsonl").read_text().splitlines()
+    assert len(rows) + len(rejected) == 3 and f"of 3 candidates" in res.output
+    for row in rows:
+        assert row["provenance"]["teacher"]["type"] == "openai"
+        assert row["provenance"]["teacher"]["base_url"] == server.base_url
+        assert row["messages"][0]["content"] in REVIEWS[2:5]
+
+
+def test_tensorboard_tracker_logs_every_metric_and_config(tmp_path, tiny_llama):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunery.config import load_config
+    from tunery.testing import write_chat_jsonl
+    from tunery.train import run
+    from tunery.train.events import read_jsonl
+
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=8)
+    cfg = load_config(sets=[f"model={tiny_llama}", f"data.train={data}", f"output={tmp_path / 'run'}",
+                            "hyperparameters.n_epochs=2", "hyperparameters.batch_size=4",
+                            "hyperparameters.precision=fp32", "report_to=[tensorboard]"])
+    result = run(cfg)
+    rows = read_jsonl(result.output_dir / "metrics.jsonl")
+    acc = EventAccumulator(str(result.output_dir / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train_loss", "learning_rate", "train_mean_token_accuracy"} <= tags
+    logged = {e.step: e.value for e in acc.Scalars("train_loss")}
+    assert logged == pytest.approx({r["step"]: r["train_loss"] for r in rows})
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "n_epochs: 2" in config_text and "batch_size: 4" in config_text and str(tiny_llama) in config_text
+
+
+def test_missing_tracker_package_fails_the_run_cleanly(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tunery.config import load_config
+    from tunery.errors import ConfigError
+    from tunery.train import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlflow" else real(n, *a))
+    cfg = load_config(sets=[f"output={tmp_path / 'run'}", "data.train=x.jsonl", "report_to=[mlflow]"])
+    with pytest.raises(ConfigError, match="mlflow"):
+        run(cfg)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["error"]["param"] == "report_to"
