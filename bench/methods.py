@@ -96,7 +96,8 @@ def child(args: argparse.Namespace) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| method | trainable % | peak memory (MB) | tokens/s | test accuracy | loss first → last | minutes |",
+        "| method | trainable % | peak memory (MB) | tokens/s | test accuracy | loss first → last "
+        "| minutes |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:

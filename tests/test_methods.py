@@ -43,7 +43,14 @@ CASES: dict[str, tuple[dict, object]] = {
     "moe_lora": ({"experts": 3, "top_k": 2, "r": 4}, lambda n: ".tunery_moe_lora." in n),
 }
 MERGEABLE = {"full", "freeze", "lora", "qlora", "adalora", "ia3"}
-LR = {"full": 0.003, "freeze": 0.003, "prompt_tuning": 0.1, "prefix_tuning": 0.03, "p_tuning": 0.03}
+LR = {
+    "full": 0.003,
+    "freeze": 0.003,
+    "ia3": 0.05,
+    "prompt_tuning": 0.1,
+    "prefix_tuning": 0.03,
+    "p_tuning": 0.03,
+}
 
 
 def test_every_registered_method_is_in_the_matrix():

@@ -5,9 +5,11 @@ fine-tuned models side by side. Screenshots of every page go to docs/screenshots
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -197,6 +199,7 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     css(d, "#training-file").send_keys(str(bad))
     report = wait(d, lambda d: css(d, "#training-report").get_attribute("data-ok") == "false", 20, "report")
     assert report and "Line 11" in css(d, "#training-report").text
+    assert "null" not in css(d, "#training-report").text
     good = tmp_path / "train.jsonl"
     good.write_text(jsonl(chat_rows(10)))
     css(d, "#training-file").send_keys(str(good))
@@ -240,6 +243,16 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     marks["job-detail"] = round(time.time() - t0)
     fine_tuned = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", headers=AUTH).json()["fine_tuned_model"]
 
+    # The Download/Export buttons' endpoint: a zip of the exported adapter with its model card.
+    exported = httpx.post(
+        f"{base}/v1/tunery/export", json={"model": fine_tuned, "format": "adapter"}, headers=AUTH, timeout=120
+    )
+    assert exported.status_code == 200 and exported.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(exported.content)) as zf:
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(zf.namelist())
+    refused = httpx.post(f"{base}/v1/tunery/export", json={"model": model}, headers=AUTH)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"
+
     d.get(base + "/#/jobs")
     wait(d, lambda d: job_id in css(d, "main table").text and "100%" in css(d, "main table").text, 20, "row")
     assert "lora" in css(d, "main table").text and "sft" in css(d, "main table").text
@@ -270,12 +283,14 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     wait(d, lambda d: css(d, "#eval-file"), 20, "the evaluate page")
     css(d, "#eval-file").send_keys(str(test_file))
     css(d, "#eval-max-new").send_keys("3")
+    css(d, "#eval-extra").send_keys(model)  # the base, as a server-side directory
     for box in d.find_elements("css selector", "fieldset input[type=checkbox]"):
         if box.is_selected() != (box.get_attribute("value") == fine_tuned):
             box.click()
     css(d, "#run-eval").click()
     wait(d, lambda d: "exact match" in css(d, "#eval-results").text, 120, "the metrics table")
-    assert fine_tuned in css(d, "#eval-results").text
+    results = css(d, "#eval-results").text
+    assert fine_tuned in results and model in results and "Disagreements (" in results
     shot(d, "evaluate")
     marks["evaluate"] = round(time.time() - t0)
 

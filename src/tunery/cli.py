@@ -116,12 +116,23 @@ def quickstart(
     n_epochs: int = typer.Option(2, "--epochs", help="Training epochs."),
     max_train: int | None = typer.Option(None, "--max-train", help="Use only this many training examples."),
     max_test: int | None = typer.Option(None, "--max-test", help="Use only this many test examples."),
+    task: str = typer.Option("sentiment", "--task", help="The bundled task (sentiment)."),
+    head: bool = typer.Option(False, "--head", help="Also train classification heads (minilm-l6, smollm2-135m)."),
 ) -> None:
     """The main job, offline: evaluate smollm2-135m on sentiment, fine-tune LoRA, evaluate again."""
-    from tunery.quickstart import QuickstartSettings, run_quickstart
+    from tunery.errors import ConfigError
+    from tunery.quickstart import QuickstartSettings, generative_row, run_quickstart
 
-    run_quickstart(QuickstartSettings(output=output, shots=shots, n_epochs=n_epochs, max_train=max_train,
-                                      max_test=max_test), console)
+    if task != "sentiment":
+        raise ConfigError(f"Unknown quickstart task {task!r}.", hint="Available: sentiment")
+    settings = QuickstartSettings(output=output, shots=shots, n_epochs=n_epochs, max_train=max_train,
+                                  max_test=max_test)
+    summary = run_quickstart(settings, console)
+    if head:
+        from tunery.evaluate.classify import run_head_quickstart
+
+        run_head_quickstart(console, output=f"{output}/heads", generative=generative_row(summary),
+                            max_train=max_train, max_test=max_test)
 
 
 def _mount() -> None:

@@ -98,11 +98,21 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
                      compute_loss=False)
     rows.append(_row("LoRA fine-tuned", after, time.perf_counter() - t))
     summary = {"rows": rows, "train_seconds": round(train_seconds, 1),
+               "examples_per_second": after["generation"]["tokens_per_second"] and round(
+                   after["n"] / max(1e-9, after["generation"]["seconds"]), 2),
                "total_seconds": round(time.perf_counter() - t_start, 1), "adapter": str(result.model_dir),
                "n_test": after["n"], "examples": after["examples"]}
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     _print(console, summary, s)
     return summary
+
+
+def generative_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned generative row, in the shape the head quickstart prints beside its own."""
+    last = summary["rows"][-1]
+    return {"label": "smollm2-135m LoRA, generated label", "accuracy": last["accuracy"],
+            "macro_f1": last["macro_f1"], "train_seconds": summary["train_seconds"],
+            "examples_per_second": summary.get("examples_per_second")}
 
 
 def _print(console, summary: dict[str, Any], s: QuickstartSettings) -> None:

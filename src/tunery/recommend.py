@@ -14,7 +14,8 @@ assumptions (printed with every recommendation, measured error in docs/workflows
   vocab x supervised tokens of one micro-batch, fp32.
 - A micro-batch holds min(micro_batch_tokens, batch_size x mean length) tokens, at least the
   longest example.
-- Loading and saving hold one extra fp32 copy of the weights at the peak.
+- Loading and saving hold one extra fp32 copy of the weights at the peak; a run also allocates
+  a fixed ~32 MB (plotting, encoded data, tokenizer).
 - The runtime (Python, torch, transformers, peft) adds a fixed RUNTIME_BYTES, measured here.
 - Time: training costs 6 x params FLOPs per token (full), 4 x (LoRA: no weight gradients), plus
   the LM head; the machine sustains `efficiency` of its measured fp32 matmul throughput.
@@ -34,6 +35,8 @@ from tunery.errors import ConfigError
 
 GB = 1024**3
 RUNTIME_BYTES = 450 * 1024**2  # RSS of `import torch, transformers, peft, tunery.train` (measured)
+# Per-run allocations independent of the model size: matplotlib (loss.png), encoded data, tokenizer.
+FIXED_BYTES = 32 * 1024**2
 EFFICIENCY = 0.35  # sustained share of the matmul benchmark during training (packing, small layers)
 LORA_TARGETS = 7  # q, k, v, o, gate, up, down
 
@@ -180,6 +183,7 @@ def estimate(
     # Loading maps the safetensors file while the fp32 model is built, and saving serialises a copy:
     # one more fp32 copy of the weights at the peak (measured: the gap without it was ~4 x params).
     parts["load_save_copy"] = 4 * m.n_params
+    parts["fixed"] = FIXED_BYTES
     per_token = m.n_layers * (8 * m.hidden + 4 * m.intermediate + 2 * m.kv_dim) * act_bytes
     parts["activations"] = tokens * per_token
     parts["lm_head"] = 3 * 4 * m.vocab * max(1, sup_tokens)

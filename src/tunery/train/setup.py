@@ -230,7 +230,8 @@ def _reference(model: torch.nn.Module):
 
 
 def _classification_eval(config: TuneryConfig, tokenizer, val):
-    if not (config.compute_classification_metrics and val):
+    # A classify head reports its own validation metrics; generated-label metrics apply to LMs only.
+    if not (config.compute_classification_metrics and val) or config.objective == "classify":
         return None
 
     def run(model):

@@ -188,7 +188,8 @@ def check_installed(names: list[str]) -> None:
         if importlib.util.find_spec(_PACKAGES[name]) is None:
             raise ConfigError(
                 f"report_to: {name} needs the `{_PACKAGES[name]}` package, which is not installed.",
-                hint=f"pip install {_PACKAGES[name]}   (or pip install 'tunery[tracking]')",
+                hint=f"pip install {_PACKAGES[name]}"
+                + ("   (or pip install 'tunery[tracking]')" if name == "tensorboard" else ""),
                 param="report_to",
             )
 

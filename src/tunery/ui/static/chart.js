@@ -3,8 +3,9 @@
 export const COLORS = ["#2457c5", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a"];
 
 export class LineChart {
-  constructor(canvas, { xLabel = "step", yLabel = "" } = {}) {
+  constructor(canvas, { xLabel = "step", yLabel = "", yRange = null } = {}) {
     this.canvas = canvas;
+    this.yRange = yRange; // fixed [lo, hi] (accuracy) instead of the data's extent
     this.xLabel = xLabel; this.yLabel = yLabel;
     this.series = new Map(); // name -> [{x, y}]
     this.observer = new ResizeObserver(() => this.draw());
@@ -48,7 +49,7 @@ export class LineChart {
     if (!all.length) { g.fillText("Waiting for the first logged step…", 16, h / 2); return; }
     const pad = { l: 52, r: 12, t: 10, b: 30 };
     let [x0, x1] = extent(all.map((p) => p.x));
-    let [y0, y1] = extent(all.map((p) => p.y));
+    let [y0, y1] = this.yRange || extent(all.map((p) => p.y));
     if (x0 === x1) { x0 -= 1; x1 += 1; }
     if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
     const sx = (x) => pad.l + ((x - x0) / (x1 - x0)) * (w - pad.l - pad.r);

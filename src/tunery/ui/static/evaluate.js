@@ -22,6 +22,7 @@ export async function evaluatePage() {
   const fileInput = h("input", { id: "eval-file", type: "file", accept: ".jsonl,.json,.csv,.parquet", required: true });
   const picks = h("fieldset", { class: "checks" }, h("legend", {}, "Models to evaluate (up to 4)"),
     models.map((m, i) => h("label", {}, h("input", { type: "checkbox", value: m.id, checked: i === 0 }), ` ${m.id}`)));
+  const extra = h("input", { id: "eval-extra", type: "text", autocomplete: "off", placeholder: "e.g. /models/my-base" });
   const maxNew = h("input", { id: "eval-max-new", type: "number", min: 1, placeholder: "auto" });
   const run = h("button", { type: "submit", id: "run-eval" }, "Run evaluation");
   const results = h("div", { id: "eval-results", "aria-live": "polite" });
@@ -29,12 +30,14 @@ export async function evaluatePage() {
   const form = h("form", { class: "card" },
     h("div", { class: "grid" },
       field("Test file", fileInput, "Chat examples; the last assistant message of each is the reference."),
-      field("Max new tokens", maxNew, "auto: enough for the longest reference.")),
+      field("Max new tokens", maxNew, "auto: enough for the longest reference."),
+      field("Another model (optional)", extra, "Any model name the server knows, or a model directory on the server.")),
     picks, h("div", { class: "row", style: "margin-top:8px" }, run));
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     const chosen = [...picks.querySelectorAll("input:checked")].map((x) => x.value);
+    if (extra.value.trim()) chosen.unshift(extra.value.trim());
     if (!fileInput.files[0]) { showError(new Error("Choose a test file.")); fileInput.focus(); return; }
     if (!chosen.length) { showError(new Error("Pick at least one model.")); return; }
     run.disabled = true;

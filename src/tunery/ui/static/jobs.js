@@ -69,7 +69,7 @@ export async function jobPage(id) {
   const lossCanvas = h("canvas", { class: "chart", id: "loss-chart", role: "img" });
   const accCanvas = h("canvas", { class: "chart", id: "accuracy-chart", role: "img" });
   const lossChart = new LineChart(lossCanvas, { yLabel: "loss" });
-  const accChart = new LineChart(accCanvas, { yLabel: "token accuracy" });
+  const accChart = new LineChart(accCanvas, { yLabel: "token accuracy", yRange: [0, 1] });
   const lossLegend = h("div", { class: "legend" });
   const accLegend = h("div", { class: "legend" });
   const log = h("div", { class: "log", id: "event-log", tabindex: "0", "aria-label": "Event log" });
@@ -111,12 +111,13 @@ export async function jobPage(id) {
         catch (err) { showError(err); }
       },
     }, label);
-    actions.replaceChildren(
+    actions.replaceChildren(...[
       act("Pause", "pause", ["queued", "running"].includes(job.status), "secondary"),
       act("Resume", "resume", job.status === "paused", "secondary"),
       act("Cancel", "cancel", [...ACTIVE, "paused"].includes(job.status), "danger"),
       job.fine_tuned_model ? h("a", { href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}` },
-        "Chat with it") : null);
+        "Chat with it") : null,
+    ].filter(Boolean));
     renderDownloads();
   }
 

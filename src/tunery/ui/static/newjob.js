@@ -51,11 +51,12 @@ function renderReport(box, report) {
     : h("p", { class: "bad" }, `✗ ${report.path}: ${report.n_errors} problem(s) in ${report.n} examples (format ${report.format}).`);
   const issue = (i, cls) => h("li", { class: cls },
     i.line ? `Line ${i.line}` : "File", i.field ? ` (${i.field})` : "", `: ${i.message}`);
-  box.replaceChildren(head,
+  box.replaceChildren(...[head,
     report.errors.length ? h("ul", { class: "report", "aria-label": "Errors" }, report.errors.map((i) => issue(i, "bad"))) : null,
     report.n_errors > report.errors.length ? h("p", { class: "help" }, `…and ${report.n_errors - report.errors.length} more.`) : null,
     report.warnings.length ? h("ul", { class: "report", "aria-label": "Warnings" }, report.warnings.map((i) => issue(i, "warn"))) : null,
-    stats.valid_examples !== undefined ? h("p", { class: "help" }, `${stats.valid_examples} usable examples.`) : null);
+    stats.valid_examples !== undefined ? h("p", { class: "help" }, `${stats.valid_examples} usable examples.`) : null,
+  ].filter(Boolean));
   box.dataset.ok = String(report.ok);
 }
 
