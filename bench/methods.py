@@ -78,6 +78,11 @@ def child(args: argparse.Namespace) -> dict:
     train_peak = peak_rss_mb()
 
     model, tokenizer = load_trained(args.model, str(result.model_dir))
+    # Peak RSS includes the interpreter, the libraries and load-time transients (a 4-bit base is
+    # quantized from full-precision tensors while loading); the loaded model's own bytes are the
+    # steady-state difference between methods such as lora and qlora.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    footprint = base.get_memory_footprint() / 2**20
     test = load_dataset(ROOT / "datasets/sentiment/test.jsonl", kind="chat").examples[: args.test]
     scores = classification_eval(model, tokenizer, test, batch_size=8, max_new_tokens=4)
     return {
@@ -86,6 +91,7 @@ def child(args: argparse.Namespace) -> dict:
         "total_parameters": counts["total_parameters"],
         "trainable_percent": 100 * counts["trainable_parameters"] / counts["total_parameters"],
         "peak_memory_mb": train_peak,
+        "model_memory_mb": footprint,
         "tokens_per_second": sum(rates) / len(rates),
         "test_accuracy": scores.get("valid_accuracy", scores["valid_exact_match"]),
         "train_loss_first": metrics[0]["train_loss"],

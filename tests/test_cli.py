@@ -28,7 +28,9 @@ def test_every_example_config_loads(path):
 def test_precedence_yaml_then_set_then_flags(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"model": "a", "seed": 1, "hyperparameters": {"n_epochs": 2}}))
-    cfg = load_config(cfg_file, ["seed=3", "hyperparameters.n_epochs=1", "objective=dpo", "model=b"], {"model": "c"})
+    cfg = load_config(
+        cfg_file, ["seed=3", "hyperparameters.n_epochs=1", "objective=dpo", "model=b"], {"model": "c"}
+    )
     assert (cfg.model, cfg.seed, cfg.hyperparameters.n_epochs, cfg.objective) == ("c", 3, 1, "dpo")
 
 
@@ -52,8 +54,9 @@ def test_train_refuses_bad_data_before_loading_a_model(tmp_path):
     bad = tmp_path / "bad.jsonl"
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     bad.write_text((json.dumps(row) + "\n") * 3)
-    result = runner.invoke(app, ["train", "--model", "does-not-exist", "--data", str(bad),
-                                 "--output", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["train", "--model", "does-not-exist", "--data", str(bad), "--output", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2
     assert "must have at least 10 examples" in " ".join(result.output.split())
     assert "Traceback" not in result.output
@@ -65,8 +68,9 @@ def test_unknown_model_lists_aliases(tmp_path):
     from tunery.testing import write_chat_jsonl
 
     data = write_chat_jsonl(tmp_path / "t.jsonl", 12)
-    result = runner.invoke(app, ["train", "--model", "no-such-model-xyz", "--data", str(data),
-                                 "--output", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["train", "--model", "no-such-model-xyz", "--data", str(data), "--output", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2
     assert "smollm2-135m" in result.output and "Traceback" not in result.output
 
@@ -75,8 +79,12 @@ def test_unknown_model_lists_aliases(tmp_path):
 def test_train_never_tracebacks_on_garbage(tmp_path, content):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
-    proc = subprocess.run([sys.executable, "-m", "tunery.cli", "train", "--data", str(bad), "--output",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery.cli", "train", "--data", str(bad), "--output", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "bad.jsonl" in proc.stderr

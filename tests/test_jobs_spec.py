@@ -112,7 +112,11 @@ def test_model_names():
 @pytest.mark.parametrize("objective", ["grpo", "rlaif"])
 def test_server_never_allows_custom_reward_code(objective):
     rewards = [{"name": "contains", "word": "blue"}]
-    body = {"tunery": {"objective": objective,
-                       objective: {"allow_custom_rewards": True, "reward_functions": rewards}}}
+    body = {
+        "tunery": {
+            "objective": objective,
+            objective: {"allow_custom_rewards": True, "reward_functions": rewards},
+        }
+    }
     _, cfg = _config(body)
     assert cfg.objective_options.allow_custom_rewards is False

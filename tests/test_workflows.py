@@ -252,7 +252,7 @@ def test_sweep_data_scaling_and_grid(tmp_path, tiny_llama):
         "model": str(tiny_llama),
         "data": {"train": str(train)},
         "method": "lora",
-        "hyperparameters": {"n_epochs": 1, "batch_size": 5, "precision": "fp32"},
+        "hyperparameters": {"n_epochs": 1, "batch_size": 5, "max_steps": 1, "precision": "fp32"},
     }
     spec_path = tmp_path / "sweep.yaml"
     spec_path.write_text(
@@ -264,6 +264,7 @@ def test_sweep_data_scaling_and_grid(tmp_path, tiny_llama):
                 "output": str(tmp_path / "sw"),
                 "data_fractions": [0.5, 1.0],
                 "grid": {"hyperparameters.learning_rate": [0.001, 0.01]},
+                "max_eval": 2,
             }
         )
     )
@@ -309,14 +310,20 @@ def test_recommend_choices_and_memory_parsing(tmp_path, tiny_llama):
 
 
 MEASURE = """
-import json, resource, sys
+import json, re, sys
 import torch, transformers, peft, accelerate  # the runtime the estimate counts separately
 import tunery.train.setup
 from tunery.config import load_config
 from tunery.train import run
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def rss(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+# Reset the peak (VmHWM) after the imports: an import-time spike must not hide the training peak.
+open("/proc/self/clear_refs", "w").write("5")
+base = rss("VmRSS")
 run(load_config(sets=json.loads(sys.argv[1])))
-print(json.dumps({"baseline": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"baseline": base, "peak": rss("VmHWM")}))
 """
 
 

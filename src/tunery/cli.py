@@ -117,7 +117,9 @@ def quickstart(
     max_train: int | None = typer.Option(None, "--max-train", help="Use only this many training examples."),
     max_test: int | None = typer.Option(None, "--max-test", help="Use only this many test examples."),
     task: str = typer.Option("sentiment", "--task", help="The bundled task (sentiment)."),
-    head: bool = typer.Option(False, "--head", help="Also train classification heads (minilm-l6, smollm2-135m)."),
+    head: bool = typer.Option(
+        False, "--head", help="Also train classification heads (minilm-l6, smollm2-135m)."
+    ),
 ) -> None:
     """The main job, offline: evaluate smollm2-135m on sentiment, fine-tune LoRA, evaluate again."""
     from tunery.errors import ConfigError
@@ -125,18 +127,25 @@ def quickstart(
 
     if task != "sentiment":
         raise ConfigError(f"Unknown quickstart task {task!r}.", hint="Available: sentiment")
-    settings = QuickstartSettings(output=output, shots=shots, n_epochs=n_epochs, max_train=max_train,
-                                  max_test=max_test)
+    settings = QuickstartSettings(
+        output=output, shots=shots, n_epochs=n_epochs, max_train=max_train, max_test=max_test
+    )
     summary = run_quickstart(settings, console)
     if head:
         from tunery.evaluate.classify import run_head_quickstart
 
-        run_head_quickstart(console, output=f"{output}/heads", generative=generative_row(summary),
-                            max_train=max_train, max_test=max_test)
+        run_head_quickstart(
+            console,
+            output=f"{output}/heads",
+            generative=generative_row(summary),
+            max_train=max_train,
+            max_test=max_test,
+        )
 
 
 def _mount() -> None:
     """Sub-commands that live with their packages (their modules import nothing heavy)."""
+    from tunery import workflows_cli
     from tunery.data.cli import data_app
     from tunery.evaluate import cli as evaluate_cli
     from tunery.export import cli as export_cli
@@ -144,6 +153,10 @@ def _mount() -> None:
     from tunery.serve.cli import jobs_app, keys_app, serve_command
 
     evaluate_cli.register(app)
+    workflows_cli.register(app, data_app)
+    from tunery.evaluate import classify as classify_eval
+
+    classify_eval.register(app)
     objectives_cli.register(app)
     objectives_cli.register_data(data_app)
     export_cli.register(app)

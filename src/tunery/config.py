@@ -100,9 +100,11 @@ class TuneryConfig(BaseModel):
                 try:
                     self.model_extra[key] = schema.model_validate(value)
                 except ValidationError as exc:  # name the block: `lora.r`, not just `r`
-                    raise ValueError("; ".join(
-                        f"{key}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
-                    )) from None
+                    raise ValueError(
+                        "; ".join(
+                            f"{key}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+                        )
+                    ) from None
         return self
 
     def options(self, name: str) -> BaseModel:

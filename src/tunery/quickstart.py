@@ -38,8 +38,13 @@ def _subset(path: Path, limit: int | None, out: Path) -> Path:
 
 
 def _row(label: str, res: dict[str, Any], seconds: float) -> dict[str, Any]:
-    return {"label": label, "accuracy": res.get("accuracy"), "macro_f1": res.get("macro_f1"),
-            "invalid": res.get("invalid"), "seconds": round(seconds, 1)}
+    return {
+        "label": label,
+        "accuracy": res.get("accuracy"),
+        "macro_f1": res.get("macro_f1"),
+        "invalid": res.get("invalid"),
+        "seconds": round(seconds, 1),
+    }
 
 
 def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
@@ -66,24 +71,42 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     rows = []
     console.rule("[bold]2/4 Evaluate the base model: zero-shot and few-shot")
     t = time.perf_counter()
-    zero = evaluate(base, tok, test, labels=LABELS, batch_size=16, description="zero-shot", n_shown=0,
-                    compute_loss=False)
+    zero = evaluate(
+        base, tok, test, labels=LABELS, batch_size=16, description="zero-shot", n_shown=0, compute_loss=False
+    )
     rows.append(_row(f"{s.model} zero-shot", zero, time.perf_counter() - t))
     t = time.perf_counter()
     shots = build_few_shot(load_conversations(train), s.shots, s.seed)
-    few = evaluate(base, tok, test, labels=LABELS, batch_size=16, few_shot=shots,
-                   description=f"{s.shots}-shot", n_shown=0, compute_loss=False)
+    few = evaluate(
+        base,
+        tok,
+        test,
+        labels=LABELS,
+        batch_size=16,
+        few_shot=shots,
+        description=f"{s.shots}-shot",
+        n_shown=0,
+        compute_loss=False,
+    )
     rows.append(_row(f"{s.model} {s.shots}-shot", few, time.perf_counter() - t))
     del base
 
     console.rule("[bold]3/4 Fine-tune with LoRA")
     t = time.perf_counter()
-    cfg = load_config(sets=[
-        f"model={s.model}", f"data.train={train}", f"data.validation={valid}", "method=lora",
-        f"hyperparameters.n_epochs={s.n_epochs}", f"hyperparameters.batch_size={s.batch_size}",
-        f"hyperparameters.learning_rate={s.learning_rate}", "hyperparameters.max_length=256",
-        f"seed={s.seed}", f"output={out / 'run'}",
-    ])
+    cfg = load_config(
+        sets=[
+            f"model={s.model}",
+            f"data.train={train}",
+            f"data.validation={valid}",
+            "method=lora",
+            f"hyperparameters.n_epochs={s.n_epochs}",
+            f"hyperparameters.batch_size={s.batch_size}",
+            f"hyperparameters.learning_rate={s.learning_rate}",
+            "hyperparameters.max_length=256",
+            f"seed={s.seed}",
+            f"output={out / 'run'}",
+        ]
+    )
     printer = ProgressPrinter(console)
     try:
         result = run(cfg, subscribers=[printer])
@@ -94,14 +117,27 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     console.rule("[bold]4/4 Evaluate the fine-tuned model")
     tuned, tok = load_trained(s.model, str(result.model_dir), dtype=torch.float32)
     t = time.perf_counter()
-    after = evaluate(tuned, tok, test, labels=LABELS, batch_size=16, description="fine-tuned", n_shown=5,
-                     compute_loss=False)
+    after = evaluate(
+        tuned,
+        tok,
+        test,
+        labels=LABELS,
+        batch_size=16,
+        description="fine-tuned",
+        n_shown=5,
+        compute_loss=False,
+    )
     rows.append(_row("LoRA fine-tuned", after, time.perf_counter() - t))
-    summary = {"rows": rows, "train_seconds": round(train_seconds, 1),
-               "examples_per_second": after["generation"]["tokens_per_second"] and round(
-                   after["n"] / max(1e-9, after["generation"]["seconds"]), 2),
-               "total_seconds": round(time.perf_counter() - t_start, 1), "adapter": str(result.model_dir),
-               "n_test": after["n"], "examples": after["examples"]}
+    summary = {
+        "rows": rows,
+        "train_seconds": round(train_seconds, 1),
+        "examples_per_second": after["generation"]["tokens_per_second"]
+        and round(after["n"] / max(1e-9, after["generation"]["seconds"]), 2),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "adapter": str(result.model_dir),
+        "n_test": after["n"],
+        "examples": after["examples"],
+    }
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     _print(console, summary, s)
     return summary
@@ -110,9 +146,13 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
 def generative_row(summary: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuned generative row, in the shape the head quickstart prints beside its own."""
     last = summary["rows"][-1]
-    return {"label": "smollm2-135m LoRA, generated label", "accuracy": last["accuracy"],
-            "macro_f1": last["macro_f1"], "train_seconds": summary["train_seconds"],
-            "examples_per_second": summary.get("examples_per_second")}
+    return {
+        "label": "smollm2-135m LoRA, generated label",
+        "accuracy": last["accuracy"],
+        "macro_f1": last["macro_f1"],
+        "train_seconds": summary["train_seconds"],
+        "examples_per_second": summary.get("examples_per_second"),
+    }
 
 
 def _print(console, summary: dict[str, Any], s: QuickstartSettings) -> None:
@@ -128,11 +168,17 @@ def _print(console, summary: dict[str, Any], s: QuickstartSettings) -> None:
         table.add_row(r["label"], acc, f1, str(invalid), str(r["seconds"]))
     console.print(table)
     for ex in summary["examples"][:3]:
-        console.print(f"[dim]{ex['prompt'][:90]}[/] -> [bold]{ex['prediction']}[/] (reference {ex['reference']})")
+        console.print(
+            f"[dim]{ex['prompt'][:90]}[/] -> [bold]{ex['prediction']}[/] (reference {ex['reference']})"
+        )
     console.print(f"Training took {summary['train_seconds']}s; everything {summary['total_seconds']}s.")
     adapter = summary["adapter"]
     console.print(f"\nAdapter saved to [bold]{adapter}[/]")
     console.print(f"Chat with it:   tunery chat --model {s.model} --adapter {adapter}")
-    console.print("Serve it:       tunery serve  (then use the OpenAI SDK with base_url=http://127.0.0.1:8000/v1)")
-    console.print(f"Evaluate again: tunery eval --model {s.model} --adapter {adapter} "
-                  "--data datasets/sentiment/test.jsonl")
+    console.print(
+        "Serve it:       tunery serve  (then use the OpenAI SDK with base_url=http://127.0.0.1:8000/v1)"
+    )
+    console.print(
+        f"Evaluate again: tunery eval --model {s.model} --adapter {adapter} "
+        "--data datasets/sentiment/test.jsonl"
+    )

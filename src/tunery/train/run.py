@@ -132,6 +132,10 @@ def _run(config: TuneryConfig, out: Path, events: EventLog) -> RunResult:
         f"Files validated: {len(examples)} training examples"
         + (f", {len(val)} validation examples" if val else "")
     )
+    if val is not None:  # a validation set that overlaps training measures memorisation, not skill
+        from tunery.data.stats import warn_leakage
+
+        warn_leakage(examples, val.examples, events.emit, config.data.validation)
 
     from tunery.train import setup
 
