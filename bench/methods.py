@@ -35,7 +35,7 @@ DEFAULT_METHODS = [
     "prompt_tuning",
     "prefix_tuning",
     "p_tuning",
-    "bottleneck",
+    "adapter",
     "unipelt",
     "moe_lora",
 ]

@@ -70,7 +70,7 @@ def test_tunery_extensions_any_registered_method_and_objective():
 
 def test_continue_from_ft_model_and_resume():
     _, cfg = _config({}, ext={"adapter": "jobs/ftjob-0/model"}, resume=True)
-    assert cfg.adapter == "/data/jobs/ftjob-0/model" and cfg.resume is True
+    assert cfg.init_from == "/data/jobs/ftjob-0/model" and cfg.resume is True
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ CASES: dict[str, tuple[dict, object]] = {
     "prompt_tuning": ({"num_virtual_tokens": 4}, lambda n: "prompt_encoder" in n),
     "prefix_tuning": ({"num_virtual_tokens": 4}, lambda n: "prompt_encoder" in n),
     "p_tuning": ({"num_virtual_tokens": 4, "encoder": "lstm"}, lambda n: "prompt_encoder" in n),
-    "bottleneck": ({"style": "houlsby", "reduction_factor": 8}, lambda n: ".tunery_adapter." in n),
+    "adapter": ({"style": "houlsby", "reduction_factor": 8}, lambda n: ".tunery_adapter." in n),
     "unipelt": ({"prefix_tokens": 3}, lambda n: ".tunery_unipelt." in n),
     "moe_lora": ({"experts": 3, "top_k": 2, "r": 4}, lambda n: ".tunery_moe_lora." in n),
 }
@@ -202,10 +202,10 @@ def test_full_is_not_switchable(tiny_llama, tmp_path):
         AdapterSet.load(str(tiny_llama), {"a": saved})
 
 
-@pytest.mark.parametrize("name", ["freeze", "bottleneck", "unipelt", "moe_lora", "ia3"])
+@pytest.mark.parametrize("name", ["freeze", "adapter", "unipelt", "moe_lora", "ia3"])
 def test_continue_training_a_saved_model(name, tiny_llama, train_file, tmp_path):
     first = run(_config(tiny_llama, name, tmp_path / "first", train_file))
-    second = run(_config(tiny_llama, name, tmp_path / "second", train_file, adapter=str(first.model_dir)))
+    second = run(_config(tiny_llama, name, tmp_path / "second", train_file, init_from=str(first.model_dir)))
     losses_first = [r["train_loss"] for r in read_jsonl(first.output_dir / "metrics.jsonl")]
     losses_second = [r["train_loss"] for r in read_jsonl(second.output_dir / "metrics.jsonl")]
     # the second run starts where the first ended, not from the base model

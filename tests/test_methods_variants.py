@@ -195,7 +195,7 @@ def test_moe_base_routers_frozen_or_trained(train_router, tiny_mixtral, train_fi
         after = trained.get_base_model().model.layers[0].mlp.gate(x)[0]
     assert torch.allclose(before, after) != train_router
     # continue training the adapter (sequential fine-tuning) on the MoE base
-    again = run(config(tiny_mixtral, "lora", tmp_path / "again", train_file, adapter=str(result.model_dir)))
+    again = run(config(tiny_mixtral, "lora", tmp_path / "again", train_file, init_from=str(result.model_dir)))
     assert again.status == "succeeded"
 
 

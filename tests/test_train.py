@@ -157,3 +157,43 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
     last = list_checkpoints(out / "checkpoints")[-1]
     assert json.loads((last / "meta.json").read_text())["step"] == len(losses(out))
     assert (last / "model" / "adapter_config.json").exists()
+
+
+def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path, tiny_llama):
+    """A kill mid-save leaves only a .tmp-* directory: resume must use the last complete checkpoint."""
+    cfg = _config(tmp_path, tiny_llama, **{"hyperparameters.n_epochs": 2, "hyperparameters.batch_size": 10,
+                                           "hyperparameters.save_steps": 1})
+    first = run(cfg)
+    ckpts = first.output_dir / "checkpoints"
+    from tunery.train.checkpoint import list_checkpoints, load_state
+
+    complete = list_checkpoints(ckpts)
+    assert complete, "no checkpoint was written"
+    torn = ckpts / ".tmp-step-000099-12345"
+    (torn / "model").mkdir(parents=True)
+    (torn / "trainable.safetensors").write_bytes(b"\x00" * 10)  # what a kill mid-write leaves
+    assert list_checkpoints(ckpts) == complete
+    for path in complete:  # every listed checkpoint is whole and loads
+        assert load_state(path, "state")["optimizer"]["state"]
+    cfg.resume = True
+    again = run(cfg)
+    assert again.status == "succeeded"
+    assert not torn.exists(), "stale half-written checkpoints are cleaned on the next save"
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_then_chat(tmp_path):
+    """A few LoRA steps on the real embedded model, then a chat turn through the generation path."""
+    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
+    from tunery.methods import load_trained
+
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=12)
+    cfg = load_config(sets=[f"data.train={data}", f"output={tmp_path / 'run'}", "model=smollm2-135m",
+                            "hyperparameters.max_steps=3", "hyperparameters.batch_size=4",
+                            "hyperparameters.learning_rate=0.001", "hyperparameters.max_length=64"])
+    result = run(cfg)
+    assert result.status == "succeeded" and len(losses(result.output_dir)) == 3
+    model, tok = load_trained("smollm2-135m", str(result.model_dir))
+    prompt = chat_prompt(tok, [{"role": "user", "content": "What colour is item 2?"}])
+    reply = generate_batch(model, tok, [prompt], GenerationParams(max_new_tokens=8))[0]
+    assert reply.completion_tokens > 0 and reply.text.strip()

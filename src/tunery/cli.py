@@ -44,7 +44,7 @@ def train(
     method: str | None = typer.Option(None, "--method", help="Tuning method (see `tunery methods`)."),
     objective: str | None = typer.Option(None, "--objective", help="Objective (default sft)."),
     output: str | None = typer.Option(None, "--output", help="Run directory."),
-    adapter: str | None = typer.Option(None, "--adapter", help="Continue training this saved model/adapter."),
+    init_from: str | None = typer.Option(None, "--init-from", help="Continue training this saved model/adapter."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
 ) -> None:
     """Fine-tune a model: validate data, train, checkpoint, save the model or adapter."""
@@ -61,7 +61,7 @@ def train(
             "method": method,
             "objective": objective,
             "output": output,
-            "adapter": adapter,
+            "init_from": init_from,
         },
     )
     if resume:

@@ -171,7 +171,7 @@ def build_config(job: Any, data_dir: str | Path, training_path: Path, validation
         "resume": bool(job.resume),
     }
     if ext.get("adapter"):
-        raw["adapter"] = str(data_dir / ext["adapter"])
+        raw["init_from"] = str(data_dir / ext["adapter"])
     hp = {k: v for k, v in (job.hyperparameters or {}).items() if k in OPENAI_HPARAMS}
     hp.update(ext.get("hyperparameters") or {})
     raw["hyperparameters"] = hp

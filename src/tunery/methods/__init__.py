@@ -26,7 +26,7 @@ def _load_builtin() -> None:
         prompt_tuning,
         prefix_tuning,
         p_tuning,
-        bottleneck,
+        adapter,
         unipelt,
         moe_lora,
     )

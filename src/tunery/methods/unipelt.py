@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunery.errors import ConfigError
 from tunery.methods import native, register
 from tunery.methods.base import Method
-from tunery.methods.bottleneck import (
+from tunery.methods.adapter import (
     ATTENTION_NAMES,
     MLP_NAMES,
     Bottleneck,

@@ -65,10 +65,10 @@ def label_set(config: Any) -> list[str]:
     """The labels in head order: `classify.labels`, else the sorted labels of the training files;
     with continued training (`adapter`), the adapter's own labels (its head is reused)."""
     opts: ClassifyOptions = config.objective_options
-    if config.adapter:
+    if config.init_from:
         from tunery.methods import read_info
 
-        saved = read_info(config.adapter).get("labels")
+        saved = read_info(config.init_from).get("labels")
         if saved:
             return list(saved)
     seen: list[str] = []

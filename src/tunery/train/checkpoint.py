@@ -143,9 +143,14 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def rotate(ckpt_root: Path, keep: int) -> None:
-    for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):  # left by a kill mid-save
+def clean_stale(ckpt_root: Path) -> None:
+    """Remove half-written checkpoints a kill mid-save left behind."""
+    for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def rotate(ckpt_root: Path, keep: int) -> None:
+    clean_stale(ckpt_root)
     ckpts = list_checkpoints(ckpt_root)
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         shutil.rmtree(old, ignore_errors=True)

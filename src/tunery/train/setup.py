@@ -37,10 +37,10 @@ def build_model(config: TuneryConfig, method: Method, method_opts: Any, objectiv
         method_opts = objective.method_options(method.name, method_opts)
     if objective.head_modules is not None:  # a new head trains in full under any method
         method_opts = _train_in_full(method_opts, objective.head_modules(model))
-    if config.adapter:  # sequential fine-tuning: continue an existing adapter or model
+    if config.init_from:  # sequential fine-tuning: continue an existing adapter or model
         from tunery.methods import continue_training
 
-        model = continue_training(model, config.adapter, method)
+        model = continue_training(model, config.init_from, method)
     else:
         model = method.apply(model, method_opts)
     return model, tokenizer
@@ -204,6 +204,7 @@ def train(
 
 
 def resume(loop: LoopSetup, events: EventLog) -> LoopState:
+    ckpt.clean_stale(loop.run_dir / "checkpoints")
     found = ckpt.list_checkpoints(loop.run_dir / "checkpoints")
     state = LoopState()
     if not found:

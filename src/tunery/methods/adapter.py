@@ -1,11 +1,11 @@
-"""`bottleneck`: bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2020), implemented here.
+"""`adapter`: bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2020), implemented here.
 
 Each adapter is down-projection -> nonlinearity -> up-projection with a residual around it, applied
 to a sublayer's output: Houlsby places one after attention and one after the MLP, Pfeiffer only
 after the MLP. The up-projection starts at zero, so training starts from the base model exactly.
 
-The method is named `bottleneck` because `adapter:` is already the config key for continuing
-training from a saved adapter, and a method's options live under its name.
+Options sit under `adapter:` beside `method: adapter`; continuing training from a saved model uses
+the separate `init_from:` key.
 
 The adapter is attached as a child module of the sublayer (`<layer>.mlp.tunery_adapter`) and runs
 from a forward hook on that sublayer. The model's own structure and forward stay unchanged, so
@@ -105,7 +105,7 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
 
 
 def save(model: torch.nn.Module, out: Path) -> None:
-    native.save_named(model, out, adapter_names(model), model.tunery_adapter_options, "bottleneck")
+    native.save_named(model, out, adapter_names(model), model.tunery_adapter_options, "adapter")
 
 
 def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
@@ -114,7 +114,7 @@ def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn
 
 register(
     Method(
-        name="bottleneck",
+        name="adapter",
         description="Bottleneck adapters after attention+MLP (Houlsby) or after the MLP (Pfeiffer).",
         options=AdapterOptions,
         apply=apply,
