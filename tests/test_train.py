@@ -161,8 +161,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
 
 def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path, tiny_llama):
     """A kill mid-save leaves only a .tmp-* directory: resume must use the last complete checkpoint."""
-    cfg = _config(tmp_path, tiny_llama, **{"hyperparameters.n_epochs": 2, "hyperparameters.batch_size": 10,
-                                           "hyperparameters.save_steps": 1})
+    cfg = _config(
+        tmp_path,
+        tiny_llama,
+        **{"hyperparameters.n_epochs": 2, "hyperparameters.batch_size": 10, "hyperparameters.save_steps": 1},
+    )
     first = run(cfg)
     ckpts = first.output_dir / "checkpoints"
     from tunery.train.checkpoint import list_checkpoints, load_state
@@ -188,9 +191,17 @@ def test_lora_on_smollm2_then_chat(tmp_path):
     from tunery.methods import load_trained
 
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=12)
-    cfg = load_config(sets=[f"data.train={data}", f"output={tmp_path / 'run'}", "model=smollm2-135m",
-                            "hyperparameters.max_steps=3", "hyperparameters.batch_size=4",
-                            "hyperparameters.learning_rate=0.001", "hyperparameters.max_length=64"])
+    cfg = load_config(
+        sets=[
+            f"data.train={data}",
+            f"output={tmp_path / 'run'}",
+            "model=smollm2-135m",
+            "hyperparameters.max_steps=3",
+            "hyperparameters.batch_size=4",
+            "hyperparameters.learning_rate=0.001",
+            "hyperparameters.max_length=64",
+        ]
+    )
     result = run(cfg)
     assert result.status == "succeeded" and len(losses(result.output_dir)) == 3
     model, tok = load_trained("smollm2-135m", str(result.model_dir))

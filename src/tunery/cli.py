@@ -44,7 +44,9 @@ def train(
     method: str | None = typer.Option(None, "--method", help="Tuning method (see `tunery methods`)."),
     objective: str | None = typer.Option(None, "--objective", help="Objective (default sft)."),
     output: str | None = typer.Option(None, "--output", help="Run directory."),
-    init_from: str | None = typer.Option(None, "--init-from", help="Continue training this saved model/adapter."),
+    init_from: str | None = typer.Option(
+        None, "--init-from", help="Continue training this saved model/adapter."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
 ) -> None:
     """Fine-tune a model: validate data, train, checkpoint, save the model or adapter."""

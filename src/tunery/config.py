@@ -76,7 +76,8 @@ class TuneryConfig(BaseModel):
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     output: str = Field("runs/latest", description="Run directory.")
     init_from: str | None = Field(
-        None, description="Continue training this saved model or adapter dir (sequential fine-tuning).")
+        None, description="Continue training this saved model or adapter dir (sequential fine-tuning)."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
     compute_classification_metrics: bool = Field(
         False, description="Run classification metrics on the validation file every evaluation."

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.base import Method
 from tunery.methods.adapter import float_dtype
+from tunery.methods.base import Method
 from tunery.methods.freeze import decoder_layers
 
 MARK = "tunery_moe_lora"

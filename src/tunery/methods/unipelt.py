@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.base import Method
 from tunery.methods.adapter import (
     ATTENTION_NAMES,
     MLP_NAMES,
@@ -35,6 +34,7 @@ from tunery.methods.adapter import (
     map_output,
     sublayer,
 )
+from tunery.methods.base import Method
 from tunery.methods.freeze import decoder_layers
 
 MARK = "tunery_unipelt"
