@@ -18,7 +18,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tunery.objectives.base import Context
-from tunery.train.forward import IGNORE, decoder_hidden, packed_inputs, padded_inputs, split_lm
+from tunery.train.forward import (  # noqa: F401 - run_decoder is re-exported for reward/classify
+    IGNORE,
+    decoder_hidden,
+    forward_kwargs,
+    packed_inputs,
+    padded_inputs,
+    run_decoder,
+    split_lm,
+)
 
 LOGIT_CHUNK = 1024
 
@@ -67,42 +75,10 @@ def collate_pairs(features: list[dict[str, Any]], pad_id: int, packed: bool) -> 
 # --------------------------------------------------------------------------- forward passes
 
 
-def run_decoder(decoder: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Last hidden states of any decoder stack (e.g. a reward model's body) on a packed or padded
-    batch, with the same arguments `train.forward.decoder_hidden` passes to a causal LM's decoder."""
-    ids = batch["input_ids"]
-    if "cu_seq_lens" in batch:
-        out = decoder(
-            input_ids=ids,
-            position_ids=batch["position_ids"],
-            attention_mask=torch.ones((1, ids.shape[1]), dtype=torch.long, device=ids.device),
-            cu_seq_lens_q=batch["cu_seq_lens"],
-            cu_seq_lens_k=batch["cu_seq_lens"],
-            max_length_q=batch["max_len"],
-            max_length_k=batch["max_len"],
-            use_cache=False,
-        )
-    else:
-        out = decoder(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
 def full_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The model's own forward (methods that change it, heads that post-process logits)."""
     ids = batch["input_ids"]
-    if "cu_seq_lens" in batch:
-        out = model(
-            input_ids=ids,
-            position_ids=batch["position_ids"],
-            attention_mask=torch.ones((1, ids.shape[1]), dtype=torch.long, device=ids.device),
-            cu_seq_lens_q=batch["cu_seq_lens"],
-            cu_seq_lens_k=batch["cu_seq_lens"],
-            max_length_q=batch["max_len"],
-            max_length_k=batch["max_len"],
-            use_cache=False,
-        )
-    else:
-        out = model(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False)
+    out = model(**forward_kwargs(batch))
     logits = out.logits
     if logits.shape[1] != ids.shape[1]:  # virtual tokens prepended by prompt-learning methods
         logits = logits[:, -ids.shape[1] :]

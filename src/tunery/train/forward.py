@@ -87,28 +87,35 @@ def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] 
     return get_decoder(), head
 
 
+def forward_kwargs(batch: dict) -> dict:
+    """Arguments for a transformers forward on a packed row (segment boundaries for `tunery_packed`
+    attention; an all-ones 2D mask so no dense 4D mask is built) or on padded rows."""
+    ids = batch["input_ids"]
+    if "cu_seq_lens" not in batch:
+        return {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    return {
+        "input_ids": ids,
+        "position_ids": batch["position_ids"],
+        "attention_mask": torch.ones((1, ids.shape[1]), dtype=torch.long, device=ids.device),
+        "cu_seq_lens_q": batch["cu_seq_lens"],
+        "cu_seq_lens_k": batch["cu_seq_lens"],
+        "max_length_q": batch["max_len"],
+        "max_length_k": batch["max_len"],
+        "use_cache": False,
+    }
+
+
+def run_decoder(decoder: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Last hidden states of a decoder stack on a packed or padded batch."""
+    out = decoder(**forward_kwargs(batch))
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 def decoder_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Last hidden states for a packed or padded batch."""
+    """Last hidden states of a causal LM's decoder (seen through peft wrappers)."""
     parts = split_lm(model)
     assert parts is not None
-    decoder, _ = parts
-    if "cu_seq_lens" in batch:
-        length = batch["input_ids"].shape[1]
-        out = decoder(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            attention_mask=torch.ones((1, length), dtype=torch.long, device=batch["input_ids"].device),
-            cu_seq_lens_q=batch["cu_seq_lens"],
-            cu_seq_lens_k=batch["cu_seq_lens"],
-            max_length_q=batch["max_len"],
-            max_length_k=batch["max_len"],
-            use_cache=False,
-        )
-    else:
-        out = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
-        )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return run_decoder(parts[0], batch)
 
 
 def head_loss(
