@@ -239,6 +239,7 @@ def run_tunery(
                 "max_length": args.max_length,
                 "packing": variant != "tunery-padded",
                 "precision": precision,
+                **({"micro_batch_tokens": args.micro_batch_tokens} if args.micro_batch_tokens else {}),
             },
         }
     )
@@ -369,6 +370,7 @@ def parent(args: argparse.Namespace) -> None:
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
         "--learning-rate", str(args.learning_rate), "--warmup-steps", str(args.warmup_steps),
         "--seed", str(args.seed),
+        *(["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []),
     ]  # fmt: skip
     results: dict[str, Any] = {}
     for v in variants:
@@ -420,6 +422,9 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=1, help="steps left out of tokens/s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--micro-batch-tokens", type=int, default=None, help="Tunery token budget per forward (default: its own)"
+    )
     p.add_argument("--variants", default="all", help=f"comma-separated subset of {ALL}")
     p.add_argument("--out", default=str(common.ROOT / "docs/bench"))
     p.add_argument("--child", help=argparse.SUPPRESS)
