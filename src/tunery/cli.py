@@ -18,15 +18,23 @@ app = typer.Typer(
 
 def _config_help() -> str:
     """The config keys, generated from the pydantic fields (the one source of truth)."""
-    from tunery.config import DataConfig, Hyperparameters, TuneryConfig
+    from tunery import config as c
 
+    blocks = {
+        "data": c.DataConfig,
+        "hyperparameters": c.Hyperparameters,
+        "distributed": c.DistributedConfig,
+        "distributed.fsdp": c.FSDPConfig,
+        "distributed.deepspeed": c.DeepSpeedConfig,
+    }
     lines = ["Config keys (YAML, or --set key=value):\n\n"]
-    for name, f in TuneryConfig.model_fields.items():
-        if name not in ("data", "hyperparameters"):
+    for name, f in c.TuneryConfig.model_fields.items():
+        if name not in blocks:
             lines.append(f"  {name}: {f.description}\n\n")
-    for prefix, model in (("data", DataConfig), ("hyperparameters", Hyperparameters)):
+    for prefix, model in blocks.items():
         for name, f in model.model_fields.items():
-            lines.append(f"  {prefix}.{name} (default {f.default!r}): {f.description}\n\n")
+            if f"{prefix}.{name}" not in blocks:  # nested blocks list their own keys
+                lines.append(f"  {prefix}.{name} (default {f.default!r}): {f.description}\n\n")
     lines.append("  <method>.<option>, <objective>.<option>: see `tunery methods --options`.")
     return "".join(lines)
 
@@ -48,10 +56,18 @@ def train(
         None, "--init-from", help="Continue training this saved model/adapter."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Training processes on this machine (one per GPU)."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines taking part (same command on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's index, 0 .. nnodes-1."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of the node-rank 0 machine."),
+    master_port: int = typer.Option(29500, "--master-port", help="A free TCP port on the master machine."),
 ) -> None:
-    """Fine-tune a model: validate data, train, checkpoint, save the model or adapter."""
+    """Fine-tune a model: validate data, train, checkpoint, save the model or adapter.
+
+    --nproc N (and --nnodes/--node-rank/--master-addr/--master-port) runs the same config on N
+    processes per machine under torchrun; `distributed.strategy` picks ddp, fsdp or deepspeed."""
     from tunery.config import load_config
-    from tunery.train import run
+    from tunery.train import distributed, run
 
     cfg = load_config(
         config,
@@ -68,19 +84,66 @@ def train(
     )
     if resume:
         cfg.resume = True
-    printer = ProgressPrinter()
-    try:
-        result = run(cfg, subscribers=[printer])
-    finally:
-        printer.close()
-    if result.status == "interrupted":
-        console.print(
-            f"[yellow]Interrupted.[/] Checkpoint saved; continue with "
-            f"`tunery train {config or ''} --set output={cfg.output} --resume`"
-        )
+    again = f"tunery train {config or ''} --set output={cfg.output} --resume"
+    if (nproc > 1 or nnodes > 1) and not distributed.launched():
+        status, model_dir = _launch(cfg, locals()), Path(cfg.output) / "model"
+        again += f" --nproc {nproc}" + (f" --nnodes {nnodes} --node-rank {node_rank}" if nnodes > 1 else "")
+    else:
+        main = distributed.is_main_process()
+        printer = ProgressPrinter()
+        try:
+            result = run(cfg, subscribers=[printer] if main else [])
+        finally:
+            printer.close()
+        status, model_dir = result.status, result.model_dir
+        # Ranks report through the `tunery train` that launched them, and exit 0 when interrupted
+        # so that torchrun does not take a clean stop for a failed rank.
+        if distributed.launched() and (not main or distributed.under_tunery_launcher()):
+            return
+    if status == "interrupted":
+        console.print(f"[yellow]Interrupted.[/] Checkpoint saved; continue with `{again}`")
         raise typer.Exit(130)
-    console.print(f"[green]Done.[/] Model saved to [bold]{result.model_dir}[/]")
-    console.print(f"Chat with it:  tunery chat --adapter {result.model_dir}")
+    console.print(f"[green]Done.[/] Model saved to [bold]{model_dir}[/]")
+    console.print(f"Chat with it:  tunery chat --adapter {model_dir}")
+
+
+def _launch(cfg, params: dict) -> str:
+    """Validate here (a config or data error costs no launch), then re-run this command under torchrun
+    with the same arguments minus the launcher flags."""
+    from tunery.objectives import OBJECTIVES
+    from tunery.train import distributed
+    from tunery.train.run import load_and_validate
+
+    distributed.check(cfg)
+    load_and_validate(cfg, OBJECTIVES.get(cfg.objective).data_kind, cfg.objective)
+    args = [str(params["config"])] if params["config"] else []
+    for s in params["set_"]:
+        args += ["--set", s]
+    flags = {
+        "--model": "model",
+        "--data": "data",
+        "--validation-data": "validation_data",
+        "--method": "method",
+        "--objective": "objective",
+        "--output": "output",
+        "--init-from": "init_from",
+    }
+    for flag, name in flags.items():
+        if params[name] is not None:
+            args += [flag, str(params[name])]
+    if params["resume"]:
+        args.append("--resume")
+    cmd = distributed.launch_command(
+        args,
+        nproc=params["nproc"],
+        nnodes=params["nnodes"],
+        node_rank=params["node_rank"],
+        master_addr=params["master_addr"],
+        master_port=params["master_port"],
+    )
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    console.print(f"[dim]Launching {params['nproc']} processes per node on {params['nnodes']} node(s)[/]")
+    return distributed.launch(cmd, Path(cfg.output), main_node=params["node_rank"] == 0)
 
 
 @app.command()

@@ -63,6 +63,42 @@ class DataConfig(BaseModel):
     system_prompt: str | None = Field(None, description="System message added to conversations without one.")
 
 
+class FSDPConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[2] = Field(2, description="FSDP2 (torch's fully_shard); FSDP1 is not offered.")
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered parameters after each block's forward (less memory, more traffic)."
+    )
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
+
+
+class DeepSpeedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: Literal[2, 3] = Field(
+        2, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also weights."
+    )
+    offload_optimizer: bool = Field(False, description="Keep the optimizer state in CPU memory.")
+    config_file: str | None = Field(None, description="A DeepSpeed JSON config; overrides the keys above.")
+
+
+class DistributedConfig(BaseModel):
+    """How several processes (`tunery train --nproc N`) train one model; ignored by one process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp replicates the model; fsdp and deepspeed shard it across ranks."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU.")
+    find_unused_parameters: bool = Field(
+        False, description="DDP: allow parameters that get no gradient in a step (slower)."
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+
 class TuneryConfig(BaseModel):
     """A fine-tuning run. Extra top-level keys must name a method or objective (their options)."""
 
@@ -85,6 +121,10 @@ class TuneryConfig(BaseModel):
     classification_positive_class: str | None = Field(None, description="Positive label for binary metrics.")
     classification_betas: list[float] | None = Field(None, description="F-beta scores to report (binary).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in the run directory.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Multi-process training: strategy (ddp|fsdp|deepspeed), backend, fsdp.*, deepspeed.*.",
+    )
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
         description="Experiment trackers that receive every metric and the resolved config.",
@@ -157,21 +197,28 @@ def apply_set(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_scalar(text)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is `{}`). Missing, unreadable, invalid
+    or non-mapping files are ConfigErrors naming the file; `what` names the kind of file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, not a {type(raw).__name__}")
+    return raw
+
+
 def load_config(
     path: str | Path | None = None, sets: list[str] | None = None, overrides: dict[str, Any] | None = None
 ) -> TuneryConfig:
     """Build the config: YAML file, then `--set` assignments, then flag overrides (dotted keys)."""
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+    raw: dict[str, Any] = read_yaml_mapping(path) if path else {}
     for assignment in sets or []:
         apply_set(raw, assignment)
     for key, value in (overrides or {}).items():

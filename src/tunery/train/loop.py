@@ -58,6 +58,7 @@ class LoopSetup:
     extra_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None
     after_step: Callable[[torch.nn.Module, int, int], None] | None = None
     method_metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    dist: Any = None  # train.distributed.Dist when several processes train (None: this one alone)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -98,34 +99,62 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _call(s: LoopSetup, fn: Callable[..., Any], *args: Any, train: bool = False) -> Any:
+    """fn(model, *args); with several processes through the wrapper that must see the forward."""
+    return fn(s.model, *args) if s.dist is None else s.dist.call(fn, *args, train=train)
+
+
+def _loss(s: LoopSetup, model: torch.nn.Module, batch: dict[str, Any]) -> tuple:
+    out = s.objective.loss(model, batch, s.ctx)
+    aux = s.aux_loss(model) if s.aux_loss is not None else None
+    return out.loss_sum, aux, out.metrics
+
+
 def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | None:
-    """One optimizer step over its micro-batches; None if interrupted before it completed."""
-    model, obj = s.model, s.objective
-    batches = [obj.collate([s.features[i] for i in mb], s.pad_id, s.packed) for mb in step.micro_batches]
+    """One optimizer step over its micro-batches; None if interrupted before it completed.
+
+    With several processes each rank runs its share of the step (`real` False marks padding passes)
+    and the units, losses and metrics are summed over ranks, so the step is the one-process step."""
+    model, obj, dist = s.model, s.objective, s.dist
+    plan = [(mb, True) for mb in step.micro_batches] if dist is None else dist.plan(step)
+    batches = [obj.collate([s.features[i] for i in mb], s.pad_id, s.packed) for mb, _ in plan]
     if obj.rollout is not None:  # online objectives sample first: their units exist only afterwards
-        batches = [obj.rollout(model, b, s.ctx) for b in batches]
-    units = sum(b["n_units"] for b in batches)
+        batches = [_call(s, obj.rollout, b, s.ctx) for b in batches]
+    units = sum(b["n_units"] for b, (_, real) in zip(batches, plan, strict=True) if real)
+    scale = 1.0
+    if dist is not None:
+        units, scale = int(dist.all_sum([units])[0]), dist.loss_scale
     loss_total = 0.0
     sums: dict[str, float] = {}
     n_tokens = 0
     model.train()
-    for batch in batches:
-        if state.interrupted:
+    for k, (batch, (_, real)) in enumerate(zip(batches, plan, strict=True)):
+        if state.interrupted and dist is None:  # ranks stop together, at step boundaries only
             s.optimizer.zero_grad(set_to_none=True)
             return None
         batch = _to_device(batch, s.accelerator.device)
-        with s.accelerator.autocast():
-            out = obj.loss(model, batch, s.ctx)
-            loss = out.loss_sum / max(1, units)
-            if s.aux_loss is not None:
-                aux = s.aux_loss(model)
+        weight = scale * float(real)  # 1.0 for one process: the loss below is exactly loss_sum / units
+        sync = contextlib.nullcontext() if dist is None else dist.sync(k == len(batches) - 1)
+        with sync:
+            with s.accelerator.autocast():
+                loss_sum, aux, metrics = _call(s, lambda m, b: _loss(s, m, b), batch, train=True)
+                loss = loss_sum * weight / max(1, units)
                 if aux is not None:
-                    loss = loss + aux * (batch["n_units"] / max(1, units))
-        s.accelerator.backward(loss)
-        loss_total += float(out.loss_sum.detach())
-        for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
+                    loss = loss + aux * (batch["n_units"] * weight / max(1, units))
+            s.accelerator.backward(loss)
+        if not real:  # a padding pass adds nothing, but its metric names keep the ranks' sums aligned
+            for key in metrics:
+                sums.setdefault(key, 0.0)
+            continue
+        loss_total += float(loss_sum.detach())
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0.0) + v
         n_tokens += batch.get("n_tokens", 0)
+    if dist is not None:  # rank 0 logs the numbers of the whole step
+        names = sorted(sums)
+        total = dist.all_sum([loss_total, n_tokens, *(sums[n] for n in names)])
+        loss_total, n_tokens = total[0], int(total[1])
+        sums = dict(zip(names, total[2:], strict=True))
     if s.max_grad_norm:
         s.accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.max_grad_norm)
     s.optimizer.step()
@@ -158,15 +187,17 @@ def evaluate(s: LoopSetup) -> dict[str, Any]:
             batch = obj.rollout(model, batch, s.ctx)
         batch = _to_device(batch, s.accelerator.device)
         with s.accelerator.autocast():
-            out = obj.loss(model, batch, s.ctx)
+            out = _call(s, lambda m, b: obj.loss(m, b, s.ctx), batch)
         total += float(out.loss_sum)
         units += batch["n_units"]
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0.0) + v
     result = {"valid_loss": total / max(1, units)}
     result.update({f"valid_{k}": v / max(1, units) for k, v in sums.items()})
-    if s.extra_eval is not None:
-        result.update(s.extra_eval(model))
+    if s.extra_eval is not None and (s.dist is None or s.dist.extra_eval_here()):
+        result.update(_call(s, s.extra_eval))
+    if s.dist is not None:
+        s.dist.barrier()  # the other ranks wait for rank 0's generation-based metrics
     model.train()
     return result
 
@@ -178,16 +209,27 @@ def save_checkpoint(s: LoopSetup, state: LoopState, step: Step) -> Path:
         "trained_tokens": state.trained_tokens,
         "metrics": {**state.last_metrics, **state.last_eval},
     }
-    path = ckpt.write_checkpoint(
-        s.run_dir / "checkpoints",
-        state.step,
-        model=s.model,
-        optimizer=s.optimizer,
-        scheduler=s.scheduler,
-        meta=meta,
-        save_model=s.save_model,
-    )
-    ckpt.rotate(s.run_dir / "checkpoints", s.save_total_limit)
+    if s.dist is None:
+        path = ckpt.write_checkpoint(
+            s.run_dir / "checkpoints",
+            state.step,
+            model=s.model,
+            optimizer=s.optimizer,
+            scheduler=s.scheduler,
+            meta=meta,
+            save_model=s.save_model,
+        )
+    else:
+        path = s.dist.write_checkpoint(
+            s.run_dir / "checkpoints",
+            state.step,
+            optimizer=s.optimizer,
+            scheduler=s.scheduler,
+            meta=meta,
+            save_model=s.save_model,
+        )
+    if s.dist is None or s.dist.is_main:
+        ckpt.rotate(s.run_dir / "checkpoints", s.save_total_limit)
     s.events.emit(
         f"Checkpoint created at step {state.step}",
         data={
@@ -211,6 +253,8 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
             metrics = run_step(s, step, state)
             if metrics is None:
                 break
+            if s.dist is not None:
+                state.interrupted = s.dist.any(state.interrupted)
             state.step = step.index
             window_tokens += metrics.pop("n_tokens")
             last_of_epoch = step.index == total or s.steps[step.index].epoch != step.epoch

@@ -85,28 +85,38 @@ def mix(datasets: list, weights: list[float] | None, seed: int) -> list:
 
 def run(config: TuneryConfig, subscribers: list[Subscriber] | None = None) -> RunResult:
     """Train one run into config.output. User errors end as status failed (raised again for the CLI)."""
+    from tunery.train.distributed import is_main_process
+
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    events = EventLog(out)
+    main = is_main_process()  # with several processes only rank 0 writes the run directory and reports
+    events = EventLog(out, enabled=main)
     for sub in subscribers or []:
         events.subscribe(sub)
     from tunery.train.trackers import close_all, make_trackers
 
     trackers: list = []
+    status = "failed"  # what the trackers record if anything below raises
     try:
-        trackers = make_trackers(config, out)  # report_to: they subscribe like any other consumer
+        # report_to: they subscribe like any other consumer; one that cannot start only warns
+        if main:
+            trackers = make_trackers(config, out, warn=lambda msg: events.emit(msg, level="warn"))
         for tracker in trackers:
             events.subscribe(tracker)
         result = _run(config, out, events)
+        status = result.status
     except TuneryError as exc:
         err = {"code": exc.code, "message": exc.message, "param": exc.param}
         events.emit(f"Run failed: {exc.message}", level="error")
-        write_json_atomic(
-            out / "run.json", {"status": "failed", "error": err, "trained_tokens": 0, "model_dir": None}
-        )
+        if main:
+            write_json_atomic(
+                out / "run.json", {"status": "failed", "error": err, "trained_tokens": 0, "model_dir": None}
+            )
         raise
     finally:
-        close_all(trackers)
+        close_all(trackers, status)
+    if not main:
+        return result
     write_json_atomic(
         out / "run.json",
         {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import torch
 
 from tunery.config import TuneryConfig
-from tunery.errors import TuneryError
+from tunery.errors import ConfigError, TuneryError
 from tunery.methods import Method, count_parameters
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
@@ -94,22 +96,41 @@ def train(
     examples: list,
     val,
 ) -> Any:
+    from tunery.train import distributed
+
+    # A process launched as one of several ranks joins the group first (see train/distributed.py).
+    dist = distributed.start(config) if distributed.launched() else None
+    args = (config, out, events, method, objective, method_opts, objective_opts, datasets, examples, val)
+    try:
+        return _train(*args, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _train(
+    config, out, events, method, objective, method_opts, objective_opts, datasets, examples, val, dist
+):
     from accelerate import Accelerator
 
     from tunery.train.attention import use_packed_attention
     from tunery.train.run import RunResult, finish, seed_everything, write_config
 
-    seed_everything(config.seed)
+    main = dist is None or dist.is_main
+    seed_everything(config.seed)  # the same seed everywhere: every rank builds the same initial model
     hp = config.hyperparameters
     model, tokenizer = build_model(config, method, method_opts, objective)
+    if dist is not None:
+        dist.check_objective(objective)
     content_hash = "+".join(d.content_hash for d in datasets) + f"/{config.data.weights}/{config.seed}"
-    features = encode_all(examples, tokenizer, objective, config, content_hash)
+    with contextlib.nullcontext() if dist is None else dist.main_first():  # one writer of the cache
+        features = encode_all(examples, tokenizer, objective, config, content_hash)
+        val_features = encode_all(val.examples, tokenizer, objective, config, val.content_hash) if val else []
     if not features:
         raise TuneryError(
             "No example has anything to train on after encoding.",
             hint="Check that assistant messages are present and not all weight 0.",
         )
-    val_features = encode_all(val.examples, tokenizer, objective, config, val.content_hash) if val else []
     truncated = sum(1 for f in features if f.get("truncated"))
     if truncated:
         events.emit(
@@ -128,7 +149,8 @@ def train(
         token_budget=max(hp.micro_batch_tokens, hp.max_length),
         max_steps=hp.max_steps,
     )
-    write_config(config, out, res.as_dict())
+    if main:
+        write_config(config, out, res.as_dict())
     trainable, total = count_parameters(model)
     events.emit(
         f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.3f}%)",
@@ -139,12 +161,20 @@ def train(
     cpu = not torch.cuda.is_available()
     dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+        cpu=cpu,
+        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
+        **(dist.accelerator_kwargs(hp.max_grad_norm) if dist is not None else {}),
     )
+    if dist is not None:  # FSDP shards before the optimizer sees the parameters
+        model = dist.shard(model, accelerator)
+        dist.lengths, dist.token_budget = lengths, max(hp.micro_batch_tokens, hp.max_length)
     optimizer = make_optimizer(model, method, method_opts, res.learning_rate, hp.weight_decay)
     warmup = int(hp.warmup_ratio * len(steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.lr_scheduler, warmup, len(steps)))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if dist is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        optimizer = dist.prepare(optimizer)
 
     setup_extra = objective.setup(model, config, tokenizer) if objective.setup else {}
     ctx = Context(
@@ -160,6 +190,7 @@ def train(
         extra = objective.save_info(unwrapped, config) if objective.save_info else None
         save_trained(unwrapped, directory, config, method, objective, tokenizer, extra)
 
+    save = save_model if dist is None else functools.partial(dist.save_model, save_fn=save_model)
     loop = LoopSetup(
         model=model,
         objective=objective,
@@ -179,11 +210,12 @@ def train(
         eval_steps=hp.eval_steps,
         save_steps=hp.save_steps,
         save_total_limit=hp.save_total_limit,
-        save_model=save_model,
+        save_model=save,
         aux_loss=method.aux_loss,
         after_step=method.after_step,
         method_metrics=method.metrics,
         extra_eval=_classification_eval(config, tokenizer, val),
+        dist=dist,
     )
     state = LoopState()
     if config.resume:
@@ -193,24 +225,39 @@ def train(
     state = train_loop(loop, state)
     if state.interrupted:
         events.emit(f"Training interrupted at step {state.step}; resume with --resume", level="warn")
-        finish(out, None)
+        if main:
+            finish(out, None)
         return RunResult(out, None, "interrupted", state.trained_tokens, state.last_metrics)
     model_dir = out / "model"
-    save_model(model_dir)
+    save(model_dir)
     events.emit(f"New fine-tuned model created: {model_dir}", data={"kind": "model", "path": "model"})
-    finish(out, model_dir)
+    if main:
+        finish(out, model_dir)
     events.emit("The job has successfully completed", data={"trained_tokens": state.trained_tokens})
     return RunResult(out, model_dir, "succeeded", state.trained_tokens, state.last_metrics)
 
 
 def resume(loop: LoopSetup, events: EventLog) -> LoopState:
-    ckpt.clean_stale(loop.run_dir / "checkpoints")
+    dist = loop.dist
+    if dist is None or dist.is_main:
+        ckpt.clean_stale(loop.run_dir / "checkpoints")
+    if dist is not None:
+        dist.barrier()
     found = ckpt.list_checkpoints(loop.run_dir / "checkpoints")
     state = LoopState()
     if not found:
         events.emit("No checkpoint to resume from; starting from the beginning", level="warn")
         return state
-    meta = ckpt.restore(found[-1], loop.accelerator.unwrap_model(loop.model), loop.optimizer, loop.scheduler)
+    if dist is not None:
+        meta = dist.restore(found[-1], loop.optimizer, loop.scheduler)
+    elif not (found[-1] / "trainable.safetensors").exists():
+        raise ConfigError(
+            f"{found[-1]} holds sharded state from a multi-process run.",
+            hint="Resume it with the same --nproc and distributed.strategy.",
+        )
+    else:
+        model = loop.accelerator.unwrap_model(loop.model)
+        meta = ckpt.restore(found[-1], model, loop.optimizer, loop.scheduler)
     state.step, state.trained_tokens = meta["step"], meta.get("trained_tokens", 0)
     events.truncate_after(state.step)
     events.emit(f"Resumed from checkpoint at step {state.step}", data={"step": state.step})

@@ -1,0 +1,210 @@
+"""Several processes on CPU (gloo) through the real `tunery train --nproc 2`: the same losses as one
+process with the same global batch, rank-0-only run files, and sharded FSDP checkpoints that resume.
+
+Each launch costs ~20-40 s of imports on a 2-core machine, so the launches are few and shared."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tunery.config import load_config
+from tunery.errors import ConfigError
+from tunery.serve.testing import free_port
+from tunery.testing import write_chat_jsonl
+from tunery.train import run
+from tunery.train.batching import schedule
+from tunery.train.distributed import check, launch_command, rank_share
+from tunery.train.events import read_jsonl
+
+# 18 examples (~60 tokens) in steps of 5 (the last of an epoch has 3): with 2 ranks the shares are
+# 3 and 2 examples, and a 128-token budget makes that 2 and 1 micro-batches, so the shorter share
+# runs a padding pass and accumulates over several micro-batches like the longer one.
+SETTINGS = {
+    "hyperparameters.precision": "fp32",
+    "hyperparameters.batch_size": 5,
+    "hyperparameters.max_length": 64,
+    "hyperparameters.micro_batch_tokens": 128,
+    "hyperparameters.learning_rate": 0.003,
+    "hyperparameters.lr_scheduler": "cosine",
+}
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train_loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def _sets(data: Path, out: Path, method: str, **extra) -> dict:
+    return {"data.train": str(data), "output": str(out), "method": method, **SETTINGS, **extra}
+
+
+def _one_process(model, sets: dict) -> Path:
+    result = run(load_config(sets=[f"{k}={v}" for k, v in {"model": str(model), **sets}.items()]))
+    assert result.status == "succeeded"
+    return result.output_dir
+
+
+def _cli(model, sets: dict, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "tunery.cli", "train", "--model", str(model)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    return [*cmd, "--nproc", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# --------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_rank_shares_are_disjoint_and_cover_every_step(world):
+    lengths = [(i * 37) % 53 + 3 for i in range(23)]
+    steps = schedule(lengths, batch_size=7, n_epochs=2, seed=5, token_budget=60)
+    for step in steps:
+        indices = [i for mb in step.micro_batches for i in mb]
+        shares = [rank_share(indices, lengths, r, world) for r in range(world)]
+        flat = [i for share in shares for i in share]
+        assert sorted(flat) == sorted(indices) and len(set(flat)) == len(flat)
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1  # shares differ by at most one example
+        tokens = [sum(lengths[i] for i in s) for s in shares]
+        if min(sizes) == max(sizes):  # dealt by length: equal counts carry similar token loads
+            assert max(tokens) - min(tokens) <= max(lengths[i] for i in indices)
+
+
+def test_launch_command_reruns_train_under_torchrun():
+    cmd = launch_command(
+        ["cfg.yaml", "--set", "a=1"], nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=2940
+    )
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1"} <= set(cmd)
+    assert cmd[-6:] == ["-m", "tunery.cli", "train", "cfg.yaml", "--set", "a=1"]
+
+
+def test_distributed_config_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="distributed.fsdp.shard_everything"):
+        load_config(sets=["distributed.fsdp.shard_everything=true"])
+    with pytest.raises(ConfigError, match="distributed.strategy"):
+        load_config(sets=["distributed.strategy=megatron"])
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        check(load_config(sets=["distributed.strategy=deepspeed"]), cuda=False)
+    check(load_config(sets=["distributed.strategy=fsdp"]), cuda=False)  # fine on CPU
+
+
+def test_cli_refuses_bad_data_before_launching(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    start = time.time()
+    proc = subprocess.run(
+        _cli(tiny_llama, {"data.train": str(bad), "output": str(tmp_path / "run")}),
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert proc.returncode == 2 and "Error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Launching" not in proc.stdout and time.time() - start < 60
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist-data")
+    return {
+        "train": write_chat_jsonl(root / "train.jsonl", n=18),
+        "valid": write_chat_jsonl(root / "valid.jsonl", n=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def full_reference(tmp_path_factory, data, tiny_llama) -> Path:
+    """One process, full fine-tuning, 6 epochs: the curve the multi-process runs must reproduce."""
+    out = tmp_path_factory.mktemp("ref-full") / "run"
+    return _one_process(tiny_llama, _sets(data["train"], out, "full", **{"hyperparameters.n_epochs": 6}))
+
+
+def test_two_processes_ddp_lora_equal_one_process(tmp_path, data, tiny_llama):
+    extra = {"data.validation": str(data["valid"]), "hyperparameters.n_epochs": 2, "lora.r": 4}
+    one = _one_process(tiny_llama, _sets(data["train"], tmp_path / "one", "lora", **extra))
+    two = tmp_path / "two"
+    sets = _sets(data["train"], two, "lora", **extra, **{"hyperparameters.save_steps": 2})
+    proc = subprocess.run(_cli(tiny_llama, sets), capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done." in proc.stdout
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4) and len(losses(two)) == 8
+    rows_one, rows_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    for a, b in zip(rows_one, rows_two, strict=True):  # global numbers on rank 0, not one rank's
+        assert b["train_mean_token_accuracy"] == pytest.approx(a["train_mean_token_accuracy"], abs=1e-6)
+        assert b.get("valid_loss") == pytest.approx(a.get("valid_loss"), abs=1e-4)
+    a = load_file(str(one / "model" / "adapter_model.safetensors"))
+    b = load_file(str(two / "model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    # rank 0 alone wrote the run files: one copy of each event, one status
+    messages = [e["message"] for e in read_jsonl(two / "events.jsonl")]
+    assert sum(m.startswith("Step 1/8") for m in messages) == 1
+    assert messages.count("The job has successfully completed") == 1
+    assert json.loads((two / "run.json").read_text())["status"] == "succeeded"
+    last = sorted((two / "checkpoints").iterdir())[-1]
+    assert (last / "trainable.safetensors").exists() and (last / "rng-rank1.json").exists()
+
+
+def test_two_processes_ddp_full_equal_one_process(tmp_path, data, tiny_llama, full_reference):
+    out = tmp_path / "two"
+    sets = _sets(data["train"], out, "full", **{"hyperparameters.n_epochs": 6})
+    proc = subprocess.run(_cli(tiny_llama, sets), capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(full_reference), abs=1e-4)
+    a = load_file(str(full_reference / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+def test_fsdp_sigterm_then_resume_matches_uninterrupted(tmp_path, data, tiny_llama, full_reference):
+    out = tmp_path / "fsdp"
+    sets = _sets(
+        data["train"],
+        out,
+        "full",
+        **{"hyperparameters.n_epochs": 6, "distributed.strategy": "fsdp", "hyperparameters.save_steps": 100},
+    )
+    proc = subprocess.Popen(
+        _cli(tiny_llama, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to `tunery train`: it reaches every rank through torchrun
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "--nproc 2" in " ".join(stdout.split())  # the resume hint keeps the launcher flags
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    stopped = json.loads((ckpt / "meta.json").read_text())["step"]
+    assert stopped == len(losses(out)) < 24, "the run finished before the signal"
+    # really sharded: a DCP checkpoint with one file per rank, no full trainable state
+    assert {p.name for p in (ckpt / "sharded").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert not (ckpt / "trainable.safetensors").exists()
+    assert (ckpt / "model" / "model.safetensors").exists()  # the usable model, gathered to rank 0
+
+    # one process cannot resume sharded state, and says so
+    with pytest.raises(ConfigError, match="sharded state"):
+        one = load_config(sets=[f"{k}={v}" for k, v in {"model": str(tiny_llama), **sets}.items()])
+        one.resume = True
+        run(one)
+
+    resumed = subprocess.run(_cli(tiny_llama, sets, "--resume"), capture_output=True, text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(losses(out)) == 24
+    assert losses(out) == pytest.approx(losses(full_reference), abs=1e-5)
+    a = load_file(str(full_reference / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
