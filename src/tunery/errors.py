@@ -58,3 +58,10 @@ class ModelError(TuneryError):
 class NotFoundError(TuneryError):
     code = "not_found"
     status = 404
+
+
+class ExecutorError(TuneryError):
+    """Where jobs run cannot be used: Ray is not installed, its cluster is unreachable, or it
+    refused a job."""
+
+    code = "executor_unavailable"

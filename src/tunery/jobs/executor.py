@@ -1,4 +1,4 @@
-"""The local executor: a queue of jobs, each run in a worker subprocess, followed through its run dir.
+"""The job executor: a queue of jobs, each run in a worker process, followed through its run dir.
 
 One scheduler thread in the server process starts queued jobs up to `concurrency`, copies each
 running job's `events.jsonl` rows (and checkpoint events) into the database, and on exit reads
@@ -6,6 +6,10 @@ running job's `events.jsonl` rows (and checkpoint events) into the database, and
 Cancel and pause send SIGTERM (the trainer checkpoints and exits), then SIGKILL after a grace
 period. On startup, jobs a dead server left `running` are requeued to resume from their last
 checkpoint, or failed with the reason when their files are gone.
+
+Where a worker runs is behind `WorkerHandle`: `LocalExecutor` starts a subprocess here,
+`RayExecutor` (jobs/ray_executor.py) submits a Ray job. Scheduling, event following, recovery
+and concluding are this one implementation for both.
 """
 
 from __future__ import annotations
@@ -21,18 +25,71 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from tunery.errors import TuneryError
 from tunery.jobs.store import Job, ModelRow, Store, now
 
 log = logging.getLogger("tunery.jobs")
 
 
+class WorkerHandle(Protocol):
+    """What the scheduler needs of one launched worker, wherever it runs."""
+
+    pid: int | None  # a local process id, recorded on the job row for recovery; None elsewhere
+    detail: str | None  # why it ended, when the runner knows more than an exit code
+
+    def poll(self) -> int | None:
+        """None while it runs; then its exit code (negative: killed by that signal)."""
+        ...
+
+    def terminate(self) -> None:
+        """SIGTERM: the trainer checkpoints and exits."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL, once the grace period is over."""
+        ...
+
+    def close(self) -> None:
+        """After it ended: release what the handle holds; its output ends up in worker.log."""
+        ...
+
+
+class LocalProcess:
+    """A worker subprocess of this server, in its own session (so killpg reaches its children)."""
+
+    detail = None
+
+    def __init__(self, proc: subprocess.Popen, log_file: Any):
+        self.proc = proc
+        self.pid: int | None = proc.pid
+        self.log_file = log_file
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        self.log_file.close()
+
+
 @dataclass
 class _Running:
     job_id: str
-    proc: subprocess.Popen
-    log_file: Any
+    handle: WorkerHandle
     started: float = field(default_factory=time.time)
     intent: str | None = None  # cancel | pause | shutdown: why we signalled it
     kill_at: float | None = None
@@ -59,7 +116,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-class LocalExecutor:
+class Executor:
+    """The scheduler; subclasses say how a worker is started (`_spawn`) and found again after a
+    server restart (`_reattach`)."""
+
+    # True when workers outlive the server by design (a Ray cluster): a server stop leaves them
+    # running and the next server re-attaches, instead of checkpointing them back to the queue.
+    detach_on_stop = False
+
     def __init__(
         self,
         store: Store,
@@ -87,23 +151,32 @@ class LocalExecutor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Graceful shutdown: running jobs checkpoint and go back to the queue to resume later."""
+        """Graceful shutdown: running jobs checkpoint and go back to the queue to resume later
+        (or, with `detach_on_stop`, keep running for the next server to re-attach)."""
         self._draining = True
-        with self._lock:
-            for r in self._running.values():
-                self._terminate(r, "shutdown")
-        deadline = time.time() + self.grace
-        while time.time() < deadline and any(r.proc.poll() is None for r in list(self._running.values())):
-            time.sleep(0.1)
+        if not self.detach_on_stop:
+            with self._lock:
+                for r in self._running.values():
+                    self._terminate(r, "shutdown")
+            deadline = time.time() + self.grace
+            while time.time() < deadline and any(
+                r.handle.poll() is None for r in list(self._running.values())
+            ):
+                time.sleep(0.1)
         self._stop.set()
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
         with self._lock:
             for r in list(self._running.values()):
-                if r.proc.poll() is None:
-                    os.killpg(r.proc.pid, signal.SIGKILL)
-                    r.proc.wait()
+                if self.detach_on_stop and r.handle.poll() is None:
+                    self._running.pop(r.job_id)  # the job row stays `running`; recover() finds it
+                    continue
+                if r.handle.poll() is None:
+                    r.handle.kill()
+                    deadline = time.time() + 10
+                    while r.handle.poll() is None and time.time() < deadline:
+                        time.sleep(0.05)
                 self._finish(r)
 
     def wake(self) -> None:
@@ -115,6 +188,13 @@ class LocalExecutor:
         for job in self.store.list_jobs(statuses=("running", "validating_files"), oldest_first=True):
             if job.pid and _pid_is_worker(job.pid, job.id):
                 self._stop_orphan(job.pid, job.id)
+            handle = self._reattach(job) if job.status == "running" else None
+            if handle is not None:  # its worker is still known to the runner: follow it again
+                self._running[job.id] = _Running(job.id, handle)
+                if handle.poll() is None:
+                    message = "The server restarted during this job; it re-attached to its worker."
+                    self.store.update_job(job.id, events=[("info", message)])
+                continue  # an ended one is concluded by the next tick, from run.json and its exit
             self._follow(job.id)  # events the worker wrote while no server was watching
             if _run_status(self.store.path(job.run_dir)) in ("succeeded", "failed"):
                 self._conclude(job.id, None, None)  # it finished while the server was down
@@ -143,6 +223,14 @@ class LocalExecutor:
                     )
                 ],
             )
+
+    def _spawn(self, job: Job, run_dir: Path) -> WorkerHandle:
+        """Start `python -m tunery.jobs.worker --data-dir D JOB_ID` somewhere."""
+        raise NotImplementedError
+
+    def _reattach(self, job: Job) -> WorkerHandle | None:
+        """The handle of a worker a previous server launched for this job, if it can be found."""
+        return None
 
     def _stop_orphan(self, pid: int, job_id: str) -> None:
         try:
@@ -186,11 +274,8 @@ class LocalExecutor:
 
     def _terminate(self, r: _Running, intent: str) -> None:
         r.intent = r.intent or intent
-        if r.proc.poll() is None:
-            try:
-                os.kill(r.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        if r.handle.poll() is None:
+            r.handle.terminate()
             r.kill_at = time.time() + self.grace
 
     # ---- the loop
@@ -207,12 +292,13 @@ class LocalExecutor:
         with self._lock:
             for r in list(self._running.values()):
                 self._follow(r.job_id)
-                if r.proc.poll() is not None:
+                if r.handle.poll() is not None:
                     self._follow(r.job_id)
                     self._finish(r)
                 elif r.kill_at and time.time() > r.kill_at:
                     log.warning("job %s ignored SIGTERM for %.0fs; killing it", r.job_id, self.grace)
-                    os.killpg(r.proc.pid, signal.SIGKILL)
+                    r.kill_at = None
+                    r.handle.kill()
             if self._stop.is_set() or self._draining:
                 return
             free = self.concurrency - len(self._running)
@@ -247,22 +333,16 @@ class LocalExecutor:
         )
         if job is None:  # cancelled meanwhile
             return
-        cmd = [sys.executable, "-m", "tunery.jobs.worker", "--data-dir", str(self.store.data_dir), job.id]
-        env = dict(os.environ)
-        if self.database_url:
-            env["TUNERY_DATABASE_URL"] = self.database_url
-        log_file = open(run_dir / "worker.log", "ab")
-        # A new session: a Ctrl-C in the server's terminal reaches the server, which decides.
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        self.store.update_job(job.id, pid=proc.pid)
-        self._running[job.id] = _Running(job.id, proc, log_file)
+        try:
+            handle = self._spawn(job, run_dir)
+        except Exception as exc:  # the runner refused it (say, a Ray cluster gone): fail only this job
+            if not isinstance(exc, TuneryError):
+                log.exception("starting the worker of job %s failed", job.id)
+                exc = TuneryError(f"The job could not be started: {type(exc).__name__}: {exc}")
+            self._fail(job, {"code": "worker_not_started", "message": exc.message, "param": None})
+            return
+        self.store.update_job(job.id, pid=handle.pid)
+        self._running[job.id] = _Running(job.id, handle)
 
     def _follow(self, job_id: str) -> None:
         """Copy new complete lines of events.jsonl into the database."""
@@ -316,10 +396,10 @@ class LocalExecutor:
 
     def _finish(self, r: _Running) -> None:
         self._running.pop(r.job_id, None)
-        r.log_file.close()
-        self._conclude(r.job_id, r.intent, r.proc.returncode)
+        r.handle.close()
+        self._conclude(r.job_id, r.intent, r.handle.poll(), r.handle.detail)
 
-    def _conclude(self, job_id: str, intent: str | None, rc: int | None) -> None:
+    def _conclude(self, job_id: str, intent: str | None, rc: int | None, detail: str | None = None) -> None:
         """Record how a worker ended: from run.json, what we asked of it (intent), its exit code."""
         job = self.store.get_job(None, job_id)
         run_dir = self.store.path(job.run_dir)
@@ -370,7 +450,11 @@ class LocalExecutor:
             else:
                 why = f"exited with code {rc} without a result"
             tail = _log_tail(run_dir / "worker.log")
-            message = f"The training process {why}." + (f" Last output: {tail}" if tail else "")
+            message = (
+                f"The training process {why}."
+                + (f" {detail}" if detail else "")
+                + (f" Last output: {tail}" if tail else "")
+            )
             self._fail(job, {"code": "worker_crashed", "message": message, "param": None})
 
     def _fail(self, job: Job, error: dict[str, Any]) -> None:
@@ -436,6 +520,27 @@ class LocalExecutor:
                 if not self.store.has_message(job.id, msg)
             ],
         )
+
+
+class LocalExecutor(Executor):
+    """Workers are subprocesses of this server."""
+
+    def _spawn(self, job: Job, run_dir: Path) -> WorkerHandle:
+        cmd = [sys.executable, "-m", "tunery.jobs.worker", "--data-dir", str(self.store.data_dir), job.id]
+        env = dict(os.environ)
+        if self.database_url:
+            env["TUNERY_DATABASE_URL"] = self.database_url
+        log_file = open(run_dir / "worker.log", "ab")
+        # A new session: a Ctrl-C in the server's terminal reaches the server, which decides.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        return LocalProcess(proc, log_file)
 
 
 def _run_status(run_dir: Path) -> str | None:

@@ -5,6 +5,7 @@ OpenAI fields: `hyperparameters` {n_epochs, batch_size, learning_rate_multiplier
 metadata. Tunery extensions ride in extra body fields: `tunery: {method, objective, options: {name:
 {...}}, hyperparameters: {...any Tunery hyperparameter...}, <name>: {...}}`, or top-level
 `method_name` / `objective`. Any method or objective in the registries is accepted.
+`tunery.resources: {num_cpus, num_gpus}` is what the job reserves on a Ray cluster (the ray executor).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tunery.errors import TuneryError
 OBJECTIVE_FOR_TYPE = {"supervised": "sft", "dpo": "dpo"}
 OPENAI_HPARAMS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 _RANGES = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+_EXT_FIELDS = ("method", "objective", "options", "hyperparameters", "resources")  # the rest: option blocks
 
 
 class InvalidRequest(TuneryError):
@@ -110,7 +112,7 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     for key, value in (ext.get("options") or {}).items():
         options[key] = dict(value)
     for key, value in ext.items():
-        if key not in ("method", "objective", "options", "hyperparameters") and isinstance(value, dict):
+        if key not in _EXT_FIELDS and isinstance(value, dict):
             options[key] = dict(value)
     if mtype == "dpo" or "beta" in nested:
         beta = _check_hparam("beta", nested.get("beta", "auto"), "method.dpo.hyperparameters.beta")
@@ -127,12 +129,31 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     extra_hp = ext.get("hyperparameters") or {}
     if not isinstance(extra_hp, dict):
         raise InvalidRequest("tunery.hyperparameters must be an object.", param="tunery.hyperparameters")
+    ext_out = {"method": tuning, "objective": objective, "options": options, "hyperparameters": extra_hp}
+    if ext.get("resources") is not None:
+        ext_out["resources"] = _resources(ext["resources"])
     echo = {"type": mtype, mtype: {"hyperparameters": dict(hp)}} if mtype in OBJECTIVE_FOR_TYPE else method
     return {
         "hyperparameters": hp,
         "method": echo,
-        "tunery": {"method": tuning, "objective": objective, "options": options, "hyperparameters": extra_hp},
+        "tunery": ext_out,
     }
+
+
+def _resources(value: Any) -> dict[str, float]:
+    """What a job reserves where it runs (a Ray cluster); the server's flags fill in the rest."""
+    if not isinstance(value, dict) or not set(value) <= {"num_cpus", "num_gpus"}:
+        raise InvalidRequest(
+            'tunery.resources must be an object like {"num_cpus": 2, "num_gpus": 1}.',
+            param="tunery.resources",
+        )
+    for name, n in value.items():
+        if not isinstance(n, int | float) or isinstance(n, bool) or n < 0:
+            raise InvalidRequest(
+                f"Invalid tunery.resources.{name} {n!r}: expected a number >= 0.",
+                param=f"tunery.resources.{name}",
+            )
+    return {k: float(v) for k, v in value.items()}
 
 
 def slug(text: str, default: str = "user") -> str:

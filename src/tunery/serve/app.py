@@ -1,8 +1,9 @@
 """`create_app(settings)`: the OpenAI-compatible fine-tuning and inference API as one FastAPI app.
 
-The app owns a `Store` (SQLite or PostgreSQL), a `LocalExecutor` (training jobs in worker
-subprocesses) and a generation `Engine` (one base per model, an LRU of adapters). Every error a
-client can cause comes back in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+The app owns a `Store` (SQLite or PostgreSQL), an executor (training jobs in worker subprocesses,
+or Ray jobs with `executor="ray"`) and a generation `Engine` (one base per model, an LRU of
+adapters). Every error a client can cause comes back in OpenAI's shape:
+`{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,24 +20,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunery.errors import TuneryError
 from tunery.serve.common import BodyLimit, Settings, error_response, render_tunery_error
 
+if TYPE_CHECKING:
+    from tunery.jobs.executor import Executor
+    from tunery.jobs.store import Store
+
 log = logging.getLogger("tunery.serve")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from tunery.jobs.executor import LocalExecutor
     from tunery.jobs.store import Store
     from tunery.serve import classify, files, inference, jobs, models, ui
 
     store = Store(settings.data_dir, settings.database_url)
     if settings.api_key:
         store.ensure_key(settings.api_key, name="admin", admin=True)
-    executor = (
-        LocalExecutor(
-            store, settings.concurrency, grace=settings.cancel_grace_s, database_url=settings.database_url
-        )
-        if settings.run_executor
-        else None
-    )
+    try:
+        executor = make_executor(settings, store) if settings.run_executor else None
+    except TuneryError:
+        store.close()
+        raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -105,12 +107,33 @@ def create_app(settings: Settings) -> FastAPI:
             "status": "ok",
             "database": store.url.split("://", 1)[0],
             "running_jobs": len(executor._running) if executor is not None else 0,
+            "executor": settings.executor if executor is not None else None,
         }
 
     for module in (files, jobs, models, inference, classify, ui):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * (1 << 20))
     return app
+
+
+def make_executor(settings: Settings, store: Store) -> Executor:
+    """The executor `settings.executor` names; Ray is imported only when it is the one asked for."""
+    common = dict(
+        concurrency=settings.concurrency, grace=settings.cancel_grace_s, database_url=settings.database_url
+    )
+    if settings.executor == "ray":
+        from tunery.jobs.ray_executor import RayExecutor
+
+        return RayExecutor(
+            store,
+            settings.ray_address,
+            num_cpus=settings.ray_num_cpus,
+            num_gpus=settings.ray_num_gpus,
+            **common,
+        )
+    from tunery.jobs.executor import LocalExecutor
+
+    return LocalExecutor(store, **common)
 
 
 def get_engine(state: Any):

@@ -39,6 +39,12 @@ def serve_command(
     ),
     no_auth: bool = typer.Option(False, "--no-auth", help="No keys at all; only allowed on loopback."),
     concurrency: int = typer.Option(1, min=1, help="Training jobs run at the same time."),
+    executor: str = typer.Option("local", help="Where jobs run: local (subprocesses here) or ray."),
+    ray_address: str | None = typer.Option(
+        None, help="Ray dashboard URL for --executor ray (http://HEAD:8265)."
+    ),
+    ray_num_cpus: float = typer.Option(1.0, min=0, help="CPUs a job reserves on Ray unless it asks."),
+    ray_num_gpus: float = typer.Option(0.0, min=0, help="GPUs a job reserves on Ray unless it asks."),
     max_upload_mb: int = typer.Option(512, min=1, help="Largest file upload."),
     max_body_mb: int = typer.Option(16, min=1, help="Largest JSON request body."),
     max_files_per_key: int = typer.Option(1000, min=1, help="Files one key may store."),
@@ -58,6 +64,10 @@ def serve_command(
             database_url=database_url,
             no_auth=no_auth,
             concurrency=concurrency,
+            executor=executor,
+            ray_address=ray_address,
+            ray_num_cpus=ray_num_cpus,
+            ray_num_gpus=ray_num_gpus,
             max_upload_mb=max_upload_mb,
             max_body_mb=max_body_mb,
             max_files_per_key=max_files_per_key,

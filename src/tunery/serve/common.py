@@ -32,9 +32,22 @@ class Settings:
     adapter_cache: int = 8  # adapters kept loaded per base model (LRU)
     allow_local_models: bool = True  # model specs may be local directories / .gguf files on the server
     run_executor: bool = True  # False: an API-only process (tests, or a separate executor host)
+    executor: str = "local"  # local: worker subprocesses here; ray: Ray jobs on a cluster
+    ray_address: str | None = None  # the Ray dashboard URL (http://HEAD:8265), for executor "ray"
+    ray_num_cpus: float = 1.0  # what a job reserves on Ray unless it asks (tunery.resources)
+    ray_num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.executor not in ("local", "ray"):
+            raise TuneryError(f"Unknown executor {self.executor!r}: use local or ray.", code="invalid_config")
+        if self.executor == "ray" and not self.ray_address:
+            raise TuneryError(
+                "--executor ray needs --ray-address, the Ray dashboard URL (e.g. http://HEAD:8265).",
+                code="invalid_config",
+            )
+        if self.executor == "local" and self.ray_address:
+            raise TuneryError("--ray-address is only used with --executor ray.", code="invalid_config")
         if self.no_auth and not is_loopback(self.host):
             raise TuneryError(
                 f"--no-auth is only allowed when bound to loopback, not {self.host!r}.",

@@ -51,6 +51,7 @@ def job_object(job: Job) -> dict[str, Any]:
             "method": ext.get("method"),
             "objective": ext.get("objective"),
             "options": ext.get("options") or {},
+            "resources": ext.get("resources") or {},  # asked for on a Ray cluster; {} = server defaults
         },
     }
 
