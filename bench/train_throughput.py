@@ -423,7 +423,10 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=1, help="steps left out of tokens/s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--micro-batch-tokens", type=int, default=None, help="Tunery token budget per forward (default: its own)"
+        "--micro-batch-tokens",
+        type=int,
+        default=None,
+        help="Tunery token budget per forward (default: its own)",
     )
     p.add_argument("--variants", default="all", help=f"comma-separated subset of {ALL}")
     p.add_argument("--out", default=str(common.ROOT / "docs/bench"))

@@ -12,19 +12,14 @@ import torch
 
 from tunery.config import load_config
 from tunery.errors import DataError
+from tunery.testing import quick_run_config, write_jsonl
 from tunery.train import run
 
 POS = ["wonderful", "I loved this movie", "great story", "the acting was wonderful", "great"]
 NEG = ["terrible", "it broke", "support never answered", "terrible product", "broke after two days"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's 2 cores are shared: two threads fighting other processes run tiny models slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +27,6 @@ def tiny_bert(tmp_path_factory):
     from tunery.testing import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"), "bert")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def toy(path: Path, n: int, offset: int = 0) -> Path:
@@ -49,21 +39,14 @@ def toy(path: Path, n: int, offset: int = 0) -> Path:
 
 
 def config(tmp_path: Path, model: Path, data: Path, method: str, **sets):
-    base = {
-        "model": str(model),
-        "data.train": str(data),
-        "output": str(tmp_path / f"run-{method}"),
-        "objective": "classify",
-        "method": method,
-        "hyperparameters.precision": "fp32",
-        "hyperparameters.lr_scheduler": "constant",
-        "hyperparameters.warmup_ratio": 0,
+    defaults = {
         "hyperparameters.max_length": 32,
         "hyperparameters.n_epochs": 6,
         "hyperparameters.batch_size": 8,
     }
-    base.update(sets)
-    return load_config(sets=[f"{k}={v}" for k, v in base.items()])
+    return quick_run_config(
+        model, data, tmp_path / f"run-{method}", objective="classify", method=method, **{**defaults, **sets}
+    )
 
 
 @pytest.mark.parametrize(

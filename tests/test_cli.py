@@ -34,6 +34,31 @@ def test_precedence_yaml_then_set_then_flags(tmp_path):
     assert (cfg.model, cfg.seed, cfg.hyperparameters.n_epochs, cfg.objective) == ("c", 3, 1, "dpo")
 
 
+def test_config_and_sweep_files_share_one_yaml_reader(tmp_path):
+    from tunery.sweep import load_spec
+
+    cases = {
+        "list.yaml": ("- a\n- b\n", "top level must be a mapping of keys, not a list"),
+        "bad.yaml": ("model: [unclosed\n", "not valid YAML"),
+        "latin1.yaml": (b"model: caf\xe9\n", "cannot be read"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        for load in (load_config, load_spec):
+            with pytest.raises(ConfigError, match=message) as err:
+                load(path)
+            assert str(path) in err.value.message
+    with pytest.raises(ConfigError, match="Config file not found"):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="Sweep file not found"):
+        load_spec(tmp_path / "none.yaml")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"base": "list.yaml", "eval_data": "t.jsonl"}))
+    with pytest.raises(ConfigError, match="list.yaml: the top level must be a mapping"):
+        load_spec(spec)
+
+
 def test_method_options_sit_beside_the_method():
     cfg = load_config(sets=["method=lora", "lora.r=8", "lora.dora=true"])
     assert cfg.method_options.r == 8 and cfg.method_options.dora is True

@@ -9,6 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from tunery.evaluate.cli import register
+from tunery.testing import chat_row, write_jsonl
 
 LABELS = ["positive", "negative", "mixed"]
 
@@ -21,18 +22,7 @@ def app():
 
 
 def _write_chat(path, n):
-    rows = [
-        {
-            "messages": [
-                {"role": "system", "content": "Classify."},
-                {"role": "user", "content": f"review {i}"},
-                {"role": "assistant", "content": LABELS[i % 3]},
-            ]
-        }
-        for i in range(n)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_jsonl(path, [chat_row(f"review {i}", LABELS[i % 3], system="Classify.") for i in range(n)])
 
 
 def test_eval_cli_writes_eval_json(app, tiny_llama, tmp_path):

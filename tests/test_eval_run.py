@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tunery.data.types import Conversation
@@ -16,6 +14,7 @@ from tunery.evaluate.run import (
     split_example,
     with_few_shot,
 )
+from tunery.testing import write_jsonl
 
 SYSTEM = {"role": "system", "content": "Classify the sentiment."}
 
@@ -80,7 +79,7 @@ def test_evaluate_classification_keys_and_invalid(tiny, tmp_path):
     _, model, tok = tiny
     data = tmp_path / "test.jsonl"
     rows = [_conv(f"item {i}", lab) for i, lab in enumerate(["positive", "negative", "mixed"] * 2)]
-    data.write_text("\n".join(json.dumps({"messages": c.messages}) for c in rows) + "\n")
+    write_jsonl(data, [{"messages": c.messages} for c in rows])
     res = evaluate(model, tok, data, batch_size=4, progress=False)
     for key in (
         "accuracy",

@@ -9,27 +9,15 @@ import pytest
 import torch
 
 from tunery.config import load_config
+from tunery.testing import quick_run_config, write_jsonl
 from tunery.train import run
 from tunery.train.events import read_jsonl
 
 GOOD = ["wonderful", "great story", "I loved it", "the acting was wonderful", "positive"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's 2 cores are shared: two threads fighting other processes run tiny models ~5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 BAD = ["terrible", "it broke", "support never answered", "terrible product", "negative"]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def write_pairs(path: Path, n: int = 12) -> Path:
@@ -46,18 +34,8 @@ def write_pairs(path: Path, n: int = 12) -> Path:
 
 
 def config(tmp_path: Path, model: Path, data: Path, objective: str, **sets):
-    base = {
-        "model": str(model),
-        "data.train": str(data),
-        "output": str(tmp_path / f"run-{objective}"),
-        "objective": objective,
-        "method": "lora",
-        "hyperparameters.precision": "fp32",
-        "hyperparameters.lr_scheduler": "constant",
-        "hyperparameters.warmup_ratio": 0,
-    }
-    base.update(sets)
-    return load_config(sets=[f"{k}={v}" for k, v in base.items()])
+    sets = {"method": "lora", **sets}
+    return quick_run_config(model, data, tmp_path / f"run-{objective}", objective=objective, **sets)
 
 
 def load_saved(model_dir: Path):

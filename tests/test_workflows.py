@@ -193,38 +193,6 @@ def test_synth_cli_with_served_teacher(tmp_path, tiny_llama):
         assert row["messages"][0]["content"] in REVIEWS[2:5]
 
 
-def test_tensorboard_tracker_logs_every_metric_and_config(tmp_path, tiny_llama):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from tunery.config import load_config
-    from tunery.testing import write_chat_jsonl
-    from tunery.train import run
-    from tunery.train.events import read_jsonl
-
-    data = write_chat_jsonl(tmp_path / "train.jsonl", n=12)
-    cfg = load_config(
-        sets=[
-            f"model={tiny_llama}",
-            f"data.train={data}",
-            f"output={tmp_path / 'run'}",
-            "hyperparameters.n_epochs=2",
-            "hyperparameters.batch_size=4",
-            "hyperparameters.precision=fp32",
-            "report_to=[tensorboard]",
-        ]
-    )
-    result = run(cfg)
-    rows = read_jsonl(result.output_dir / "metrics.jsonl")
-    acc = EventAccumulator(str(result.output_dir / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"train_loss", "learning_rate", "train_mean_token_accuracy"} <= tags
-    logged = {e.step: e.value for e in acc.Scalars("train_loss")}
-    assert logged == pytest.approx({r["step"]: r["train_loss"] for r in rows})
-    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "n_epochs: 2" in config_text and "batch_size: 4" in config_text and str(tiny_llama) in config_text
-
-
 def test_missing_tracker_package_fails_the_run_cleanly(tmp_path, monkeypatch):
     import importlib.util
 

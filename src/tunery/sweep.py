@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from tunery.config import apply_set
+from tunery.config import apply_set, read_yaml_mapping
 from tunery.errors import ConfigError
 
 MINIMIZE = {"loss", "perplexity", "invalid"}
@@ -51,14 +51,7 @@ class SweepSpec:
 
 def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Sweep file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
+    raw = read_yaml_mapping(p, "Sweep file")
     allowed = set(SweepSpec.__dataclass_fields__)
     unknown = set(raw) - allowed
     if unknown:
@@ -66,9 +59,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     base = raw.get("base") or {}
     if isinstance(base, str):
         bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
-        base = yaml.safe_load(bp.read_text()) or {} if bp.is_file() else None
-        if base is None:
+        if not bp.is_file():
             raise ConfigError(f"{p}: base config {raw['base']} not found", param="base")
+        base = read_yaml_mapping(bp)
     if not raw.get("eval_data"):
         raise ConfigError(
             f"{p}: eval_data is required (the file every trial is evaluated on)", param="eval_data"

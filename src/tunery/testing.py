@@ -7,7 +7,14 @@ code path (resolve, load, train, save, serve) runs on them exactly as on a real 
 
 from __future__ import annotations
 
+import json
+import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunery.config import TuneryConfig
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -132,24 +139,46 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
 
 
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON object a line and return the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def chat_row(user: str, reply: str, system: str | None = None) -> dict[str, Any]:
+    """One OpenAI chat example: an optional system message, a user turn and the assistant's reply."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return {"messages": messages}
+
+
 def write_chat_jsonl(path: str | Path, n: int = 20, seed: int = 0) -> Path:
     """A small memorisable chat dataset: each question maps to a fixed colour."""
-    import json
-    import random
-
     rng = random.Random(seed)
-    path = Path(path)
-    with open(path, "w") as fh:
-        for i in range(n):
-            color = COLORS[i % len(COLORS)]
-            tail = rng.choice(["Answer briefly.", "One word please.", "Quick question."])
-            q = f"What colour is item {i}? {tail}"
-            row = {
-                "messages": [
-                    {"role": "system", "content": "You name colours."},
-                    {"role": "user", "content": q},
-                    {"role": "assistant", "content": color},
-                ]
-            }
-            fh.write(json.dumps(row) + "\n")
-    return path
+    rows = []
+    for i in range(n):
+        tail = rng.choice(["Answer briefly.", "One word please.", "Quick question."])
+        question = f"What colour is item {i}? {tail}"
+        rows.append(chat_row(question, COLORS[i % len(COLORS)], system="You name colours."))
+    return write_jsonl(path, rows)
+
+
+def quick_run_config(model: str | Path, data: str | Path, output: str | Path, **sets: Any) -> TuneryConfig:
+    """The config of a short deterministic test run: fp32, constant learning rate, no warmup.
+
+    `sets` are dotted config keys (`**{"hyperparameters.n_epochs": 2}`), applied as `--set` would;
+    they override these defaults.
+    """
+    from tunery.config import load_config
+
+    base: dict[str, Any] = {
+        "model": str(model),
+        "data.train": str(data),
+        "output": str(output),
+        "hyperparameters.precision": "fp32",
+        "hyperparameters.lr_scheduler": "constant",
+        "hyperparameters.warmup_ratio": 0,
+    }
+    base.update(sets)
+    return load_config(sets=[f"{k}={v}" for k, v in base.items()])

@@ -24,7 +24,7 @@ from tunery.objectives.common import (
     reference_row_logps,
     row_logps,
 )
-from tunery.objectives.losses import dpo_loss
+from tunery.objectives.losses import dpo_loss, preference_metrics
 
 
 class DPOOptions(BaseModel):
@@ -40,10 +40,9 @@ class DPOOptions(BaseModel):
 
 
 def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """Sums over pairs (the loop averages): accuracy = chosen rewarded above rejected."""
+    """`preference_metrics` and each side's implicit reward, as sums over pairs (the loop averages)."""
     return {
-        "accuracy": float((chosen_rewards > rejected_rewards).float().sum()),
-        "margin": float((chosen_rewards - rejected_rewards).sum()),
+        **preference_metrics(chosen_rewards, rejected_rewards),
         "chosen_reward": float(chosen_rewards.sum()),
         "rejected_reward": float(rejected_rewards.sum()),
     }

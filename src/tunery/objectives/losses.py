@@ -157,6 +157,14 @@ def sequence_logps_from_hidden(
 # --------------------------------------------------------------------------- paired preferences
 
 
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """The metrics every pairwise objective logs, as sums over pairs (the loop averages):
+    `accuracy`, chosen scored above rejected, and `margin`, the score gap. Scores are implicit
+    rewards (DPO, SimPO) or a reward model's outputs."""
+    diff = (chosen - rejected).detach()
+    return {"accuracy": float((diff > 0).float().sum()), "margin": float(diff.sum())}
+
+
 def dpo_loss(
     pol_chosen: torch.Tensor,
     pol_rejected: torch.Tensor,

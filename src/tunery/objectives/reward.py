@@ -21,7 +21,7 @@ from tunery.errors import ConfigError, DataError, ModelError
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.objectives.common import collate_rows, run_decoder
-from tunery.objectives.losses import bradley_terry_loss
+from tunery.objectives.losses import bradley_terry_loss, preference_metrics
 
 HEAD = "score"  # transformers' name for the head of decoder-only sequence classifiers
 
@@ -124,8 +124,8 @@ def loss(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> StepOut
     o: RewardOptions = ctx.options
     n = batch["n_pairs"]
     r = scores(model, batch)
-    losses, correct, margins = bradley_terry_loss(r[:n], r[n:], center_coefficient=o.center_coefficient)
-    return StepOutput(losses.sum(), {"accuracy": float(correct.sum()), "margin": float(margins.sum())})
+    losses, _, _ = bradley_terry_loss(r[:n], r[n:], center_coefficient=o.center_coefficient)
+    return StepOutput(losses.sum(), preference_metrics(r[:n], r[n:]))
 
 
 def load_reward_model(adapter: str | Path, model: str | None = None, dtype: Any = None):
