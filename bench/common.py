@@ -147,13 +147,15 @@ def steady_rate(tokens: list[int], seconds: list[float], warmup: int) -> tuple[f
     return (tok / sec if sec > 0 else 0.0), tok, sec
 
 
-def run_child(script: Path, args: list[str], timeout: float | None = None) -> dict[str, Any]:
+def run_child(
+    script: Path, args: list[str], timeout: float | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run `script --child ...` in a fresh interpreter; it writes its result as JSON to a file."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, str(script), *args, "--result", str(result_path)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not result_path.exists():
             tail = (proc.stderr or proc.stdout)[-3000:]

@@ -19,7 +19,8 @@ gradient clipping at 1.0, for one epoch over `--examples` rows:
   supervised positions, bf16 autocast when the CPU has it, fused AdamW, length-sorted micro-batches).
 - Levers, each Tunery with one thing undone: `tunery-mask4d` (one SDPA call with a dense 4D block
   mask instead of per-example attention), `tunery-full-head` (LM head at every position),
-  `tunery-padded` (padded micro-batches instead of packing), `tunery-fp32` (no bf16 autocast).
+  `tunery-padded` (padded micro-batches instead of packing), `tunery-fp32` (no bf16 autocast),
+  `tunery-glibc` (the system allocator instead of jemalloc).
 
 Per variant: non-padding tokens/s over the steps after `--warmup-steps`, peak RSS of the child, the
 stack's own last training loss, a held-out loss measured identically for all (fp32, one example at
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ import common  # noqa: E402
 
 DATA = common.ROOT / "datasets/chat_bench/train.jsonl"
 BASELINES = ["trainer-defaults", "trainer-tuned", "trl-defaults", "trl-tuned"]
-LEVERS = ["tunery-mask4d", "tunery-full-head", "tunery-padded", "tunery-fp32"]
+LEVERS = ["tunery-mask4d", "tunery-full-head", "tunery-padded", "tunery-fp32", "tunery-glibc"]
 ALL = [*BASELINES, "tunery", *LEVERS]
 
 
@@ -286,6 +288,8 @@ def _step_tokens(train: list[dict], config) -> list[int]:
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from tunery.train.memory import active_allocator
+
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         path = model_dir(args.model, tmp)
@@ -309,6 +313,7 @@ def child(args: argparse.Namespace) -> None:
         out["flops_per_token"] = common.flops_per_token(counts, sup / total)
         out["peak_rss_mb"] = common.peak_rss_mb()
         out["threads"] = torch.get_num_threads()
+        out["allocator"] = active_allocator()
     Path(args.result).write_text(json.dumps(out))
 
 
@@ -330,20 +335,21 @@ def markdown(report: dict) -> str:
         f"{report['load_average_after']}. Matmul peaks (this run): fp32 {report['peak_gflops']['fp32']:.0f} "
         f"GFLOPS, bf16 {report['peak_gflops']['bf16']:.0f} GFLOPS.",
         "",
-        "| variant | precision | grad ckpt | tok/s | vs trainer-tuned | peak RSS MB | last train loss "
-        "| held-out loss | MFU (own dtype peak) | MFU (bf16 peak) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | grad ckpt | allocator | tok/s | vs trainer-tuned | peak RSS MB "
+        "| last train loss | held-out loss | MFU (own dtype peak) | MFU (bf16 peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = report["results"].get("trainer-tuned", {}).get("tokens_per_second")
     for name, r in report["results"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | | |")
             continue
         ratio = f"{r['tokens_per_second'] / ref:.2f}x" if ref else "-"
         last = f"{r['train_loss_last']:.4f}" if r["train_loss_last"] is not None else "-"
         lines.append(
             f"| {name} | {r['precision']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-            f"{r['tokens_per_second']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | {last} | "
+            f"{r.get('allocator', '-')} | {r['tokens_per_second']:.1f} | {ratio} | "
+            f"{r['peak_rss_mb']:.0f} | {last} | "
             f"{r['heldout_loss']:.4f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_bf16']:.1f}% |"
         )
     lines += [
@@ -355,6 +361,17 @@ def markdown(report: dict) -> str:
         f"{report['supervised_fraction']:.2f}. MFU = model FLOPs/s over the matmul peak.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def child_env(variant: str) -> dict[str, str]:
+    """Tunery runs on jemalloc where installed, as `tunery train` does (train/memory.py); the baselines
+    and the `tunery-glibc` lever run on the system allocator, as they would by default."""
+    from tunery.train.memory import ALLOCATOR_ENV, allocator_env
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    if variant.startswith("tunery") and variant != "tunery-glibc":
+        return allocator_env(env)
+    return {**env, ALLOCATOR_ENV: "system"}
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -374,7 +391,7 @@ def parent(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     results: dict[str, Any] = {}
     for v in variants:
-        r = common.run_child(Path(__file__), ["--child", v, *shared])
+        r = common.run_child(Path(__file__), ["--child", v, *shared], env=child_env(v))
         if "error" not in r:
             flops = r["flops_per_token"] * r["tokens_per_second"] / 1e9
             r["model_gflops"] = flops

@@ -157,6 +157,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
     last = list_checkpoints(out / "checkpoints")[-1]
     assert json.loads((last / "meta.json").read_text())["step"] == len(losses(out))
     assert (last / "model" / "adapter_config.json").exists()
+    # `tunery train` re-executed itself on jemalloc where installed; SIGTERM still reached it (same pid).
+    from tunery.train.memory import find_jemalloc
+
+    started = next(e for e in read_jsonl(out / "events.jsonl") if "allocator" in (e.get("data") or {}))
+    assert started["data"]["allocator"] == ("jemalloc" if find_jemalloc() else "system")
 
 
 def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path, tiny_llama):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -234,7 +235,15 @@ def _mount() -> None:
 _mount()
 
 
+# Commands that train in this process; they re-execute on jemalloc first (tunery/train/memory.py).
+TRAINING_COMMANDS = ("train", "quickstart", "sweep")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS and "--help" not in sys.argv:
+        from tunery.train.memory import maybe_reexec
+
+        maybe_reexec(sys.argv[1:])
     app()
 
 

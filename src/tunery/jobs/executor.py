@@ -527,7 +527,9 @@ class LocalExecutor(Executor):
 
     def _spawn(self, job: Job, run_dir: Path) -> WorkerHandle:
         cmd = [sys.executable, "-m", "tunery.jobs.worker", "--data-dir", str(self.store.data_dir), job.id]
-        env = dict(os.environ)
+        from tunery.train.memory import allocator_env
+
+        env = allocator_env()  # workers train: on jemalloc where installed (train/memory.py)
         if self.database_url:
             env["TUNERY_DATABASE_URL"] = self.database_url
         log_file = open(run_dir / "worker.log", "ab")
