@@ -11,7 +11,9 @@ PROBE = "from tunery.train.memory import active_allocator; print(active_allocato
 
 
 def _allocator_of(env):
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_system_allocator_when_turned_off():
