@@ -244,7 +244,7 @@ def main() -> None:
         from tunery.train.memory import maybe_reexec
 
         maybe_reexec(sys.argv[1:])
-    app()
+    app(prog_name="tunery")  # also after a re-exec as `python -m tunery.cli`
 
 
 if __name__ == "__main__":
