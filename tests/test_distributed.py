@@ -89,6 +89,16 @@ def test_launch_command_reruns_train_under_torchrun():
     assert cmd[-6:] == ["-m", "tunery.cli", "train", "cfg.yaml", "--set", "a=1"]
 
 
+def test_ranks_get_the_users_arguments_minus_the_launcher_flags():
+    from tunery.cli import rank_args
+
+    argv = ["cfg.yaml", "--nproc", "2", "--set", "a=1", "--nnodes=2", "--node-rank", "1", "--master-addr=h"]
+    argv += ["--master-port", "29501", "--resume", "--some-future-option", "x"]
+    assert rank_args(argv) == ["cfg.yaml", "--set", "a=1", "--resume", "--some-future-option", "x"]
+    assert rank_args(["--nproc=2", "--", "--nproc"]) == ["--", "--nproc"]  # after --, a positional
+    assert rank_args(["--nprocs", "--master-address=x"]) == ["--nprocs", "--master-address=x"]  # not ours
+
+
 def test_distributed_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="distributed.fsdp.shard_everything"):
         load_config(sets=["distributed.fsdp.shard_everything=true"])

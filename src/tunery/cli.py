@@ -108,34 +108,44 @@ def train(
     console.print(f"Chat with it:  tunery chat --adapter {model_dir}")
 
 
+# `train` options that configure torchrun rather than the run; each takes a value.
+LAUNCHER_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def rank_args(argv: list[str]) -> list[str]:
+    """The ranks' `tunery train` arguments: the user's `argv` (after `train`) minus the launcher flags.
+
+    Forwarding the user's own arguments, not ones rebuilt from the parsed options, means a new `train`
+    option reaches the ranks without being listed here."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":  # the rest is positional, even if it looks like a flag
+            out += [arg, *it]
+        elif arg in LAUNCHER_FLAGS:
+            next(it, None)  # its value
+        elif arg.split("=", 1)[0] not in LAUNCHER_FLAGS:
+            out.append(arg)
+    return out
+
+
 def _launch(cfg, params: dict) -> str:
     """Validate here (a config or data error costs no launch), then re-run this command under torchrun
     with the same arguments minus the launcher flags."""
+    from tunery.errors import ConfigError
     from tunery.objectives import OBJECTIVES
     from tunery.train import distributed
     from tunery.train.run import load_and_validate
 
+    # sys.argv is [<tunery script or .../tunery/cli.py>, "train", ...] both when run as `tunery` and
+    # after main()'s re-exec as `python -m tunery.cli`; anything else (an in-process call such as
+    # typer's CliRunner) has no command line to forward.
+    if sys.argv[1:2] != ["train"]:
+        raise ConfigError("--nproc/--nnodes need the `tunery train` command line to pass on to the ranks.")
     distributed.check(cfg)
     load_and_validate(cfg, OBJECTIVES.get(cfg.objective).data_kind, cfg.objective)
-    args = [str(params["config"])] if params["config"] else []
-    for s in params["set_"]:
-        args += ["--set", s]
-    flags = {
-        "--model": "model",
-        "--data": "data",
-        "--validation-data": "validation_data",
-        "--method": "method",
-        "--objective": "objective",
-        "--output": "output",
-        "--init-from": "init_from",
-    }
-    for flag, name in flags.items():
-        if params[name] is not None:
-            args += [flag, str(params[name])]
-    if params["resume"]:
-        args.append("--resume")
     cmd = distributed.launch_command(
-        args,
+        rank_args(sys.argv[2:]),
         nproc=params["nproc"],
         nnodes=params["nnodes"],
         node_rank=params["node_rank"],
