@@ -119,6 +119,51 @@ def test_sampling_is_seeded_and_independent_of_batching(tiny):
     assert a[0].token_ids != a[1].token_ids  # the n choices differ
 
 
+def _greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from a full forward per step: peft's own way of adding a learned prompt."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.tensor([ids])
+            ids.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "p_tuning"])
+def test_prompt_learning_decodes_like_a_full_forward(tiny, method):
+    """peft adds the learned prompt on every forward; the KV-cached decode must add it exactly once."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from tunery.evaluate.generate import _Seq, decode_steps
+    from tunery.methods import METHODS
+
+    path, _, tok = tiny
+    m = METHODS.get(method)
+    model = m.apply(AutoModelForCausalLM.from_pretrained(path), m.options(num_virtual_tokens=4)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # a prompt that really changes the replies
+    prompts = _prompts(tok)[:3]
+    seqs = [_Seq(p, GenerationParams(max_new_tokens=n), tok) for p, n in zip(prompts, (6, 2, 4), strict=True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated `past_key_values=` either
+        for _ in decode_steps(model, tok, seqs, autocast=False):  # rows of unequal length, ending apart
+            pass
+        with model.disable_adapter():  # the base model, through the same wrapper
+            base = generate_batch(model, tok, prompts, GenerationParams(max_new_tokens=6), autocast=False)
+    got = [s.result().token_ids for s in seqs]
+    assert got == [_greedy_without_cache(model, p, len(g)) for p, g in zip(prompts, got, strict=True)]
+    assert [r.token_ids for r in base] == [
+        r.token_ids
+        for r in generate_batch(*tiny[1:], prompts, GenerationParams(max_new_tokens=6), autocast=False)
+    ]
+    assert any(g != b.token_ids[: len(g)] for g, b in zip(got, base, strict=True))
+
+
 def test_logprobs(tiny):
     _, model, tok = tiny
     res = generate_batch(

@@ -11,6 +11,7 @@ bf16 matmuls.
 from __future__ import annotations
 
 import functools
+import inspect
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -308,6 +309,34 @@ def _entries(logp: Any, row: int, token_id: int, seq: _Seq, tokenizer: Any) -> d
     return entry
 
 
+def _cache_arg(model: Any) -> str:
+    """The forward's KV-cache argument: transformers 5.24 renamed `past_key_values` to `cache` (the old
+    name warns, and goes in 5.40); older versions and remote-code models only take `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _learned_prompt(model: Any, ids: Any, mask: Any) -> tuple[Any, dict[str, Any], Any, Any]:
+    """(model to call, first-step inputs, prefilled cache or None, attention mask) for the decode loop.
+
+    peft's forward adds a prompt-learning adapter's prompt on every call (for prefix tuning a fresh
+    prefix cache that replaces the caller's; otherwise virtual tokens prepended again), which is right for
+    one full forward but not for a KV-cached decode. So the prompt goes in once, before the first step,
+    and the base model runs every step."""
+    import torch
+
+    cfg = getattr(model, "active_peft_config", None)
+    if not getattr(cfg, "is_prompt_learning", False) or getattr(model, "_adapters_disabled", False):
+        return model, {"input_ids": ids}, None, mask
+    base = model.get_base_model()
+    prompt = model.get_prompt(ids.shape[0])
+    mask = torch.cat([torch.ones((ids.shape[0], cfg.num_virtual_tokens), dtype=mask.dtype), mask], dim=1)
+    if isinstance(prompt, torch.Tensor):  # prompt tuning, p-tuning: virtual-token embeddings
+        embeds = base.get_input_embeddings()(ids)
+        return base, {"inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1)}, None, mask
+    return base, {"input_ids": ids}, prompt, mask  # prefix tuning: the key/value prefixes, as a cache
+
+
 def decode_steps(
     model: Any,
     tokenizer: Any,
@@ -337,24 +366,29 @@ def decode_steps(
     for row, s in enumerate(seqs):
         ids[row, width - len(s.prompt) :] = torch.tensor(s.prompt)
         mask[row, width - len(s.prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     active = list(seqs)
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:
-        cache = DynamicCache()
     want_logprobs = any(s.params.logprobs for s in seqs)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-        step_ids, step_pos = ids, positions
+        forward, step, cache, mask = _learned_prompt(model, ids, mask)
+        if cache is None:
+            try:
+                cache = DynamicCache(config=model.config)
+            except TypeError:
+                cache = DynamicCache()
+        cache_arg = _cache_arg(forward)
+        # Positions follow the mask, virtual tokens included (peft numbers the real tokens after them);
+        # a prefix-tuning cache already holds the mask's first columns.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_pos = positions[:, cache.get_seq_length() :]
         while True:
             extra = {"adapter_names": [s.adapter or "__base__" for s in active]} if mixed_adapters else {}
-            out = model(
-                input_ids=step_ids,
+            out = forward(
+                **step,
                 attention_mask=mask,
                 position_ids=step_pos,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_arg: cache},
                 **extra,
             )
             logits = out.logits[:, -1, :].float()
@@ -373,7 +407,7 @@ def decode_steps(
                 mask, positions = mask[index], positions[index]
                 chosen = [chosen[r] for r in keep]
                 active = [active[r] for r in keep]
-            step_ids = torch.tensor(chosen, dtype=torch.long)[:, None]
+            step = {"input_ids": torch.tensor(chosen, dtype=torch.long)[:, None]}
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
             step_pos = positions
