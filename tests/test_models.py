@@ -175,6 +175,40 @@ def test_tasks_and_dtype(tiny_dirs):
         load_model(tiny_dirs["qwen2"], task="translation")
 
 
+def test_new_head_load_report_shows_only_real_problems(tiny_dirs, tmp_path):
+    """Creating a head, transformers' LOAD REPORT (new head MISSING, LM head UNEXPECTED) is noise; a
+    report without `new_head`, or one listing a base weight, still comes through."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reports.append(record.getMessage())
+
+    reports: list[str] = []
+    log, handler = logging.getLogger("transformers.modeling_utils"), Collect()
+    log.addHandler(handler)
+    try:
+        for arch in ("llama", "qwen2", "bert"):  # tied and untied (lm_head unexpected) decoders, an encoder
+            load_model(tiny_dirs[arch], task="sequence-classification", num_labels=2, new_head=True)
+        assert not [r for r in reports if "LOAD REPORT" in r]
+        load_model(tiny_dirs["llama"], task="sequence-classification", num_labels=2)
+        assert "LOAD REPORT" in reports[-1] and "score.weight" in reports[-1]
+        broken = tmp_path / "broken"
+        shutil.copytree(tiny_dirs["llama"], broken)
+        weights = broken / "model.safetensors"
+        state = load_file(weights)
+        del state["model.norm.weight"]
+        save_file(state, weights, metadata={"format": "pt"})
+        reports.clear()
+        load_model(broken, task="sequence-classification", num_labels=2, new_head=True)
+        assert "model.norm.weight" in reports[-1] and "score.weight" in reports[-1]  # the whole report
+    finally:
+        log.removeHandler(handler)
+
+
 def test_pad_token_falls_back_to_eos(tiny_dirs, tmp_path):
     import shutil
 

@@ -101,12 +101,16 @@ def load_model(
     trust_remote_code: bool = False,
     task: Task = "causal-lm",
     num_labels: int | None = None,
+    new_head: bool = False,
     **from_pretrained_kwargs: Any,
 ):
     """Load a model for `task` from safetensors weights; its config's pad id is always set.
 
     `dtype` is a torch dtype, a name ("bf16", "float32", ...) or "auto"; None keeps transformers'
     default. Extra keyword arguments go to `from_pretrained` (e.g. `quantization_config`).
+    `new_head`: `spec` is a base model and the classification head is created here (left fresh, or
+    filled afterwards from a trained adapter), so transformers' report of that head swap is expected
+    and not shown; see `_load_new_head`.
     """
     import transformers
 
@@ -140,13 +144,53 @@ def load_model(
         kwargs["dtype"] = _torch_dtype(dtype)
     auto_class = getattr(transformers, _AUTO_CLASSES[task])
     try:
-        loaded = auto_class.from_pretrained(model.path, config=config, **kwargs)
+        if new_head:
+            loaded = _load_new_head(auto_class, model.path, config, kwargs)
+        else:
+            loaded = auto_class.from_pretrained(model.path, config=config, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(model, "model", exc) from None
     gen = getattr(loaded, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = config.pad_token_id
     return loaded
+
+
+def _load_new_head(auto_class: Any, path: Any, config: Any, kwargs: dict[str, Any]) -> Any:
+    """`from_pretrained` without transformers' LOAD REPORT when it shows only the head swap.
+
+    Creating a head on a base model, transformers warns (a table on the `transformers.modeling_utils`
+    logger) that the head's weights are MISSING and, for an untied causal LM, that `lm_head.weight` is
+    UNEXPECTED: keys outside the base model (`base_model_prefix`), which is exactly the swap asked for.
+    The report is logged before `from_pretrained` returns the loading info, so it is held back by a
+    filter (for this thread's records only) and let through if anything else is missing, unexpected
+    or mismatched, or if the load fails."""
+    import logging
+    import threading
+
+    log = logging.getLogger("transformers.modeling_utils")
+    thread = threading.get_ident()
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread == thread and "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    log.addFilter(hold)
+    expected = False
+    try:
+        loaded, info = auto_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+        base = f"{loaded.base_model_prefix}."
+        swap = [*info["missing_keys"], *info["unexpected_keys"]]
+        expected = not info["mismatched_keys"] and not any(k.startswith(base) for k in swap)
+        return loaded
+    finally:
+        log.removeFilter(hold)
+        if not expected:
+            for record in held:
+                log.handle(record)
 
 
 def check_safetensors(model: ResolvedModel) -> None:

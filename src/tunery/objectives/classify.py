@@ -173,7 +173,10 @@ def load_classification_model(
     has none of that size), labels recorded in its config."""
     from tunery.models import load_model
 
-    model = load_model(spec, dtype=dtype, task="sequence-classification", num_labels=len(labels), **kwargs)
+    # `spec` is the base model both when training and when a trained adapter is loaded onto it.
+    model = load_model(
+        spec, dtype=dtype, task="sequence-classification", num_labels=len(labels), new_head=True, **kwargs
+    )
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {label: i for i, label in enumerate(labels)}
     model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"

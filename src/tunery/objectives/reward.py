@@ -154,7 +154,10 @@ def load_reward_model(adapter: str | Path, model: str | None = None, dtype: Any 
     method = METHODS.get(info["method"])
     opts = method.options.model_validate(info.get("method_options") or {})
     kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
-    base = load_model(spec, dtype=dtype, task="sequence-classification", num_labels=1, **kwargs)
+    # The base model with a fresh head; the trained head comes from the adapter (`method.load`).
+    base = load_model(
+        spec, dtype=dtype, task="sequence-classification", num_labels=1, new_head=True, **kwargs
+    )
     return method.load(_scoring_only(base), path, trainable=False).eval(), tokenizer
 
 
