@@ -20,7 +20,8 @@ gradient clipping at 1.0, for one epoch over `--examples` rows:
 - Levers, each Tunery with one thing undone: `tunery-mask4d` (one SDPA call with a dense 4D block
   mask instead of per-example attention), `tunery-full-head` (LM head at every position),
   `tunery-padded` (padded micro-batches instead of packing), `tunery-fp32` (no bf16 autocast),
-  `tunery-glibc` (the system allocator instead of jemalloc).
+  `tunery-glibc` (the system allocator instead of jemalloc), `tunery-unfused` (peft's own LoRA
+  forward instead of the fused LoRA layer).
 
 Per variant: non-padding tokens/s over the steps after `--warmup-steps`, peak RSS of the child, the
 stack's own last training loss, a held-out loss measured identically for all (fp32, one example at
@@ -45,7 +46,14 @@ import common  # noqa: E402
 
 DATA = common.ROOT / "datasets/chat_bench/train.jsonl"
 BASELINES = ["trainer-defaults", "trainer-tuned", "trl-defaults", "trl-tuned"]
-LEVERS = ["tunery-mask4d", "tunery-full-head", "tunery-padded", "tunery-fp32", "tunery-glibc"]
+LEVERS = [
+    "tunery-mask4d",
+    "tunery-full-head",
+    "tunery-padded",
+    "tunery-fp32",
+    "tunery-glibc",
+    "tunery-unfused",
+]
 ALL = [*BASELINES, "tunery", *LEVERS]
 
 
@@ -215,11 +223,12 @@ def run_tunery(
 ) -> dict:
     from tunery.config import TuneryConfig
     from tunery.methods import load_trained
-    from tunery.train import attention, forward
+    from tunery.train import attention, forward, lora_kernel
     from tunery.train.precision import autocast_dtype
 
     attention.MODE = "mask" if variant == "tunery-mask4d" else "segments"
     forward.SUPERVISED_HEAD_ONLY = variant != "tunery-full-head"
+    lora_kernel.ENABLED = variant != "tunery-unfused"
     precision = "fp32" if variant == "tunery-fp32" else "auto"
     config = TuneryConfig.model_validate(
         {

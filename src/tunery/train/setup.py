@@ -115,6 +115,7 @@ def _train(
     from accelerate import Accelerator
 
     from tunery.train.attention import use_packed_attention
+    from tunery.train.lora_kernel import fuse_lora_layers
     from tunery.train.run import RunResult, finish, seed_everything, write_config
 
     main = dist is None or dist.is_main
@@ -160,6 +161,7 @@ def _train(
     )
 
     packed = hp.packing and method.supports_packing and use_packed_attention(_base(model))
+    fuse_lora_layers(model)  # one autograd node per LoRA layer, exact (train/lora_kernel.py)
     cpu = not torch.cuda.is_available()
     dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
     accelerator = Accelerator(
