@@ -10,6 +10,8 @@ for the model with a rank-16 LoRA adapter on all linear layers (random non-zero 
 Throughput counts generated tokens up to and including each row's end-of-sequence token, so a stack
 that keeps decoding finished rows gets no credit for it. Adapter switch latency is measured in the
 Engine: `set_adapter` between two loaded rank-16 adapters (and, separately, the first load from disk).
+Tunery also runs once more with its skinny decode matmuls off (`evaluate/skinny.py`), to show that
+lever's share.
 
 Writes docs/bench/generate_throughput.{json,md}.
 """
@@ -107,18 +109,33 @@ def run_hf(model, tok, prompts, batch: int, max_new: int, eos: set[int]) -> tupl
     return total, outs
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> list[tuple[float, int, list[list[int]]]]:
-    """Best-of-`repeats` wall time of two stacks, run alternately so machine load hits both alike."""
-    fn_a(), fn_b()  # warm-up: first-call allocations and lazy initialisation
-    best = [(float("inf"), 0, []), (float("inf"), 0, [])]
+def timed(fns: list, repeats: int) -> list[tuple[float, int, list[list[int]]]]:
+    """Best-of-`repeats` wall time of each stack, run in turn so machine load hits them alike."""
+    for fn in fns:  # warm-up: first-call allocations and lazy initialisation
+        fn()
+    best = [(float("inf"), 0, [])] * len(fns)
     for _ in range(repeats):
-        for i, fn in enumerate((fn_a, fn_b)):
+        for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             tokens, outs = fn()
             elapsed = time.perf_counter() - t0
             if elapsed < best[i][0]:
                 best[i] = (elapsed, tokens, outs)
     return best
+
+
+def without_skinny(fn):
+    """`fn` with Tunery's skinny decode matmuls turned off (the lever's contribution)."""
+    from tunery.evaluate import skinny
+
+    def run():
+        skinny.ENABLED = False
+        try:
+            return fn()
+        finally:
+            skinny.ENABLED = True
+
+    return run
 
 
 def switch_latency(model_spec: str, adapters: list[str], prompt: list[int], rounds: int) -> dict:
@@ -168,10 +185,10 @@ def main() -> None:
         rows = []
         for name, mdl in variants.items():
             for batch in (1, 8):
-                (t_s, n_t, out_t), (t_h, n_h, out_h) = timed_pair(
-                    lambda m=mdl, b=batch: run_tunery(m, tok, prompts, b, max_new),
-                    lambda m=mdl, b=batch: run_hf(m, tok, prompts, b, max_new, eos),
-                    args.repeats,
+                ours = lambda m=mdl, b=batch: run_tunery(m, tok, prompts, b, max_new)  # noqa: E731
+                theirs = lambda m=mdl, b=batch: run_hf(m, tok, prompts, b, max_new, eos)  # noqa: E731
+                (t_s, n_t, out_t), (t_p, n_p, _), (t_h, n_h, out_h) = timed(
+                    [ours, without_skinny(ours), theirs], args.repeats
                 )
                 same = sum(a == b for a, b in zip(out_t, out_h, strict=True))
                 rows.append(
@@ -179,6 +196,7 @@ def main() -> None:
                         "variant": name,
                         "batch": batch,
                         "tunery_tok_s": n_t / t_s,
+                        "tunery_plain_linear_tok_s": n_p / t_p,
                         "hf_tok_s": n_h / t_h,
                         "speedup": (n_t / t_s) / (n_h / t_h),
                         "tunery_tokens": n_t,
@@ -213,12 +231,14 @@ def main() -> None:
         f"tokens), max_new_tokens={max_new}, {result['threads']} threads, bf16 autocast: "
         f"{result['bf16_autocast']}.",
         "",
-        "| variant | batch | Tunery tok/s | transformers generate tok/s | speedup | identical outputs |",
-        "|---|---|---|---|---|---|",
+        "| variant | batch | Tunery tok/s | Tunery, F.linear decode tok/s | transformers generate tok/s "
+        "| speedup | identical outputs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['batch']} | {r['tunery_tok_s']:.1f} | {r['hf_tok_s']:.1f} | "
+            f"| {r['variant']} | {r['batch']} | {r['tunery_tok_s']:.1f} | "
+            f"{r['tunery_plain_linear_tok_s']:.1f} | {r['hf_tok_s']:.1f} | "
             f"{r['speedup']:.2f}x | {r['identical_outputs']} |"
         )
     lines += [

@@ -354,6 +354,8 @@ def decode_steps(
     import torch
     from transformers import DynamicCache
 
+    from tunery.evaluate.skinny import skinny_linears
+
     if not seqs:
         return
     use_bf16 = bf16_supported() if autocast is None else autocast
@@ -368,7 +370,11 @@ def decode_steps(
         mask[row, width - len(s.prompt) :] = 1
     active = list(seqs)
     want_logprobs = any(s.params.logprobs for s in seqs)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16),
+        skinny_linears(model),  # decode steps read the weights twice as fast (evaluate/skinny.py)
+    ):
         forward, step, cache, mask = _learned_prompt(model, ids, mask)
         if cache is None:
             try:
