@@ -39,20 +39,24 @@ def ray_head():
 
     # Unix socket paths under the temp dir must stay under 108 bytes: a short dir, not tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="tray-", dir="/tmp")
-    ports = {
-        name: free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-            "node-manager-port",
-            "object-manager-port",
-        )
-    }
+    ports: dict[str, int] = {}
+    for name in (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+        "node-manager-port",
+        "object-manager-port",
+    ):
+        # Each call may hand back a port an earlier call returned (it is free again once probed),
+        # and Ray refuses to start when two components share one.
+        port = free_port()
+        while port in ports.values():
+            port = free_port()
+        ports[name] = port
     cmd = [
         shutil.which("ray") or "ray",
         "start",
