@@ -210,3 +210,29 @@ def test_continue_training_a_saved_model(name, tiny_llama, train_file, tmp_path)
     losses_second = [r["train_loss"] for r in read_jsonl(second.output_dir / "metrics.jsonl")]
     # the second run starts where the first ended, not from the base model
     assert losses_second[0] < losses_first[0] - 0.03, (losses_first, losses_second)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied LM head
+def test_full_load_checks_every_weight_is_there(arch, tmp_path, tiny_llama, tiny_qwen2):
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from tunery.errors import TuneryError
+    from tunery.methods import full
+
+    src = tiny_llama if arch == "llama" else tiny_qwen2
+    trained = tf.AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        trained.model.norm.weight.add_(1.0)
+    trained.save_pretrained(tmp_path / "full", safe_serialization=True)
+    loaded = full.load(tf.AutoModelForCausalLM.from_pretrained(src), tmp_path / "full")
+    torch.testing.assert_close(loaded.model.norm.weight, trained.model.norm.weight)
+    ids = torch.tensor([[3, 17, 99, 4]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+    shard = tmp_path / "full" / "model.safetensors"
+    state = load_file(shard)
+    del state["model.norm.weight"]
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(TuneryError, match="has no weights for model.norm.weight"):
+        full.load(tf.AutoModelForCausalLM.from_pretrained(src), tmp_path / "full")

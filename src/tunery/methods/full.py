@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tunery.errors import TuneryError
 from tunery.methods import register
 from tunery.methods.base import Method, NoOptions
 
@@ -29,9 +30,24 @@ def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn
         state.update(load_file(shard))
     missing, unexpected = base.load_state_dict(state, strict=False)
     if unexpected:
-        raise RuntimeError(f"weights in {path} do not fit the base model: {unexpected[:3]}")
+        raise TuneryError(
+            f"The weights in {path} do not fit the base model: {', '.join(unexpected[:3])}",
+            hint="Load it with the base model it was fine-tuned from.",
+            code="invalid_model",
+        )
     if getattr(base.config, "tie_word_embeddings", False):
         base.tie_weights()
+    # save_pretrained leaves out tied copies (the LM head shares the embeddings); any other tensor
+    # missing from the directory would silently keep the base's values, or a new head's random ones.
+    current = base.state_dict()
+    loaded = {current[k].data_ptr() for k in state if k in current}
+    lost = [k for k in missing if current[k].data_ptr() not in loaded]
+    if lost:
+        raise TuneryError(
+            f"{path} has no weights for {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}",
+            hint="It is not a complete `full` fine-tune of this base model.",
+            code="invalid_model",
+        )
     for p in base.parameters():
         p.requires_grad_(trainable)
     return base
