@@ -120,12 +120,13 @@ def heldout_loss(model: Any, examples: list[dict[str, list[int]]]) -> float:
     import torch.nn.functional as F
 
     model.eval()
+    device = next(model.parameters()).device  # the GPU bench measures on the GPU
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:
-            ids = torch.tensor([ex["input_ids"]])
+            ids = torch.tensor([ex["input_ids"]], device=device)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            tgt = torch.tensor(ex["labels"][1:])
+            tgt = torch.tensor(ex["labels"][1:], device=device)
             sel = tgt != IGNORE
             total += float(F.cross_entropy(logits[sel], tgt[sel], reduction="sum"))
             count += int(sel.sum())

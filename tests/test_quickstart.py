@@ -1,16 +1,31 @@
-"""The quickstart on the real embedded model, with a smaller budget: fine-tuning must beat the base."""
+"""The quickstart on the real embedded model: the fine-tuned model must reach the documented floor.
+
+The README measures 100% on the 90 test reviews of `datasets/sentiment` after the quickstart's two
+epochs. This test trains one epoch of the same recipe (LoRA r16, batch 8, learning rate 1e-3, the same
+seed and data) to save time, and still holds it to 90% on all 90 reviews, so a regression in quality
+(data, template, loss, LoRA, generation) fails here rather than only slipping below the base."""
+
+import json
 
 import pytest
 from rich.console import Console
 
+FLOOR = 0.9
+
 
 @pytest.mark.slow
-def test_quickstart_small_budget_improves_accuracy(tmp_path):
+@pytest.mark.timeout(1800)  # a real 135M model trained and evaluated three times on two CPU cores
+def test_quickstart_reaches_the_documented_floor(tmp_path):
     from tunery.quickstart import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(output=str(tmp_path / "qs"), n_epochs=1, max_train=96, max_test=30, shots=2)
+    settings = QuickstartSettings(output=str(tmp_path / "qs"), n_epochs=1, shots=2)
     summary = run_quickstart(settings, Console(record=True, width=120))
-    zero, few, after = (r["accuracy"] for r in summary["rows"])
-    assert after > zero and after > few, summary["rows"]
-    assert (tmp_path / "qs" / "quickstart.json").exists()
+    zero, few, after = summary["rows"]
+    assert summary["n_test"] == 90  # the whole test set, not a sample
+    assert after["label"] == "LoRA fine-tuned" and after["accuracy"] >= FLOOR, summary["rows"]
+    invalid = after["invalid"]["count"] if isinstance(after["invalid"], dict) else after["invalid"]
+    assert invalid == 0  # every reply is one of the labels
+    assert after["accuracy"] > max(zero["accuracy"], few["accuracy"])
+    saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert saved["rows"][-1]["accuracy"] == after["accuracy"]
     assert (tmp_path / "qs" / "run" / "model" / "adapter_config.json").exists()

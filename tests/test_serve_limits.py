@@ -85,7 +85,8 @@ def test_auth_errors_and_shapes(tmp_path):
             400,
         )
         assert c.get("/healthz").json()["status"] == "ok"
-        schema = c.get("/openapi.json").json()
+        _shape(c.get("/openapi.json"), 401, "invalid_api_key")  # the schema needs a key too
+        schema = c.get("/openapi.json", headers=H).json()
         for path in (
             "/v1/files",
             "/v1/fine_tuning/jobs",
@@ -102,6 +103,7 @@ def test_no_auth_only_on_loopback(tmp_path):
     with pytest.raises(TuneryError, match="only allowed when bound to loopback"):
         Settings(data_dir=tmp_path, host="0.0.0.0", no_auth=True)
     with TestClient(
-        create_app(Settings(data_dir=tmp_path / "d", host="127.0.0.1", no_auth=True, run_executor=False))
+        create_app(Settings(data_dir=tmp_path / "d", host="127.0.0.1", no_auth=True, run_executor=False)),
+        base_url="http://127.0.0.1",  # --no-auth answers loopback Host names only
     ) as c:
         assert c.get("/v1/models").status_code == 200

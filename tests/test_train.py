@@ -1,6 +1,7 @@
 """The training loop end to end on tiny models: learning, invariants, run directory, resume."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,11 @@ from tunery.config import load_config
 from tunery.testing import write_chat_jsonl
 from tunery.train import run
 from tunery.train.events import read_jsonl
+
+# The machine's cores are shared: one torch thread per process runs tiny models several times faster
+# under load, in this process (the fixture) and in the `tunery train` processes (ONE_THREAD).
+pytestmark = pytest.mark.usefixtures("one_thread")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _config(tmp_path, model, **sets):
@@ -86,7 +92,18 @@ def test_packed_equals_padded_training(tmp_path, tiny_qwen2):
     }
     packed = run(_config(tmp_path / "a", tiny_qwen2, **common))
     padded = run(_config(tmp_path / "b", tiny_qwen2, **common, **{"hyperparameters.packing": False}))
+    # what really ran: packing on one side only (a silent fallback would compare padded with padded),
+    # the fused LoRA layers and fp32 on both
+    assert levers(packed.output_dir) == {"packed": True, "fused": True, "precision": "fp32"}
+    assert levers(padded.output_dir) == {"packed": False, "fused": True, "precision": "fp32"}
     assert losses(packed.output_dir) == pytest.approx(losses(padded.output_dir), abs=1e-5)
+
+
+def levers(run_dir) -> dict:
+    """What the run's start event records as in effect."""
+    events = read_jsonl(Path(run_dir) / "events.jsonl")
+    (start,) = [e for e in events if e["message"] == "Fine-tuning job started"]
+    return {k: start["data"][k] for k in ("packed", "fused", "precision")}
 
 
 def _train_cmd(tmp_path, model, out, *extra):
@@ -105,7 +122,7 @@ def _train_cmd(tmp_path, model, out, *extra):
         "--set",
         "hyperparameters.precision=fp32",
         "--set",
-        "hyperparameters.n_epochs=10",
+        "hyperparameters.n_epochs=3",  # 72 steps: the kill after step 40 leaves 32 to resume
         "--set",
         "hyperparameters.batch_size=1",
         "--set",
@@ -116,12 +133,18 @@ def _train_cmd(tmp_path, model, out, *extra):
     ]
 
 
+@pytest.mark.slow  # three `tunery train` processes
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, tiny_llama):
-    ref = subprocess.run(_train_cmd(tmp_path, tiny_llama, tmp_path / "ref"), capture_output=True, text=True)
+    ref = subprocess.run(
+        _train_cmd(tmp_path, tiny_llama, tmp_path / "ref"), capture_output=True, text=True, env=ONE_THREAD
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        _train_cmd(tmp_path, tiny_llama, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _train_cmd(tmp_path, tiny_llama, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ONE_THREAD,
     )
     ckpts = out / "checkpoints"
     deadline = time.time() + 120
@@ -133,17 +156,21 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, tiny_llama):
     proc.wait()
     assert not (out / "model").exists(), "the run finished before it could be killed"
     resumed = subprocess.run(
-        _train_cmd(tmp_path, tiny_llama, out, "--resume"), capture_output=True, text=True
+        _train_cmd(tmp_path, tiny_llama, out, "--resume"), capture_output=True, text=True, env=ONE_THREAD
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(out) == pytest.approx(losses(tmp_path / "ref"), abs=1e-6)
-    assert len(losses(out)) == 240
+    assert len(losses(out)) == 72
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        _train_cmd(tmp_path, tiny_llama, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _train_cmd(tmp_path, tiny_llama, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ONE_THREAD,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 4):
@@ -213,3 +240,117 @@ def test_lora_on_smollm2_then_chat(tmp_path):
     prompt = chat_prompt(tok, [{"role": "user", "content": "What colour is item 2?"}])
     reply = generate_batch(model, tok, [prompt], GenerationParams(max_new_tokens=8))[0]
     assert reply.completion_tokens > 0 and reply.text.strip()
+
+
+# OpenAI's `auto` rules at their boundaries: epochs 3, raised below 100 example-passes (100 // n, at
+# most 25), lowered above 25,000 (25,000 // n, at least 1); batch 0.2% of n rounded, in [1, 256];
+# learning-rate multiplier 0.05 for batches up to 2, 0.1 below 64, 0.2 from 64.
+@pytest.mark.parametrize(
+    ("n", "epochs"),
+    [
+        (1, 25),
+        (3, 25),
+        (4, 25),
+        (5, 20),
+        (20, 5),
+        (33, 3),
+        (34, 3),
+        (8333, 3),
+        (8334, 2),
+        (12501, 1),
+        (10**6, 1),
+    ],
+)
+def test_auto_epochs_at_openai_boundaries(n, epochs):
+    from tunery.train.hparams import auto_epochs
+
+    assert auto_epochs(n) == epochs
+
+
+@pytest.mark.parametrize(
+    ("n", "batch"),
+    [(1, 1), (249, 1), (749, 1), (750, 2), (1000, 2), (1500, 3), (4000, 8), (32_000, 64), (128_000, 256)]
+    + [(128_250, 256), (128_750, 256), (10**7, 256)],
+)
+def test_auto_batch_size_at_boundaries_and_the_256_clamp(n, batch):
+    from tunery.train.hparams import auto_batch_size
+
+    assert auto_batch_size(n) == batch
+
+
+@pytest.mark.parametrize(
+    ("batch", "multiplier"),
+    [(1, 0.05), (2, 0.05), (3, 0.1), (7, 0.1), (8, 0.1), (63, 0.1), (64, 0.2), (256, 0.2)],
+)
+def test_auto_learning_rate_multiplier(batch, multiplier):
+    from tunery.train.hparams import auto_multiplier
+
+    assert auto_multiplier(batch) == multiplier
+
+
+def test_resolve_combines_the_rules_with_the_methods_base_rate():
+    from tunery.config import Hyperparameters
+    from tunery.train.hparams import resolve
+
+    auto = Hyperparameters()
+    # 32,000 examples: 1 epoch (25,000 // 32,000, at least 1), batch 64, multiplier 0.2 -> twice the
+    # method's base rate
+    assert resolve(auto, 32_000, 2e-4).as_dict() == {
+        "n_epochs": 1,
+        "batch_size": 64,
+        "learning_rate_multiplier": 0.2,
+        "learning_rate": pytest.approx(4e-4),
+    }
+    # 20 examples: 5 epochs, batch 1 (0.04 rounds to 0, clamped up), multiplier 0.05 -> half the base
+    r = resolve(auto, 20, 1e-4)
+    assert (r.n_epochs, r.batch_size, r.learning_rate_multiplier) == (5, 1, 0.05)
+    assert r.learning_rate == pytest.approx(5e-5)
+    # an explicit batch never exceeds the data; explicit values win over auto, a raw rate over both
+    fixed = Hyperparameters(n_epochs=2, batch_size=16, learning_rate_multiplier=0.3)
+    r = resolve(fixed, 10, 1e-4)
+    assert (r.n_epochs, r.batch_size, r.learning_rate_multiplier) == (2, 10, 0.3)
+    assert r.learning_rate == pytest.approx(3e-4)
+    assert resolve(Hyperparameters(learning_rate=0.5), 10, 1e-4).learning_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "auto_cpu"),
+    [
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", "bf16"),
+        ("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n", "bf16"),
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", None),  # bf16 would be emulated: fp32
+        (None, None),  # /proc/cpuinfo unreadable
+    ],
+)
+def test_autocast_dtype_follows_the_cpu_flags(monkeypatch, cpuinfo, auto_cpu):
+    import pathlib
+
+    import torch
+
+    from tunery.train import precision
+
+    real = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) != "/proc/cpuinfo":
+            return real(self, *args, **kwargs)
+        if cpuinfo is None:
+            raise PermissionError(str(self))
+        return cpuinfo
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    precision.cpu_has_bf16.cache_clear()  # the real flags may be cached already
+    try:
+        cpu = torch.device("cpu")
+        expected = {"bf16": torch.bfloat16, None: None}[auto_cpu]
+        assert precision.autocast_dtype("auto", cpu) == expected
+        # explicit choices never look at the flags
+        assert precision.autocast_dtype("fp32", cpu) is None
+        assert precision.autocast_dtype("bf16", cpu) == torch.bfloat16
+        assert precision.autocast_dtype("fp16", cpu) == torch.float16
+        # on CUDA, auto asks the GPU: bf16 where supported, else fp16
+        for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+            monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+            assert precision.autocast_dtype("auto", torch.device("cuda")) == dtype
+    finally:
+        precision.cpu_has_bf16.cache_clear()  # the next caller reads the real flags

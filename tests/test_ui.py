@@ -1,12 +1,14 @@
 """The web dashboard: its JSON endpoints over HTTP, then the pages driven in a real headless Chromium
 (Debian's `chromium` + `chromium-driver` through Selenium) on a tiny model: a job created from an
 uploaded file reaches succeeded with its curve drawn, and the playground chats with base and
-fine-tuned models side by side. Screenshots of every page go to docs/screenshots/."""
+fine-tuned models side by side. Screenshots of every page go to a temporary folder, or to the folder
+$TUNERY_SCREENSHOTS names (`TUNERY_SCREENSHOTS=docs/screenshots` refreshes the docs' copies)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
 import zipfile
@@ -20,7 +22,7 @@ from tunery.testing import make_tiny_model_dir
 
 KEY = "test-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SHOTS_ENV = "TUNERY_SCREENSHOTS"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -58,7 +60,7 @@ def test_pages_static_files_and_schema(env):
     for bad in ("/ui/../serve/ui.py", "/ui/%2e%2e/serve/ui.py", "/ui/nope.js"):
         r = httpx.get(base + bad)
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url", bad
-    paths = httpx.get(base + "/openapi.json").json()["paths"]
+    paths = httpx.get(base + "/openapi.json", headers=AUTH).json()["paths"]
     for path in ("/v1/tunery/registry", "/v1/tunery/validate", "/v1/tunery/estimate", "/v1/tunery/evaluate"):
         assert path in paths
     # The JSON endpoints need the same key as the rest of the API.
@@ -162,16 +164,27 @@ def wait(driver, predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; alert: {alert!r}")
 
 
-def shot(driver, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where screenshots go: never into the checkout unless $TUNERY_SCREENSHOTS asks for it."""
+    chosen = os.environ.get(SHOTS_ENV)
+    folder = Path(chosen).resolve() if chosen else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def shot(driver, folder: Path, name: str) -> None:
+    driver.save_screenshot(str(folder / f"{name}.png"))
 
 
 def css(driver, selector: str):
     return driver.find_element("css selector", selector)
 
 
-def test_dashboard_in_chromium(env, browser, tmp_path):
+@pytest.mark.slow  # a browser, a server and a training job
+def test_dashboard_in_chromium(env, browser, tmp_path, shots):
+    if not os.environ.get(SHOTS_ENV):  # a test run leaves the checkout as it found it
+        assert not shots.is_relative_to(Path(__file__).resolve().parents[1]), shots
     d, base, model = browser, env["base"], env["model"]
     t0 = time.time()
     marks = {}
@@ -215,7 +228,7 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     css(d, "#update-estimate").click()
     wait(d, lambda d: "5 steps" in css(d, "#estimate").text, 30, "the estimate")
     assert "Memory" in css(d, "#estimate").text
-    shot(d, "new-job")
+    shot(d, shots, "new-job")
     marks["new-job"] = round(time.time() - t0)
     css(d, "#create-job").click()
 
@@ -239,7 +252,7 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
         "return n;"
     )
     assert inked > 50
-    shot(d, "job-detail")
+    shot(d, shots, "job-detail")
     marks["job-detail"] = round(time.time() - t0)
     fine_tuned = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", headers=AUTH).json()["fine_tuned_model"]
 
@@ -256,7 +269,7 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     d.get(base + "/#/jobs")
     wait(d, lambda d: job_id in css(d, "main table").text and "100%" in css(d, "main table").text, 20, "row")
     assert "lora" in css(d, "main table").text and "sft" in css(d, "main table").text
-    shot(d, "jobs")
+    shot(d, shots, "jobs")
     marks["jobs"] = round(time.time() - t0)
 
     # Playground: the same prompt to the base and the fine-tuned model, streamed side by side.
@@ -273,7 +286,7 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     columns = d.find_elements("css selector", "#chat-columns [data-model]")
     assert [c.get_attribute("data-model") for c in columns] == [model, fine_tuned]
     assert all(c.find_element("css selector", ".msg.assistant").text for c in columns)
-    shot(d, "playground")
+    shot(d, shots, "playground")
     marks["playground"] = round(time.time() - t0)
 
     # Evaluate: the fine-tuned model on a small test file.
@@ -291,12 +304,12 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     wait(d, lambda d: "exact match" in css(d, "#eval-results").text, 120, "the metrics table")
     results = css(d, "#eval-results").text
     assert fine_tuned in results and model in results and "Disagreements (" in results
-    shot(d, "evaluate")
+    shot(d, shots, "evaluate")
     marks["evaluate"] = round(time.time() - t0)
 
     d.get(base + "/#/models")
     wait(d, lambda d: fine_tuned in css(d, "main").text, 20, "the models table")
-    shot(d, "models")
+    shot(d, shots, "models")
     marks["models"] = round(time.time() - t0)
 
     # Phone width: the navigation and the jobs table stay usable without sideways page scrolling.
@@ -305,6 +318,8 @@ def test_dashboard_in_chromium(env, browser, tmp_path):
     wait(d, lambda d: job_id in css(d, "main").text, 20, "the jobs table")
     width = d.execute_script("return document.documentElement.scrollWidth")
     assert width <= d.execute_script("return window.innerWidth") + 1
-    shot(d, "jobs-phone")
+    shot(d, shots, "jobs-phone")
+    pages = {"new-job", "job-detail", "jobs", "playground", "evaluate", "models", "jobs-phone"}
+    assert {p.stem for p in shots.glob("*.png") if p.stat().st_size > 1000} >= pages
     print("seconds since start:", marks)
     d.set_window_size(1280, 1000)

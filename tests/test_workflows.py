@@ -128,69 +128,178 @@ def test_synth_filters_parse_length_label_and_duplicates():
     assert f.reason({"input": "", "output": "positive"}) == "too_short"
 
 
+class ScriptedTeacher:
+    """A deterministic teacher: replies from a script, in order, and remembers each prompt."""
+
+    description = {"type": "scripted"}
+
+    def __init__(self, replies: list[str]):
+        self.replies, self.prompts = list(replies), []
+
+    def complete(self, prompts, temperature, max_tokens):
+        self.prompts += prompts
+        return [self.replies.pop(0) for _ in prompts]
+
+
+def test_synth_generate_mode_keeps_exactly_the_valid_new_examples():
+    from tunery.data.synth import synthesize
+
+    seeds = [{"input": REVIEWS[0], "output": "positive"}, {"input": REVIEWS[1], "output": "negative"}]
+    teacher = ScriptedTeacher(
+        [
+            json.dumps({"input": REVIEWS[2], "output": "Negative."}),  # kept, label canonicalised
+            "I cannot help with that.",  # unparseable
+            json.dumps({"input": REVIEWS[0].upper(), "output": "positive"}),  # a seed again
+            f"Input: {REVIEWS[3]}\nOutput: positive",  # kept (line format)
+            json.dumps({"input": REVIEWS[4], "output": "meh"}),  # not a label
+            json.dumps({"input": REVIEWS[3] + " today", "output": "positive"}),  # near a kept row
+            json.dumps({"input": REVIEWS[5], "output": "positive"}),  # judged too low below
+        ]
+    )
+    judge = ScriptedTeacher(["Score: 9", "8/10", "2"])  # asked only for candidates that passed
+    settings = SynthSettings(
+        task="Classify the sentiment.",
+        n=3,
+        labels=["positive", "negative"],
+        min_judge_score=5,
+        max_requests=7,
+        near_threshold=0.75,
+    )
+    res = synthesize(teacher, settings, seeds, judge=judge)
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in res.rows] == [
+        (REVIEWS[2], "negative"),
+        (REVIEWS[3], "positive"),
+    ]
+    assert [r["provenance"]["judge_score"] for r in res.rows] == [9.0, 8.0]
+    assert all(r["provenance"]["mode"] == "generate" for r in res.rows)
+    assert res.stats == {
+        "requested": 7,
+        "kept": 2,
+        "unparseable": 1,
+        "exact_duplicate": 1,
+        "invalid_label": 1,
+        "near_duplicate": 1,
+        "judge_score": 1,
+    }
+    assert [r["reason"] for r in res.rejected] == [
+        "unparseable",
+        "exact_duplicate",
+        "invalid_label",
+        "near_duplicate",
+        "judge_score",
+    ]
+    # each generation prompt shows both seeds (seeds_per_prompt 3 > 2), and the judge sees the pair
+    assert len(teacher.prompts) == 7 and all(REVIEWS[0] in p[1]["content"] for p in teacher.prompts)
+    assert REVIEWS[5] in judge.prompts[2][1]["content"] and not judge.replies
+
+
 def test_synth_with_local_tiny_teacher(tmp_path, tiny_llama):
     from tunery.data import load_dataset
-    from tunery.data.synth import LocalTeacher, read_seeds, synthesize, write_jsonl
+    from tunery.data.synth import LocalTeacher, label_prompt, read_seeds, synthesize, write_jsonl
 
     seeds = read_seeds(_write(tmp_path / "seeds.jsonl", [_chat(REVIEWS[0], "positive")]))
     teacher = LocalTeacher(str(tiny_llama))
     # Label mode: the teacher answers given inputs; a random model's replies are kept (no label set).
-    res = synthesize(teacher, SynthSettings(task="Rate the review.", n=3, max_tokens=6), seeds, REVIEWS[1:4])
-    assert res.stats["requested"] == 3
-    assert res.stats["kept"] + sum(v for k, v in res.stats.items() if k not in ("kept", "requested")) == 3
+    settings = SynthSettings(task="Rate the review.", n=3, max_tokens=6)
+    res = synthesize(teacher, settings, seeds, REVIEWS[1:4])
+    # The same model with the same sampling seed is deterministic: its replies are the expected rows.
+    twin = LocalTeacher(str(tiny_llama))
+    prompts = [label_prompt(settings.task, seeds, text) for text in REVIEWS[1:4]]
+    replies = [r.strip() for r in twin.complete(prompts, settings.temperature, settings.max_tokens)]
+    assert all(replies), replies  # non-empty, so every one passes the filters
+    assert res.stats == {"requested": 3, "kept": 3}
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in res.rows] == list(
+        zip(REVIEWS[1:4], replies, strict=True)
+    )
     for row in res.rows:
         assert row["provenance"]["teacher"] == {"type": "local", "model": str(tiny_llama), "adapter": None}
         assert row["provenance"]["mode"] == "label" and row["provenance"]["seed_inputs"] == [REVIEWS[0]]
     path = write_jsonl(res.rows, tmp_path / "out.jsonl")
-    if res.rows:
-        assert len(load_dataset(path, kind="chat")) == len(res.rows)  # trainable as written
+    assert len(load_dataset(path, kind="chat")) == 3  # trainable as written
     # Generate mode: random text is not a JSON pair, so every candidate is rejected and accounted for.
     gen = synthesize(teacher, SynthSettings(task="Rate.", n=2, max_tokens=8, max_requests=3), seeds)
-    assert gen.stats["requested"] == 3 and gen.stats.get("unparseable", 0) + gen.stats["kept"] == 3
-    assert all(r["reason"] for r in gen.rejected)
+    assert gen.stats == {"requested": 3, "kept": 0, "unparseable": 3}
+    assert [r["reason"] for r in gen.rejected] == ["unparseable"] * 3
 
 
-def test_synth_cli_with_served_teacher(tmp_path, tiny_llama):
-    from tunery.serve.testing import running_server
+SERVED_LABELS = {REVIEWS[2]: "Negative.", REVIEWS[3]: "positive", REVIEWS[4]: "meh", REVIEWS[5]: "positive"}
 
+
+def _served_teacher(messages: list[dict]) -> str:
+    """The stub teacher: a fixed label per review; as judge, 3/10 for REVIEWS[5] and 8 for the rest."""
+    if messages[0]["content"].startswith("You grade"):
+        return "3" if REVIEWS[5] in messages[-1]["content"] else "Score: 8"
+    return SERVED_LABELS[messages[-1]["content"]]
+
+
+def test_synth_cli_with_served_teacher(tmp_path, chat_stub):
+    server = chat_stub(_served_teacher)
     seeds = _write(tmp_path / "seeds.jsonl", [_chat(REVIEWS[0], "positive"), _chat(REVIEWS[1], "negative")])
     inputs = tmp_path / "inputs.txt"
-    inputs.write_text("\n".join(REVIEWS[2:5]) + "\n")
+    inputs.write_text("\n".join(REVIEWS[2:6]) + "\n")
     out = tmp_path / "synth.jsonl"
-    with running_server(tmp_path / "srv") as server:
-        args = [
-            "data",
-            "synth",
-            "--seeds",
-            str(seeds),
-            "--inputs",
-            str(inputs),
-            "--output",
-            str(out),
-            "--task",
-            "Classify the sentiment.",
-            "--teacher-url",
-            server.base_url,
-            "--teacher-model",
-            str(tiny_llama),
-            "--api-key",
-            server.api_key,
-            "--max-tokens",
-            "5",
-            "--temperature",
-            "0",
-            "--rejected",
-            str(tmp_path / "rej.jsonl"),
-        ]
-        res = CliRunner().invoke(_app(), args)
+    args = [
+        "data",
+        "synth",
+        "--seeds",
+        str(seeds),
+        "--inputs",
+        str(inputs),
+        "--output",
+        str(out),
+        "--task",
+        "Classify the sentiment.",
+        "--teacher-url",
+        server.base_url,
+        "--teacher-model",
+        "teacher",
+        "--api-key",
+        "k",
+        "--labels",
+        "positive,negative",
+        "--min-judge-score",
+        "5",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--rejected",
+        str(tmp_path / "rej.jsonl"),
+    ]
+    res = CliRunner().invoke(_app(), args)
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    rejected = (tmp_path / "rej.jsonl").read_text().splitlines()
-    assert len(rows) + len(rejected) == 3 and "of 3 candidates" in res.output
+    rejected = [json.loads(x) for x in (tmp_path / "rej.jsonl").read_text().splitlines()]
+    assert "Kept 2 of 4 candidates" in res.output
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows] == [
+        (REVIEWS[2], "negative"),
+        (REVIEWS[3], "positive"),
+    ]
+    assert [(r["reason"], r["text"]) for r in rejected] == [
+        ("invalid_label", "meh"),
+        ("judge_score", "positive"),
+    ]
     for row in rows:
-        assert row["provenance"]["teacher"]["type"] == "openai"
-        assert row["provenance"]["teacher"]["base_url"] == server.base_url
-        assert row["messages"][0]["content"] in REVIEWS[2:5]
+        assert row["provenance"]["teacher"] == {
+            "type": "openai",
+            "base_url": server.base_url,
+            "model": "teacher",
+        }
+        assert row["provenance"]["judge_score"] == 8.0 and sorted(row["provenance"]["seed_inputs"]) == sorted(
+            REVIEWS[:2]
+        )
+    # label prompts: the task as system message, both seeds as shots (in the order the row records),
+    # then the input
+    first, shots = server.requests[0], rows[0]["provenance"]["seed_inputs"]
+    answer = {REVIEWS[0]: "positive", REVIEWS[1]: "negative"}
+    assert first[0] == {"role": "system", "content": "Classify the sentiment."}
+    assert [m["content"] for m in first[1:]] == [
+        *shots[:1],
+        answer[shots[0]],
+        *shots[1:],
+        answer[shots[1]],
+        REVIEWS[2],
+    ]
 
 
 def test_missing_tracker_package_fails_the_run_cleanly(tmp_path, monkeypatch):

@@ -226,7 +226,8 @@ def _mount() -> None:
     from tunery.evaluate import cli as evaluate_cli
     from tunery.export import cli as export_cli
     from tunery.objectives import cli as objectives_cli
-    from tunery.serve.cli import jobs_app, keys_app, serve_command
+    from tunery.serve.cli import jobs_app, serve_command
+    from tunery.serve.keys_cli import keys_app
 
     evaluate_cli.register(app)
     workflows_cli.register(app, data_app)
@@ -250,6 +251,9 @@ TRAINING_COMMANDS = ("train", "quickstart", "sweep")
 
 
 def main() -> None:
+    from tunery.quiet import quiet_libraries
+
+    quiet_libraries()
     if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS and "--help" not in sys.argv:
         from tunery.train.memory import maybe_reexec
 

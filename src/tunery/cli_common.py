@@ -58,6 +58,8 @@ class ProgressPrinter:
             if self.task is None:
                 self._start(data.get("total_steps", 0), completed=data["step"] - 1)
             info = f"loss {data['train_loss']:.4f}  {data.get('tokens_per_second', 0):.0f} tok/s"
+            if data.get("rss_mb"):
+                info += f"  RSS {data['rss_mb'] / 1000:.2f} GB"
             if data.get("valid_loss") is not None:
                 info += f"  val {data['valid_loss']:.4f}"
             self.progress.update(self.task, completed=data["step"], info=info)

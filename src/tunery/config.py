@@ -51,6 +51,54 @@ class Hyperparameters(BaseModel):
     save_total_limit: int = Field(3, description="Keep the last K checkpoints.")
 
 
+# What a job sent over the API may ask for, whichever block a value comes in (OpenAI's
+# `hyperparameters`, the method's, or `tunery.hyperparameters`). Past these a request only ties up a
+# worker (a million epochs) or its memory (a billion-token context); `auto` and unset stay allowed.
+REQUEST_RANGES: dict[str, tuple[float, float]] = {
+    "n_epochs": (1, 50),
+    "batch_size": (1, 256),
+    "max_length": (1, 131_072),
+    "micro_batch_tokens": (1, 1_048_576),
+    "max_steps": (1, 1_000_000),
+    "logging_steps": (1, 1_000_000),
+    "eval_steps": (1, 1_000_000),
+    "save_steps": (1, 1_000_000),
+    "save_total_limit": (1, 100),
+    "learning_rate_multiplier": (1e-6, 100.0),
+    "learning_rate": (0.0, 1.0),
+    "warmup_ratio": (0.0, 1.0),
+    "weight_decay": (0.0, 10.0),
+    "max_grad_norm": (0.0, 1e6),
+}
+_INTEGER = frozenset(
+    ("n_epochs", "batch_size", "max_length", "micro_batch_tokens", "max_steps")
+    + ("logging_steps", "eval_steps", "save_steps", "save_total_limit")
+)
+
+
+def check_request_hyperparameters(values: dict[str, Any], block: str) -> dict[str, Any]:
+    """`values` checked against REQUEST_RANGES (names outside it are left to the config's own
+    schema); a ConfigError naming `block.name` otherwise. Integral floats (1e3) become ints."""
+    out = dict(values)
+    for name, value in values.items():
+        if name not in REQUEST_RANGES or value is None or value == "auto":
+            continue
+        lo, hi = REQUEST_RANGES[name]
+        integer = name in _INTEGER
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if integer and number and float(value).is_integer():
+            value = int(value)
+        if not number or (integer and not isinstance(value, int)) or not lo <= value <= hi:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(
+                f"Invalid {block}.{name} {values[name]!r}: expected {kind} in [{lo:g}, {hi:g}].",
+                param=f"{block}.{name}",
+                code="invalid_hyperparameters",
+            )
+        out[name] = value
+    return out
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,6 +142,12 @@ class DistributedConfig(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU.")
     find_unused_parameters: bool = Field(
         False, description="DDP: allow parameters that get no gradient in a step (slower)."
+    )
+    timeout_minutes: float = Field(
+        60,
+        gt=0,
+        description="How long a rank waits in a collective while rank 0 works alone (tokenizing, "
+        "saving, eval generation) before the run is failed; NCCL's own default is 10 minutes.",
     )
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -18,11 +19,22 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._loader = loader
+        # The server looks plug-ins up from several threads at once (two keys evaluating): the
+        # others wait until the first lookup has imported every builtin, instead of seeing a half
+        # filled registry. Reentrant, since a plug-in may look another up while it is imported.
+        self._lock = threading.RLock()
+        self._ready = loader is None
 
     def _load(self) -> None:
-        if self._loader is not None:
-            loader, self._loader = self._loader, None
-            loader()
+        if self._ready:
+            return
+        with self._lock:
+            if self._loader is not None:
+                loader, self._loader = self._loader, None
+                try:
+                    loader()
+                finally:
+                    self._ready = True
 
     def register(self, name: str, item: T) -> T:
         if name in self._items:

@@ -37,8 +37,9 @@ _CORPUS = [
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with ChatML specials and a chat template."""
+def tiny_tokenizer(vocab_size: int = 512, corpus: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer with ChatML specials and a chat template, trained on `corpus`
+    (default: a few fixed sentences; the GPU bench passes its data for realistic lengths)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +52,7 @@ def tiny_tokenizer(vocab_size: int = 512):
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,

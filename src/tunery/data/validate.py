@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.data.formats import FORMAT_KIND, convert_records
-from tunery.data.readers import read_records
+from tunery.data.readers import Records, read_records
 from tunery.data.types import Conversation, Labeled, PreferencePair, Text, Unpaired
 from tunery.errors import ConfigError, DataError
 
@@ -122,6 +122,9 @@ class ValidationReport:
         detail = first.openai or (f"Example {first.line}: {first.message}" if first.line else first.message)
         if not detail.startswith(("Invalid file format", "Unexpected file format")):
             detail = f"Invalid file format. {detail}"
+        if first.line and f"Example {first.line}" not in detail and f"line {first.line}" not in detail:
+            # OpenAI's wrong-format sentences name no example; the user still needs to know where.
+            detail += f" (line {first.line})"
         return {"code": "invalid_training_file", "message": detail, "param": "training_file"}
 
     def raise_for_errors(self) -> None:
@@ -213,14 +216,30 @@ def validate_file(
     """Check `path` for training with `method` (OpenAI's supervised/dpo/reinforcement or a Tunery
     objective name). With a tokenizer, also token-length statistics and truncation counts against
     `max_length` (default: the config's `hyperparameters.max_length`)."""
-    kind, accept = kind_for_method(method)
-    report = ValidationReport(str(path), method, kind)
+    kind, _ = kind_for_method(method)
     line_errors: list[DataError] = []
     try:
         records = read_records(path, on_error=line_errors.append)
     except DataError as err:
+        report = ValidationReport(str(path), method, kind)
         report.add_error(Issue.from_error(err))
         return report
+    return validate_records(records, method, line_errors, tokenizer, max_length, min_examples=min_examples)
+
+
+def validate_records(
+    records: Records,
+    method: str,
+    line_errors: list[DataError],
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    *,
+    min_examples: int = MIN_EXAMPLES,
+) -> ValidationReport:
+    """`validate_file` on records already read (with `line_errors`, the lines the reader refused):
+    a caller that needs the records for something else reads the file once, not twice."""
+    kind, accept = kind_for_method(method)
+    report = ValidationReport(records.path, method, kind)
     report.n = len(records) + len(line_errors)
     try:
         dataset = convert_records(records, kind, accept=accept, on_error=line_errors.append)

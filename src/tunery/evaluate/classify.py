@@ -37,6 +37,7 @@ def load_classifier(model: str | None, adapter: str | Path | None = None, dtype:
     sequence-classification model dir with id2label (model only). `info` has labels/multi_label/threshold."""
     from tunery.methods import METHODS, read_info
     from tunery.models import load_tokenizer
+    from tunery.models.placement import place
     from tunery.objectives.classify import load_classification_model, scoring_only
 
     if adapter is None:
@@ -44,7 +45,7 @@ def load_classifier(model: str | None, adapter: str | Path | None = None, dtype:
             raise TuneryError("Pass --model, --adapter, or both.")
         from tunery.models import load_model
 
-        clf = scoring_only(load_model(model, dtype=dtype, task="sequence-classification")).eval()
+        clf = place(scoring_only(load_model(model, dtype=dtype, task="sequence-classification")).eval())
         labels = [clf.config.id2label[i] for i in range(clf.config.num_labels)]
         multi = clf.config.problem_type == "multi_label_classification"
         return clf, load_tokenizer(model), {"labels": labels, "multi_label": multi, "threshold": 0.5}
@@ -72,7 +73,7 @@ def load_classifier(model: str | None, adapter: str | Path | None = None, dtype:
     base = load_classification_model(
         spec, info["labels"], multi_label=bool(info.get("multi_label")), dtype=dtype, **kwargs
     )
-    clf = method.load(base, path, trainable=False).eval()
+    clf = place(method.load(base, path, trainable=False).eval())
     return clf, tokenizer, {k: info.get(k) for k in ("labels", "multi_label", "threshold")}
 
 
@@ -88,10 +89,12 @@ def predict_proba(
     """Probabilities per text and label (softmax, or a sigmoid per label with multi_label)."""
     import torch
 
+    from tunery.models.placement import model_device
     from tunery.objectives.classify import class_logits, encode_text, is_encoder
     from tunery.objectives.common import collate_rows
 
     encoder = is_encoder(model)
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[list[float]] = []
     with torch.no_grad():
@@ -100,7 +103,9 @@ def predict_proba(
                 encode_text(t, tokenizer, max_length, encoder)["input_ids"]
                 for t in texts[start : start + batch_size]
             ]
-            logits = class_logits(model, collate_rows(rows, None, pad, packed=False))
+            batch = collate_rows(rows, None, pad, packed=False)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            logits = class_logits(model, batch)
             probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
             out.extend(probs.tolist())
     return out

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunery.errors import TuneryError
 from tunery.evaluate.generate import (
     GenerationParams,
     GenerationResult,
@@ -32,6 +33,7 @@ from tunery.evaluate.generate import (
     decode_steps,
 )
 from tunery.evaluate.loading import adapter_base, is_peft_adapter, load_for_inference, model_dir
+from tunery.models.placement import place
 
 Loader = Callable[[str, str | None], tuple[Any, Any]]
 
@@ -105,6 +107,7 @@ class _Request:
     params: GenerationParams
     handle: GenerationHandle
     seqs: list[_Seq] = field(default_factory=list)
+    emitted: bool = False  # some of its reply was streamed: it cannot be decoded again from the start
 
 
 @dataclass
@@ -129,6 +132,26 @@ def _plain_lora(path: str | None) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return cfg.get("peft_type") == "LORA" and not cfg.get("use_dora") and not cfg.get("modules_to_save")
+
+
+def embedding_rows(model: Any) -> int:
+    """How many token ids the model can embed (the vocabulary, padded rows included)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    return int(rows if rows is not None else model.config.vocab_size)
+
+
+def check_token_ids(prompt_ids: list[Any], vocab: int, param: str = "prompt") -> None:
+    """Refuse ids outside [0, vocab) before they reach a batch: they index past the embedding table,
+    which fails every request decoded with them (on CUDA, a device assert that poisons the process)."""
+    for i, t in enumerate(prompt_ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise TuneryError(
+                f"Invalid token id {t!r} at position {i} of the prompt: this model's token ids are "
+                f"integers from 0 to {vocab - 1}.",
+                code="invalid_prompt",
+                param=param,
+            )
 
 
 class Engine:
@@ -198,12 +221,25 @@ class Engine:
         key, _ = self.resolve(model_spec, adapter_dir)
         return self._base(key).model.config
 
+    def vocab_size(self, model_spec: str | None, adapter_dir: str | None = None) -> int:
+        key, _ = self.resolve(model_spec, adapter_dir)
+        return embedding_rows(self._base(key).model)
+
+    def check(
+        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+    ) -> GenerationParams:
+        """Everything about one request that could fail a batch, checked alone: token ids in the
+        vocabulary and the prompt within the context. Returns the params, max_new_tokens clipped."""
+        key, _ = self.resolve(model_spec, adapter_dir)
+        model = self._base(key).model  # load now, in the caller's thread, so errors surface right here
+        check_token_ids(prompt_ids, embedding_rows(model))
+        return _check_context(model, list(prompt_ids), params)
+
     def submit(
         self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
     ) -> GenerationHandle:
         key, adapter = self.resolve(model_spec, adapter_dir)
-        base = self._base(key)  # load now, in the caller's thread, so errors surface right here
-        params = _check_context(base.model, list(prompt_ids), params)
+        params = self.check(model_spec, adapter_dir, prompt_ids, params)
         handle = GenerationHandle(params.n)
         req = _Request(key, adapter, list(prompt_ids), params, handle)
         with self._cv:
@@ -237,7 +273,7 @@ class Engine:
                 return self._bases[key]
             spec, _, full_dir = key.partition("::")
             model, tok = self._loader(spec, full_dir or None)
-            model.eval()
+            model = place(model.eval())  # the GPU when there is one; the KV cache is made beside it
             self._bases[key] = base = _Base(model, tok)
             while len(self._bases) > self.max_bases:
                 self._bases.popitem(last=False)
@@ -300,10 +336,23 @@ class Engine:
                 batch = self._take_batch()
             try:
                 self._run_batch(batch)
-            except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
-                for req in batch:
-                    if not req.handle._done.is_set():
-                        req.handle._fail(exc)
+            except BaseException as exc:  # noqa: BLE001 - delivered to the callers it belongs to
+                self._isolate(batch, exc)
+
+    def _isolate(self, batch: list[_Request], exc: BaseException) -> None:
+        """A batch failed: decode each of its unfinished requests again alone, so only the request
+        that causes the error gets it. One that already streamed part of its reply gets the error
+        (starting over would repeat text its client has)."""
+        pending = [r for r in batch if not r.handle._done.is_set()]
+        for req in pending:
+            if req.emitted or len(batch) == 1:
+                req.handle._fail(exc)
+                continue
+            try:
+                self._run_batch([req])
+            except BaseException as own:  # noqa: BLE001 - this request's own error
+                if not req.handle._done.is_set():
+                    req.handle._fail(own)
 
     def _run_batch(self, batch: list[_Request]) -> None:
         base = self._base(batch[0].base_key)
@@ -347,6 +396,7 @@ class Engine:
             return
         delta, logprobs = seq.take_delta()
         if delta or logprobs or seq.done:
+            req.emitted = True
             req.handle._push(StreamEvent(seq.index, delta, logprobs, seq.finish_reason))
         if seq.done:
             seq._closed = True  # type: ignore[attr-defined]

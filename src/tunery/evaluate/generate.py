@@ -4,8 +4,9 @@ A hand-written decode loop over the KV cache rather than `model.generate`, becau
 something `generate` makes awkward: per-sequence stop strings and finish, per-sequence sampling
 parameters (the server batches unrelated requests), streaming text deltas, OpenAI-shaped logprobs, and
 dropping finished rows from the batch so they stop costing compute. Prompts are left-padded, the
-prefill computes logits only for the last position, and bf16 autocast is used where the CPU has native
-bf16 matmuls.
+prefill computes logits only for the last position, and bf16 autocast is used where the device has
+native bf16 matmuls. Every tensor is made on the model's device (`models/placement.py`), and each
+sampling generator lives where the probabilities are, so the loop runs unchanged on a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunery.errors import TuneryError
+from tunery.models import placement
 
 
 class ContextLengthError(TuneryError):
@@ -67,22 +69,10 @@ class GenerationResult:
     index: int = 0  # which of the request's n choices
 
 
-@functools.lru_cache(maxsize=1)
-def bf16_supported() -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+def bf16_supported(device: Any = None) -> bool:
+    """True where bf16 compute is native on `device` (default: where inference runs): a GPU with bf16,
+    or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slow."""
+    return placement.bf16_supported(device)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -193,15 +183,25 @@ class _Seq:
         self.eos_hit = False
         self.logprobs: list[dict[str, Any]] | None = [] if params.logprobs else None
         self.pending_logprobs = 0
-        self.generator = None
+        self.generator: torch.Generator | None = None
+        self.seed: int | None = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else random.getrandbits(62)
-            self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+            self.seed = (seed * 1_000_003 + index) % (2**63)
         self.max_stop = max((len(s) for s in params.stop), default=0)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def generator_on(self, device: Any) -> Any:
+        """This sequence's sampling generator, made on the device of the probabilities it samples
+        from (`multinomial` refuses a generator of another device)."""
+        import torch
+
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed or 0)
+        return self.generator
 
     def accept(self, token_id: int, eos_ids: set[int], entry: dict[str, Any] | None) -> None:
         self.generated.append(token_id)
@@ -293,7 +293,7 @@ def _pick_tokens(logits: Any, seqs: list[_Seq]) -> list[int]:
             # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
             keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator_on(probs.device)))
     return chosen
 
 
@@ -330,11 +330,25 @@ def _learned_prompt(model: Any, ids: Any, mask: Any) -> tuple[Any, dict[str, Any
         return model, {"input_ids": ids}, None, mask
     base = model.get_base_model()
     prompt = model.get_prompt(ids.shape[0])
-    mask = torch.cat([torch.ones((ids.shape[0], cfg.num_virtual_tokens), dtype=mask.dtype), mask], dim=1)
+    virtual = torch.ones((ids.shape[0], cfg.num_virtual_tokens), dtype=mask.dtype, device=mask.device)
+    mask = torch.cat([virtual, mask], dim=1)
     if isinstance(prompt, torch.Tensor):  # prompt tuning, p-tuning: virtual-token embeddings
         embeds = base.get_input_embeddings()(ids)
         return base, {"inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1)}, None, mask
     return base, {"input_ids": ids}, prompt, mask  # prefix tuning: the key/value prefixes, as a cache
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """(ids, attention mask) of left-padded prompts, built on the host and copied to `device` once."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 def decode_steps(
@@ -358,21 +372,17 @@ def decode_steps(
 
     if not seqs:
         return
-    use_bf16 = bf16_supported() if autocast is None else autocast
+    device = placement.model_device(model)
+    use_bf16 = bf16_supported(device) if autocast is None else autocast
     use_bf16 = use_bf16 and next(model.parameters()).dtype == torch.float32
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
-    width = max(len(s.prompt) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s.prompt) :] = torch.tensor(s.prompt)
-        mask[row, width - len(s.prompt) :] = 1
+    ids, mask = _left_padded([s.prompt for s in seqs], pad_id, device)
     active = list(seqs)
     want_logprobs = any(s.params.logprobs for s in seqs)
     with (
         torch.inference_mode(),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16),
+        placement.autocast(device, use_bf16),
         skinny_linears(model),  # decode steps read the weights twice as fast (evaluate/skinny.py)
     ):
         forward, step, cache, mask = _learned_prompt(model, ids, mask)
@@ -408,13 +418,13 @@ def decode_steps(
             if not keep:
                 return
             if len(keep) < len(active):
-                index = torch.tensor(keep)
+                index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 mask, positions = mask[index], positions[index]
                 chosen = [chosen[r] for r in keep]
                 active = [active[r] for r in keep]
-            step = {"input_ids": torch.tensor(chosen, dtype=torch.long)[:, None]}
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            step = {"input_ids": torch.tensor(chosen, dtype=torch.long, device=device)[:, None]}
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             positions = positions[:, -1:] + 1
             step_pos = positions
 

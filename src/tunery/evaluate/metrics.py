@@ -154,7 +154,8 @@ def chrf(predictions: list[str], references: list[str], order: int = 6, beta: fl
         for n in range(1, order + 1):
             h, g = _char_ngrams(hyp, n), _char_ngrams(ref, n)
             matches[n - 1] += sum((h & g).values())
-            hyp_total[n - 1] += sum(h.values())
+            # a sentence whose reference has no n-grams of this order adds none (as sacreBLEU)
+            hyp_total[n - 1] += sum(h.values()) if g else 0
             ref_total[n - 1] += sum(g.values())
     orders = [i for i in range(order) if hyp_total[i] and ref_total[i]]
     if not orders:
@@ -207,9 +208,10 @@ def sequence_nll(
     """
     import torch
 
-    from tunery.evaluate.generate import bf16_supported
+    from tunery.models import placement
 
-    use_bf16 = (bf16_supported() if autocast is None else autocast) and next(
+    device = placement.model_device(model)
+    use_bf16 = (placement.bf16_supported(device) if autocast is None else autocast) and next(
         model.parameters()
     ).dtype == torch.float32
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]["input_ids"]))
@@ -220,26 +222,33 @@ def sequence_nll(
     # in place, so its adapters take part.
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     for start in range(0, len(order), batch_size):
-        chunk = [sequences[i] for i in order[start : start + batch_size]]
-        width = max(len(s["input_ids"]) for s in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, s in enumerate(chunk):  # right padding: positions stay 0..len-1
-            n = len(s["input_ids"])
-            ids[row, :n] = torch.tensor(s["input_ids"])
-            labels[row, :n] = torch.tensor(s["labels"])
-            mask[row, :n] = 1
+        ids, labels, mask = _right_padded([sequences[i] for i in order[start : start + batch_size]], device)
         targets = labels[:, 1:]
         keep = targets != -100
         if not keep.any():
             continue
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.inference_mode(), placement.autocast(device, use_bf16):
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
             logits = head(hidden).float()
         total += float(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
         count += int(keep.sum())
     return total, count
+
+
+def _right_padded(chunk: list[dict[str, list[int]]], device: Any) -> tuple[Any, Any, Any]:
+    """(ids, labels, mask), right-padded so positions stay 0..len-1; built on the host, copied once."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in chunk)
+    ids = torch.zeros((len(chunk), width), dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, s in enumerate(chunk):
+        n = len(s["input_ids"])
+        ids[row, :n] = torch.tensor(s["input_ids"])
+        labels[row, :n] = torch.tensor(s["labels"])
+        mask[row, :n] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
 
 
 def text_perplexity(

@@ -28,7 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tunery.errors import TuneryError
+from tunery.jobs.gpus import plan as plan_gpus
+from tunery.jobs.gpus import visible_gpus
 from tunery.jobs.store import Job, ModelRow, Store, now
+from tunery.jobs.worker_env import worker_env
+from tunery.redact import scrub_paths
 
 log = logging.getLogger("tunery.jobs")
 
@@ -131,12 +135,14 @@ class Executor:
         grace: float = 30.0,
         poll: float = 0.5,
         database_url: str | None = None,
+        env_allow: tuple[str, ...] = (),
     ):
         self.store = store
         self.concurrency = max(1, concurrency)
         self.grace = grace
         self.poll = poll
         self.database_url = database_url
+        self.env_allow = tuple(env_allow)  # variables workers may see beyond the allowlist (worker_env.py)
         self._running: dict[str, _Running] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -227,6 +233,9 @@ class Executor:
     def _spawn(self, job: Job, run_dir: Path) -> WorkerHandle:
         """Start `python -m tunery.jobs.worker --data-dir D JOB_ID` somewhere."""
         raise NotImplementedError
+
+    def _worker_exited(self, job_id: str) -> None:
+        """A worker is gone (finished, failed or killed): what it held is free again."""
 
     def _reattach(self, job: Job) -> WorkerHandle | None:
         """The handle of a worker a previous server launched for this job, if it can be found."""
@@ -397,6 +406,7 @@ class Executor:
     def _finish(self, r: _Running) -> None:
         self._running.pop(r.job_id, None)
         r.handle.close()
+        self._worker_exited(r.job_id)
         self._conclude(r.job_id, r.intent, r.handle.poll(), r.handle.detail)
 
     def _conclude(self, job_id: str, intent: str | None, rc: int | None, detail: str | None = None) -> None:
@@ -449,15 +459,16 @@ class Executor:
                     why += " (most likely out of memory)"
             else:
                 why = f"exited with code {rc} without a result"
-            tail = _log_tail(run_dir / "worker.log")
-            message = (
-                f"The training process {why}."
-                + (f" {detail}" if detail else "")
-                + (f" Last output: {tail}" if tail else "")
-            )
+            # The worker's output stays in the server's log: it may hold paths, environment
+            # details or another library's internals that are not the client's to read.
+            log.error("job %s: worker %s; last output: %s", job.id, why, _log_tail(run_dir / "worker.log"))
+            message = f"The training process {why}." + (f" {detail}" if detail else "")
             self._fail(job, {"code": "worker_crashed", "message": message, "param": None})
 
     def _fail(self, job: Job, error: dict[str, Any]) -> None:
+        # The client reads job.error and its event: no server paths there; the log keeps them.
+        log.info("job %s failed: %s", job.id, error.get("message"))
+        error = {**error, "message": scrub_paths(str(error.get("message") or ""))}
         self.store.update_job(
             job.id,
             expect=("running",),
@@ -469,69 +480,90 @@ class Executor:
         )
 
     def _succeed(self, job: Job, result: dict[str, Any]) -> None:
+        """Record the model, its final checkpoint, the result file and the job's success in one
+        transaction (Store.record_success), so a crash in between leaves no half-finished job and
+        no duplicate checkpoint row when the restarted server concludes it again."""
         run_dir = self.store.path(job.run_dir)
         model_rel = f"{job.run_dir}/{result.get('model_dir') or 'model'}"
         ext = job.tunery or {}
-        base = ext.get("base_spec") or job.model
-        self.store.add_model(
-            ModelRow(
-                name=job.output_name,
-                owner=job.owner,
-                base=base,
-                path=model_rel,
-                job_id=job.id,
-                created_at=now(),
-            )
+        model = ModelRow(
+            name=job.output_name,
+            owner=job.owner,
+            base=ext.get("base_spec") or job.model,
+            path=model_rel,
+            job_id=job.id,
+            created_at=now(),
         )
         metrics = _last_metrics(run_dir / "metrics.jsonl")
         step = int(metrics.get("step", 0)) if metrics else 0
-        self.store.ingest(
-            job,
-            [],
-            [{"step": step, "metrics": metrics or None, "model_name": job.output_name, "path": model_rel}],
-        )
-        result_files = list(job.result_files or [])
+        checkpoint = {
+            "step": step,
+            "metrics": metrics or None,
+            "model_name": job.output_name,
+            "path": model_rel,
+        }
+        result_files, result_file = list(job.result_files or []), None
         csv = run_dir / "results.csv"
         if csv.is_file():
             # OpenAI serves result files base64-encoded; clients decode them, so we store them so.
             tmp = self.store.data_dir / "files" / ".tmp" / f"result-{job.id}"
             tmp.write_bytes(base64.b64encode(csv.read_bytes()))
-            row = self.store.adopt_file(job.owner, "step_metrics.csv", "fine-tune-results", tmp)
-            result_files.append(row.id)
+            result_file = self.store.place_file(job.owner, "step_metrics.csv", "fine-tune-results", tmp)
+            result_files.append(result_file.id)
         hp = dict(job.hyperparameters or {})
         hp.update(_resolved_hparams(run_dir / "config.yaml", hp))
-        self.store.update_job(
-            job.id,
-            expect=("running", "paused"),
-            status="succeeded",
-            pid=None,
-            finished_at=now(),
-            fine_tuned_model=job.output_name,
-            trained_tokens=int(result.get("trained_tokens") or 0),
-            result_files=result_files,
-            hyperparameters=hp,
-            error=None,
-            events=[
-                (lvl, msg)
-                for lvl, msg in (
+        done = None
+        try:
+            done = self.store.record_success(
+                job.id,
+                model,
+                checkpoint,
+                result_file,
+                [
                     ("info", f"New fine-tuned model created: {job.output_name}"),
                     ("info", "The job has successfully completed"),
-                )
-                if not self.store.has_message(job.id, msg)
-            ],
-        )
+                ],
+                status="succeeded",
+                pid=None,
+                finished_at=now(),
+                fine_tuned_model=job.output_name,
+                trained_tokens=int(result.get("trained_tokens") or 0),
+                result_files=result_files,
+                hyperparameters=hp,
+                error=None,
+            )
+        finally:
+            if done is None and result_file is not None:  # not recorded: no orphan file either
+                self.store.path(result_file.path).unlink(missing_ok=True)
 
 
 class LocalExecutor(Executor):
-    """Workers are subprocesses of this server."""
+    """Workers are subprocesses of this server, each with GPUs of its own where there are GPUs
+    (jobs/gpus.py); `gpus` defaults to the GPUs this process sees."""
+
+    def __init__(
+        self, store: Store, *, gpus_per_job: int | None = None, gpus: list[str] | None = None, **kwargs: Any
+    ):
+        super().__init__(store, **kwargs)
+        self.gpus = plan_gpus(self.concurrency, visible_gpus() if gpus is None else gpus, gpus_per_job)
+
+    def _worker_exited(self, job_id: str) -> None:
+        if self.gpus is not None:
+            self.gpus.release(job_id)
 
     def _spawn(self, job: Job, run_dir: Path) -> WorkerHandle:
         cmd = [sys.executable, "-m", "tunery.jobs.worker", "--data-dir", str(self.store.data_dir), job.id]
-        from tunery.train.memory import allocator_env
+        # An allowlist of this process's environment, never all of it: workers run what requests ask.
+        env = worker_env(self.database_url, self.env_allow)
+        if self.gpus is not None:  # this job's own GPUs; it sees them as cuda:0, cuda:1, ...
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus.take(job.id))
+        try:
+            return self._popen(cmd, env, run_dir)
+        except BaseException:
+            self._worker_exited(job.id)
+            raise
 
-        env = allocator_env()  # workers train: on jemalloc where installed (train/memory.py)
-        if self.database_url:
-            env["TUNERY_DATABASE_URL"] = self.database_url
+    def _popen(self, cmd: list[str], env: dict[str, str], run_dir: Path) -> WorkerHandle:
         log_file = open(run_dir / "worker.log", "ab")
         # A new session: a Ctrl-C in the server's terminal reaches the server, which decides.
         proc = subprocess.Popen(

@@ -28,8 +28,8 @@ from tunery.jobs.store import Job, Store
 log = logging.getLogger("tunery.jobs")
 
 # Passed on to the worker when the server has them set: the model cache and offline switches. The
-# rest of the worker's environment is the Ray node's (secrets are better set there than here:
-# Ray shows a job's runtime_env on its dashboard).
+# rest of the worker's environment is the Ray node's. No secret is ever forwarded (not the server's
+# keys, nor its judges' keys): Ray shows a job's runtime_env on its dashboard.
 FORWARDED_ENV = ("TUNERY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -177,7 +177,10 @@ class RayExecutor(Executor):
         database_url: str | None = None,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
+        env_allow: tuple[str, ...] = (),
     ):
+        # `env_allow` (judges' keys, --worker-env) is not sent: Ray shows a job's runtime_env on its
+        # dashboard, so secrets are set on the Ray nodes instead (docs/security.md).
         super().__init__(store, concurrency, grace=grace, poll=poll, database_url=database_url)
         self.address = address
         self.client = connect(address)

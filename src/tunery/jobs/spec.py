@@ -6,21 +6,25 @@ metadata. Tunery extensions ride in extra body fields: `tunery: {method, objecti
 {...}}, hyperparameters: {...any Tunery hyperparameter...}, <name>: {...}}`, or top-level
 `method_name` / `objective`. Any method or objective in the registries is accepted.
 `tunery.resources: {num_cpus, num_gpus}` is what the job reserves on a Ray cluster (the ray executor).
+Names in option blocks (teachers, judges, reward models, templates) are checked by the server's
+resolver (`serve/resolver.py`); what they resolve to rides in the row's `tunery.resolved`, applied here.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import secrets
 from pathlib import Path
 from typing import Any
 
+from tunery.config import REQUEST_RANGES, check_request_hyperparameters
 from tunery.errors import TuneryError
 
 # OpenAI's method types and the objective each one trains with.
 OBJECTIVE_FOR_TYPE = {"supervised": "sft", "dpo": "dpo"}
 OPENAI_HPARAMS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-_RANGES = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+_RANGES = REQUEST_RANGES  # one table for every block hyperparameters come in (config.py)
 _EXT_FIELDS = ("method", "objective", "options", "hyperparameters", "resources")  # the rest: option blocks
 
 
@@ -80,13 +84,13 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
                 param="method.type",
             )
         objective = OBJECTIVE_FOR_TYPE[mtype]
-    if objective not in OBJECTIVES:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise InvalidRequest(
             f"Unknown objective {objective!r}. Available: {', '.join(OBJECTIVES.names())}.",
             param="tunery.objective",
         )
     tuning = ext.get("method") or body.get("method_name") or "lora"
-    if tuning not in METHODS:
+    if not isinstance(tuning, str) or tuning not in METHODS:
         raise InvalidRequest(
             f"Unknown method {tuning!r}. Available: {', '.join(METHODS.names())}.", param="tunery.method"
         )
@@ -109,7 +113,13 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
         )
 
     options: dict[str, dict[str, Any]] = {}
-    for key, value in (ext.get("options") or {}).items():
+    given = ext.get("options") or {}
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise InvalidRequest(
+            'tunery.options must be an object of option blocks, like {"lora": {"r": 8}}.',
+            param="tunery.options",
+        )
+    for key, value in given.items():
         options[key] = dict(value)
     for key, value in ext.items():
         if key not in _EXT_FIELDS and isinstance(value, dict):
@@ -129,6 +139,7 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     extra_hp = ext.get("hyperparameters") or {}
     if not isinstance(extra_hp, dict):
         raise InvalidRequest("tunery.hyperparameters must be an object.", param="tunery.hyperparameters")
+    extra_hp = check_request_hyperparameters(extra_hp, "tunery.hyperparameters")
     ext_out = {"method": tuning, "objective": objective, "options": options, "hyperparameters": extra_hp}
     if ext.get("resources") is not None:
         ext_out["resources"] = _resources(ext["resources"])
@@ -197,13 +208,27 @@ def build_config(job: Any, data_dir: str | Path, training_path: Path, validation
     hp.update(ext.get("hyperparameters") or {})
     raw["hyperparameters"] = hp
     for name, opts in (ext.get("options") or {}).items():
-        raw[name] = opts
+        raw[name] = copy.deepcopy(opts)  # the overlay below must not reach the options a job echoes
+    _apply_resolved(raw, ext.get("resolved") or {}, data_dir)
     # Requests come from the network: reward code is never imported from a request, whatever it asks.
     for name in ("grpo", "rlaif"):
         if raw["objective"] == name or name in raw:
             block = raw.get(name) if isinstance(raw.get(name), dict) else {}
             raw[name] = {**block, "allow_custom_rewards": False}
     return _validate(raw)
+
+
+def _apply_resolved(raw: dict[str, Any], resolved: dict[str, Any], data_dir: Path) -> None:
+    """Put in what the server's resolver made of the names a request gave (serve/resolver.py):
+    `{"distill.teacher_adapter": ["data", "jobs/ftjob-1/model"]}`. "data" values are relative to the
+    data dir (they move with it), "spec" values are used as they are (an alias, an operator's path or
+    a registered endpoint's URL and key variable)."""
+    for dotted, (kind, value) in resolved.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = str(data_dir / value) if kind == "data" else value
 
 
 def _validate(raw: dict[str, Any]):

@@ -30,20 +30,31 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
+    inspect,
+    or_,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from tunery.errors import NotFoundError, TuneryError
+from tunery.fsutil import replace_durably, write_atomic
+from tunery.redact import scrub_paths
 
 _ALPHABET = string.ascii_letters + string.digits
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
+KEYS_STAMP = "keys.stamp"  # rewritten on every key revocation or rotation (see Store.keys_stamp)
 
 
 def new_id(prefix: str, n: int = 24) -> str:
     """A random id (`file-…`, `ftjob-…`): unguessable, so ids never leak other keys' objects."""
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def new_key() -> str:
+    return "tny-" + secrets.token_urlsafe(32)
 
 
 def hash_key(key: str) -> str:
@@ -52,6 +63,11 @@ def hash_key(key: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def _unexpired():
+    """Files whose `expires_after` has not passed (the SQL side of `get_file`'s check)."""
+    return or_(FileRow.expires_at.is_(None), FileRow.expires_at > now())
 
 
 class Base(DeclarativeBase):
@@ -66,6 +82,17 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; the key itself is never stored
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # set: the key is dead
+
+
+class RetiredKey(Base):
+    """Hashes of keys replaced by a rotation. A rotated-away key stays dead: `ensure_key` (the
+    server's --api-key at start) must not bring it back as a new admin key."""
+
+    __tablename__ = "retired_keys"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40))
+    retired_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
 class FileRow(Base):
@@ -146,6 +173,21 @@ class ModelRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
+def _add_missing_columns(engine: Any) -> None:
+    """Add columns newer versions declare to tables an older version created (`create_all` makes
+    missing tables only). New columns are nullable, so old rows stay valid."""
+    insp = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            continue
+        present = {c["name"] for c in insp.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` picks psycopg (v3) when it is the driver installed, as SQLAlchemy won't."""
     if url.startswith(("postgresql://", "postgres://")):
@@ -184,6 +226,7 @@ class Store:
                 ) from None
         try:
             Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except Exception as exc:
             raise TuneryError(
                 f"Cannot open the database {url!r}: {exc}", code="database_unavailable"
@@ -205,7 +248,7 @@ class Store:
     # ---- keys
     def create_key(self, name: str, admin: bool = False, key: str | None = None) -> tuple[ApiKey, str]:
         """Store a new key (hashed) and return it with the plain key, which is shown only once."""
-        key = key or "tny-" + secrets.token_urlsafe(32)
+        key = key or new_key()
         row = ApiKey(
             id=new_id("key_", 16),
             name=name,
@@ -218,14 +261,24 @@ class Store:
             s.add(row)
         return row, key
 
-    def ensure_key(self, key: str, name: str = "admin", admin: bool = True) -> ApiKey:
-        """Register the server's admin key (from --api-key) if this exact key is not stored yet."""
-        found = self.key_for(key)
-        return found if found else self.create_key(name, admin=admin, key=key)[0]
+    def ensure_key(self, key: str, name: str = "admin", admin: bool = True) -> ApiKey | None:
+        """Register the server's admin key (from --api-key) if this exact key is not stored yet.
+        None when the key was revoked or rotated away: a dead key is never brought back."""
+        h = hash_key(key)
+        with self.tx() as s:
+            found = s.scalar(select(ApiKey).where(ApiKey.key_hash == h))
+            if found is not None:
+                return found if found.revoked_at is None else None
+            if s.get(RetiredKey, h) is not None:
+                return None
+        return self.create_key(name, admin=admin, key=key)[0]
 
     def key_for(self, key: str) -> ApiKey | None:
+        """The live key with this secret, or None (unknown, revoked or rotated away)."""
         with self.tx() as s:
-            return s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+            return s.scalar(
+                select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+            )
 
     def get_key(self, key_id: str) -> ApiKey | None:
         with self.tx() as s:
@@ -233,7 +286,44 @@ class Store:
 
     def list_keys(self) -> list[ApiKey]:
         with self.tx() as s:
-            return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+            return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke a key for good; its files, jobs and models stay (an admin can still see them)."""
+        with self.tx() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise NotFoundError(f"No such API key: {key_id}", param="key_id", code="key_not_found")
+            if row.revoked_at is None:
+                row.revoked_at = now()
+        self._keys_changed()
+        return row
+
+    def rotate_key(self, key_id: str) -> tuple[ApiKey, str]:
+        """Give a key a new secret under the same id (so it keeps its files, jobs and models); the
+        old secret stops working at once. Returns the row and the new plain key."""
+        key = new_key()
+        with self.tx() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                raise NotFoundError(f"No such live API key: {key_id}", param="key_id", code="key_not_found")
+            s.merge(RetiredKey(key_hash=row.key_hash, key_id=row.id, retired_at=now()))
+            row.key_hash, row.prefix = hash_key(key), key[:8]
+        self._keys_changed()
+        return row, key
+
+    def keys_stamp(self) -> tuple[int, int] | None:
+        """Changes whenever a key is revoked or rotated, by any process on this data dir: servers
+        compare it on each request and drop their key cache when it moved (one stat call)."""
+        try:
+            st = os.stat(self.data_dir / KEYS_STAMP)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def _keys_changed(self) -> None:
+        # A new file (new inode) each time, so two changes within one mtime tick still differ.
+        write_atomic(self.data_dir / KEYS_STAMP, secrets.token_hex(8))
 
     # ---- files
     def save_file(
@@ -279,11 +369,33 @@ class Store:
         expires_at: int | None = None,
     ) -> FileRow:
         """Move a finished temp file into storage (atomic rename) and record it."""
+        row = self.place_file(owner, filename, purpose, tmp, file_id, status, status_details, expires_at)
+        try:
+            with self.tx() as s:
+                s.add(row)
+        except Exception:
+            self.path(row.path).unlink(missing_ok=True)
+            raise
+        return row
+
+    def place_file(
+        self,
+        owner: str,
+        filename: str,
+        purpose: str,
+        tmp: Path,
+        file_id: str | None = None,
+        status: str = "processed",
+        status_details: str | None = None,
+        expires_at: int | None = None,
+    ) -> FileRow:
+        """Move a finished temp file into storage and return its row, not yet recorded: the caller
+        adds it in its own transaction (or removes the file if that fails)."""
         file_id = file_id or new_id("file-")
         rel = f"files/{file_id}"
         final = self.data_dir / rel
-        os.replace(tmp, final)
-        row = FileRow(
+        replace_durably(tmp, final)
+        return FileRow(
             id=file_id,
             owner=owner,
             bytes=final.stat().st_size,
@@ -295,23 +407,17 @@ class Store:
             expires_at=expires_at,
             path=rel,
         )
-        try:
-            with self.tx() as s:
-                s.add(row)
-        except Exception:
-            final.unlink(missing_ok=True)
-            raise
-        return row
 
     def get_file(self, owner: str, file_id: str) -> FileRow:
         with self.tx() as s:
             row = s.get(FileRow, file_id)
-        if row is None or row.owner != owner:
+        # An expired file is gone for every caller (API, jobs, workers) even before the sweep deletes it.
+        if row is None or row.owner != owner or (row.expires_at is not None and row.expires_at <= now()):
             raise NotFoundError(f"No such File object: {file_id}", param="id")
         return row
 
     def list_files(self, owner: str, purpose: str | None = None, order: str = "desc") -> list[FileRow]:
-        q = select(FileRow).where(FileRow.owner == owner)
+        q = select(FileRow).where(FileRow.owner == owner, _unexpired())
         if purpose:
             q = q.where(FileRow.purpose == purpose)
         q = q.order_by(
@@ -322,10 +428,24 @@ class Store:
             return list(s.scalars(q))
 
     def count_files(self, owner: str) -> int:
-        from sqlalchemy import func
-
         with self.tx() as s:
-            return s.scalar(select(func.count()).select_from(FileRow).where(FileRow.owner == owner)) or 0
+            q = select(func.count()).select_from(FileRow).where(FileRow.owner == owner, _unexpired())
+            return s.scalar(q) or 0
+
+    def delete_expired_files(self) -> int:
+        """Remove every file past its `expires_at` (rows and bytes); returns how many."""
+        with self.tx() as s:
+            rows = list(s.scalars(select(FileRow).where(~_unexpired())))
+            for row in rows:
+                s.delete(row)
+        for row in rows:
+            self.path(row.path).unlink(missing_ok=True)
+        return len(rows)
+
+    def storage_bytes(self, owner: str) -> int:
+        """Bytes of the files a key stores (uploads and result files): its storage quota's measure."""
+        with self.tx() as s:
+            return int(s.scalar(select(func.sum(FileRow.bytes)).where(FileRow.owner == owner)) or 0)
 
     def delete_file(self, owner: str, file_id: str) -> None:
         row = self.get_file(owner, file_id)
@@ -374,6 +494,11 @@ class Store:
         with self.tx() as s:
             return list(s.scalars(q))
 
+    def count_jobs(self, owner: str, statuses: tuple[str, ...]) -> int:
+        with self.tx() as s:
+            q = select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(statuses))
+            return s.scalar(q) or 0
+
     def update_job(
         self,
         job_id: str,
@@ -404,6 +529,62 @@ class Store:
                 )
         return job
 
+    def record_success(
+        self,
+        job_id: str,
+        model: ModelRow,
+        checkpoint: dict[str, Any],
+        result_file: FileRow | None,
+        events: list[tuple[str, str]],
+        **fields: Any,
+    ) -> Job | None:
+        """Everything a finished job records, in one transaction: its model, its final checkpoint,
+        its result file, its fields and closing events. A crash leaves all of it or none, and a
+        second call (the server restarted before the first one returned) adds no duplicate. Only
+        while the job is running or paused; otherwise (a cancel won the race) nothing is written
+        and None comes back."""
+        with self.tx() as s:
+            job = s.get(Job, job_id, with_for_update=not self.url.startswith("sqlite"))
+            if job is None or job.status not in ("running", "paused"):
+                return None
+            s.merge(model)
+            seen = select(CheckpointRow.seq).where(
+                CheckpointRow.job_id == job_id,
+                CheckpointRow.model_name == checkpoint["model_name"],
+                CheckpointRow.path == checkpoint["path"],
+            )
+            if s.scalar(seen.limit(1)) is None:
+                s.add(
+                    CheckpointRow(
+                        id=new_id("ftckpt_"),
+                        job_id=job_id,
+                        owner=job.owner,
+                        created_at=now(),
+                        step=int(checkpoint["step"]),
+                        metrics=checkpoint.get("metrics"),
+                        model_name=checkpoint["model_name"],
+                        path=checkpoint["path"],
+                    )
+                )
+            if result_file is not None:
+                s.add(result_file)
+            for key, value in fields.items():
+                setattr(job, key, value)
+            for level, message in events:
+                known = select(EventRow.seq).where(EventRow.job_id == job_id, EventRow.message == message)
+                if s.scalar(known.limit(1)) is None:
+                    s.add(
+                        EventRow(
+                            id=new_id("ftevent-"),
+                            job_id=job_id,
+                            created_at=now(),
+                            level=level,
+                            type="message",
+                            message=message,
+                        )
+                    )
+        return job
+
     # ---- events
     def ingest(
         self,
@@ -423,7 +604,7 @@ class Store:
                         created_at=int(r.get("created_at") or now()),
                         level=r.get("level", "info"),
                         type=r.get("type", "message"),
-                        message=str(r.get("message", "")),
+                        message=scrub_paths(str(r.get("message", ""))),  # clients read events
                         data=r.get("data"),
                     )
                 )
@@ -468,6 +649,7 @@ class Store:
             return s.scalar(q.limit(1)) is not None
 
     def has_event(self, job_id: str, created_at: int, message: str) -> bool:
+        message = scrub_paths(message)  # as `ingest` stored it
         with self.tx() as s:
             q = select(EventRow.seq).where(
                 EventRow.job_id == job_id, EventRow.created_at == created_at, EventRow.message == message

@@ -18,14 +18,14 @@ import traceback
 from pathlib import Path
 
 from tunery.errors import TuneryError
+from tunery.fsutil import write_atomic
 
 
 def write_run_json(run_dir: Path, status: str, error: dict | None) -> None:
     """run.json for failures the trainer could not record itself (bad config, import errors)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "error": error, "trained_tokens": 0, "model_dir": None}))
-    os.replace(tmp, run_dir / "run.json")
+    doc = {"status": status, "error": error, "trained_tokens": 0, "model_dir": None}
+    write_atomic(run_dir / "run.json", json.dumps(doc))
 
 
 def watch_parent(interval: float = 1.0) -> None:
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
 
+    from tunery.quiet import quiet_libraries
+
+    quiet_libraries()  # the job's log is read by people on the dashboard: same noise rules as the CLI
     from tunery.jobs.spec import build_config
     from tunery.jobs.store import Store
 

@@ -39,9 +39,12 @@ def load_trained(
     trust_remote_code: bool = False,
     for_training: bool = False,
 ):
-    """(model, tokenizer): the base `model` spec, with the saved `adapter` dir applied when given."""
+    """(model, tokenizer): the base `model` spec, with the saved `adapter` dir applied when given.
+
+    Models loaded for inference are placed where inference runs (`models.placement.place`)."""
     from tunery.methods import METHODS
     from tunery.models import load_model, load_tokenizer
+    from tunery.models.placement import place
 
     info = read_info(adapter) if adapter else None
     spec = model or (info or {}).get("base_model")
@@ -58,14 +61,15 @@ def load_trained(
     else:
         tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     if info is None:
-        return load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code), tokenizer
+        base = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        return (base if for_training else place(base)), tokenizer
     method = METHODS.get(info["method"])
     opts = method.options.model_validate(info.get("method_options") or {})
     kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
     base = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     loaded = method.load(base, Path(info["path"]), trainable=for_training)
     if not for_training:
-        loaded.eval()
+        loaded = place(loaded.eval())
     return loaded, tokenizer
 
 

@@ -16,11 +16,14 @@ from pydantic import Field
 
 from tunery.methods import lora, peft_common, register
 from tunery.methods.base import Method
+from tunery.models.placement import bf16_supported
 
 
 class QLoraOptions(lora.LoraOptions):
-    compute_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype the 4-bit weights are dequantized to for each matmul."
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Dtype the 4-bit weights are dequantized to for each matmul; auto = bfloat16 on a GPU "
+        "that computes it natively (Ampere and later), else float32.",
     )
     double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit).")
 
@@ -33,9 +36,20 @@ def load_kwargs(options: QLoraOptions) -> dict[str, Any]:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=options.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
+            bnb_4bit_compute_dtype=compute_dtype(options.compute_dtype),
         )
     }
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The matmul dtype: bf16 halves the dequantized weight traffic and runs on tensor cores."""
+    if name == "auto":
+        # bitsandbytes places the 4-bit base on the first GPU, so that is the device that computes.
+        # A CPU keeps fp32: bitsandbytes' CPU kernels are its reference path, and fp32 is what merge
+        # reproduces exactly.
+        cuda = torch.cuda.is_available() and bf16_supported(torch.device("cuda"))
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, name)
 
 
 def apply(model: torch.nn.Module, options: QLoraOptions) -> torch.nn.Module:

@@ -84,6 +84,16 @@ def resolve(spec: str | os.PathLike | ResolvedModel) -> ResolvedModel:
     raise _unknown(text, f"No such file or directory: '{text}'.")
 
 
+def is_model_path(path: Path) -> bool:
+    """Whether `path` holds a model `resolve` would load from disk: a Hugging Face directory, a .gguf
+    file, or a directory with exactly one .gguf file. Nothing is converted or read."""
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    if not path.is_dir():
+        return False
+    return (path / "config.json").is_file() or len(list(path.glob("*.gguf"))) == 1
+
+
 def _resolve_alias(alias: Alias) -> ResolvedModel:
     where = alias.locate()
     if alias.fmt == "gguf":

@@ -27,8 +27,18 @@ from tunery.train.forward import IGNORE, decoder_hidden, split_lm
 class DistillOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    teacher: str | None = Field(None, description="Teacher model: alias, directory, hub id or .gguf.")
-    teacher_adapter: str | None = Field(None, description="A saved model/adapter dir applied on the teacher.")
+    # `names` marks fields the server's resolver checks (serve/resolver.py): on a server, a teacher is
+    # an alias or an ft: model the key owns, never an arbitrary path.
+    teacher: str | None = Field(
+        None,
+        description="Teacher model: alias, directory, hub id or .gguf (on a server: alias or ft: model).",
+        json_schema_extra={"names": "model", "adapter": "teacher_adapter"},
+    )
+    teacher_adapter: str | None = Field(
+        None,
+        description="A saved model/adapter dir applied on the teacher (on a server: an ft: model).",
+        json_schema_extra={"names": "adapter"},
+    )
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="forward_kl = KL(teacher||student); reverse_kl; jsd = generalised JSD."
     )

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.data.types import Conversation
 from tunery.errors import ConfigError
+from tunery.models.placement import model_device, place, to_device
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.objectives.common import (
@@ -58,7 +59,9 @@ class GRPOOptions(BaseModel):
         default_factory=list, description="Reward functions: [{name: contains, word: blue}, ...]."
     )
     reward_model: str | None = Field(
-        None, description="A saved `reward` run's model dir scoring completions."
+        None,
+        description="A saved `reward` run's model dir scoring completions (on a server: an ft: model).",
+        json_schema_extra={"names": "adapter"},  # checked by the server's resolver (serve/resolver.py)
     )
     allow_custom_rewards: bool = Field(
         True, description="Accept module:function reward callables (the server turns this off)."
@@ -122,6 +125,7 @@ def _reward_model_scorer(path: str) -> Callable[[list[str], list[dict[str, Any]]
     from tunery.objectives.reward import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(path, dtype=torch.float32)
+    model = place(model)
 
     def score(texts: list[str], examples: list[dict[str, Any]]) -> list[float]:
         convs = [
@@ -185,7 +189,8 @@ def rollout(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> dict
     rows, labels = zip(
         *(completion_row(p, c) for p, c in zip(prompts, completions, strict=True)), strict=True
     )
-    out = collate_rows(rows, labels, batch["pad_id"], batch["packed"])
+    # The reference forward below runs before the loop moves batches: put this one beside the model.
+    out = to_device(collate_rows(rows, labels, batch["pad_id"], batch["packed"]), model_device(model))
     out["advantages"] = group_advantages(rewards, g, scale=o.scale_rewards)
     if o.beta:
         out["ref_logps"] = reference_label_logps(model, out, ctx)

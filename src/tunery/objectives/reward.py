@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError, DataError, ModelError
+from tunery.models.placement import model_device, to_device
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.objectives.common import collate_rows, run_decoder
@@ -179,7 +180,8 @@ def score_conversations(
             f = encode_completion(messages[: replies[-1]], messages[replies[-1] :], tokenizer, None)
             rows.append(f["prompt_ids"] + f["completion_ids"])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        values = scores(model, collate_rows(rows, None, pad, packed=False))
+        batch = to_device(collate_rows(rows, None, pad, packed=False), model_device(model))
+        values = scores(model, batch)
         out.extend(float(v) if math.isfinite(float(v)) else 0.0 for v in values)
     return out
 

@@ -1,7 +1,9 @@
 """`rlaif`: RL from AI feedback. A judge model scores each sampled completion and that score is the
 GRPO reward (`grpo.py` does the rest). The judge is a local model loaded through Tunery (base spec
 plus optional adapter) or any OpenAI-compatible endpoint (`base_url`, e.g. `tunery serve`). The same
-judge labels preference pairs for DPO offline: `tunery data judge` (see `objectives/cli.py`).
+judge labels preference pairs for DPO offline: `tunery data judge` (see `objectives/cli.py`). On a
+server, requests never carry `base_url` or `api_key_env`: they name an `endpoint` the operator
+registered (`tunery serve --judge NAME=URL --judge-key-env NAME=VAR`; docs/security.md).
 
 The judge prompt is a template with `{prompt}` and `{completion}` placeholders (a file the user can
 edit; `DEFAULT_JUDGE_TEMPLATE` below otherwise). The first number in the judge's reply is the score,
@@ -41,12 +43,40 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 class JudgeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Local judge: alias, directory, hub id or .gguf.")
-    adapter: str | None = Field(None, description="Local judge: a saved model/adapter dir on `model`.")
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1.")
+    # `names` marks what a field names, for the server's resolver (serve/resolver.py): requests may
+    # name models, adapters and files it owns and endpoints the operator registered, never URLs or
+    # environment variables.
+    model: str | None = Field(
+        None,
+        description="Local judge: alias, directory, hub id or .gguf (on a server: alias or ft: model).",
+        json_schema_extra={"names": "model", "adapter": "adapter"},
+    )
+    adapter: str | None = Field(
+        None,
+        description="Local judge: a saved model/adapter dir on `model`.",
+        json_schema_extra={"names": "adapter"},
+    )
+    endpoint: str | None = Field(
+        None,
+        description="A judge endpoint registered on the server (`tunery serve --judge NAME=URL`), by name.",
+        json_schema_extra={"names": "endpoint", "url": "base_url", "key_env": "api_key_env"},
+    )
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint, e.g. http://host:8000/v1 (local runs only).",
+        json_schema_extra={"names": "url"},
+    )
     model_name: str | None = Field(None, description="The endpoint's model name (default: `model`).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
-    template: str | None = Field(None, description="Judge prompt template file ({prompt}, {completion}).")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="Environment variable holding the endpoint's key (local runs only).",
+        json_schema_extra={"names": "env"},
+    )
+    template: str | None = Field(
+        None,
+        description="Judge prompt template file ({prompt}, {completion}); on a server, a file id.",
+        json_schema_extra={"names": "file"},
+    )
     max_score: float = Field(10.0, gt=0, description="The template's top score; scores become score/max.")
     max_tokens: int = Field(16, ge=1, description="Tokens the judge may write before its number.")
     weight: float = Field(1.0, description="Weight of the judge's score in the summed reward.")
@@ -62,11 +92,13 @@ def load_template(path: str | None) -> str:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"Judge template not found: {file}", param="judge.template")
-    text = file.read_text()
+    text = file.read_text(errors="replace")
     missing = [k for k in ("{prompt}", "{completion}") if k not in text]
     if missing:
+        # The file's name, not its path: on a server that name is the file id the request gave.
         raise ConfigError(
-            f"Judge template {file} lacks the placeholder(s) {', '.join(missing)}.", param="judge.template"
+            f"Judge template {file.name} lacks the placeholder(s) {', '.join(missing)}.",
+            param="judge.template",
         )
     return text
 
@@ -88,6 +120,13 @@ class Judge:
     """Asks a judge model for a score per (prompt, completion)."""
 
     def __init__(self, options: JudgeOptions):
+        if options.endpoint and not options.base_url:
+            raise ConfigError(
+                f"judge.endpoint {options.endpoint!r} names a judge registered on a Tunery server "
+                "(tunery serve --judge NAME=URL); a local run has no such registry.",
+                hint="Set judge.base_url (and judge.api_key_env) instead.",
+                param="judge.endpoint",
+            )
         if not (options.model or options.adapter or options.base_url):
             raise ConfigError(
                 "The judge needs a local model or an endpoint.",
@@ -108,7 +147,7 @@ class Judge:
                 )
             self._client = OpenAI(
                 base_url=options.base_url,
-                api_key=os.environ.get(options.api_key_env) or "none",
+                api_key=(os.environ.get(options.api_key_env) if options.api_key_env else None) or "none",
                 max_retries=2,
             )
         else:

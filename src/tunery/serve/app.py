@@ -13,12 +13,23 @@ import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from python_multipart.exceptions import FormParserError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunery.errors import TuneryError
-from tunery.serve.common import BodyLimit, Settings, error_response, render_tunery_error
+from tunery.serve.common import (
+    BodyLimit,
+    LoopbackGuard,
+    Principal,
+    RateLimiter,
+    Settings,
+    error_response,
+    principal,
+    render_tunery_error,
+)
 
 if TYPE_CHECKING:
     from tunery.jobs.executor import Executor
@@ -29,11 +40,13 @@ log = logging.getLogger("tunery.serve")
 
 def create_app(settings: Settings) -> FastAPI:
     from tunery.jobs.store import Store
-    from tunery.serve import classify, files, inference, jobs, models, ui
+    from tunery.serve import classify, files, inference, jobs, keys, models, ui
 
     store = Store(settings.data_dir, settings.database_url)
-    if settings.api_key:
-        store.ensure_key(settings.api_key, name="admin", admin=True)
+    if settings.api_key and store.ensure_key(settings.api_key, name="admin", admin=True) is None:
+        # Revoked or rotated away (POST /v1/tunery/keys/.../rotate, `tunery keys rotate`): it stays
+        # dead; the server runs on the keys it has, the rotated admin key among them.
+        log.warning("--api-key / TUNERY_API_KEY was revoked or rotated; it is not accepted.")
     try:
         executor = make_executor(settings, store) if settings.run_executor else None
     except TuneryError:
@@ -58,13 +71,37 @@ def create_app(settings: Settings) -> FastAPI:
         version=_version(),
         lifespan=lifespan,
         description="Self-hosted, OpenAI-compatible fine-tuning and inference API.",
+        # Served below behind the key check: the schema maps every endpoint for an attacker.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = store
     app.state.executor = executor
     app.state.key_cache = {}
+    app.state.rate_limiter = RateLimiter(settings.requests_per_minute)
     app.state._engine = None  # created by the first inference request (see get_engine)
     app.state.engine_lock = threading.Lock()
+
+    _install_handlers(app)
+    _install_docs(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, Any]:
+        # Open to anyone (load balancers, start scripts): it says that the server answers, nothing more.
+        return {"status": "ok"}
+
+    for module in (files, jobs, models, inference, classify, ui, keys):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * (1 << 20))
+    if settings.no_auth:  # added last, so it runs first: a foreign Host or Origin gets nowhere
+        app.add_middleware(LoopbackGuard, bound_host=settings.host)
+    return app
+
+
+def _install_handlers(app: FastAPI) -> None:
+    """Every error a client can cause, in OpenAI's shape; a bug is a 500 naming only its type."""
 
     @app.exception_handler(TuneryError)
     async def _tunery(_request: Request, exc: TuneryError):
@@ -81,6 +118,13 @@ def create_app(settings: Settings) -> FastAPI:
             else f"Invalid request{f' for {param!r}' if param else ''}: {err.get('msg')}."
         )
         return error_response(400, message, param=param)
+
+    @app.exception_handler(FormParserError)
+    async def _multipart(_request: Request, exc: FormParserError):
+        # python-multipart raises these on a body that is not the multipart it claims to be.
+        return error_response(
+            400, f"We could not parse the multipart body of your request: {exc}", code="invalid_multipart"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -101,28 +145,37 @@ def create_app(settings: Settings) -> FastAPI:
             type="server_error",
         )
 
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "database": store.url.split("://", 1)[0],
-            "running_jobs": len(executor._running) if executor is not None else 0,
-            "executor": settings.executor if executor is not None else None,
-        }
 
-    for module in (files, jobs, models, inference, classify, ui):
-        app.include_router(module.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * (1 << 20))
-    return app
+def _install_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs behind the same key as the API (open with --no-auth)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_schema(_who: Principal = Depends(principal)) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(_who: Principal = Depends(principal)) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Tunery API")
 
 
 def make_executor(settings: Settings, store: Store) -> Executor:
     """The executor `settings.executor` names; Ray is imported only when it is the one asked for."""
     common = dict(
-        concurrency=settings.concurrency, grace=settings.cancel_grace_s, database_url=settings.database_url
+        concurrency=settings.concurrency,
+        grace=settings.cancel_grace_s,
+        database_url=settings.database_url,
+        # Workers see an allowlist of the environment plus these: the registered judges' keys.
+        env_allow=tuple(settings.judge_key_envs.values()) + tuple(settings.worker_env),
     )
     if settings.executor == "ray":
         from tunery.jobs.ray_executor import RayExecutor
+
+        if settings.gpus_per_job:
+            raise TuneryError(
+                "--gpus-per-job is for --executor local; Ray jobs reserve GPUs with --ray-num-gpus.",
+                code="invalid_config",
+            )
 
         return RayExecutor(
             store,
@@ -133,7 +186,7 @@ def make_executor(settings: Settings, store: Store) -> Executor:
         )
     from tunery.jobs.executor import LocalExecutor
 
-    return LocalExecutor(store, **common)
+    return LocalExecutor(store, gpus_per_job=settings.gpus_per_job, **common)
 
 
 def get_engine(state: Any):

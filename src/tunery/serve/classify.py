@@ -18,7 +18,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from tunery.serve.common import ApiError, Principal, principal
-from tunery.serve.jobs import resolve_model_name
+from tunery.serve.resolver import resolve_model_name
 
 router = APIRouter(prefix="/v1")
 MAX_LOADED = 2

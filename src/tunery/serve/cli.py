@@ -1,4 +1,5 @@
-"""CLI pieces the lead mounts in `tunery/cli.py`: `serve_command`, `keys_app`, `jobs_app`.
+"""CLI pieces the lead mounts in `tunery/cli.py`: `serve_command`, `jobs_app` (and `keys_app`, which
+lives in keys_cli.py).
 
 `tunery jobs ...` talks to a running server through the official `openai` SDK, exactly as any
 client would (base URL and key from flags or TUNERY_BASE_URL / TUNERY_API_KEY, falling back to
@@ -8,19 +9,21 @@ OPENAI_BASE_URL / OPENAI_API_KEY).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import typer
 
 from tunery.errors import TuneryError
+from tunery.serve.keys_cli import keys_app  # noqa: F401 - re-exported: `tunery keys` lives in keys_cli.py
 
 DEFAULT_DATA_DIR = os.environ.get("TUNERY_DATA_DIR") or str(Path.home() / ".tunery")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
-keys_app = typer.Typer(help="Manage the server's API keys.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Fine-tuning jobs on a Tunery server (OpenAI API).", no_args_is_help=True)
 
 
@@ -39,6 +42,9 @@ def serve_command(
     ),
     no_auth: bool = typer.Option(False, "--no-auth", help="No keys at all; only allowed on loopback."),
     concurrency: int = typer.Option(1, min=1, help="Training jobs run at the same time."),
+    gpus_per_job: int | None = typer.Option(
+        None, "--gpus-per-job", min=1, help="GPUs each local job gets to itself (default 1 with GPUs)."
+    ),
     executor: str = typer.Option("local", help="Where jobs run: local (subprocesses here) or ray."),
     ray_address: str | None = typer.Option(
         None, help="Ray dashboard URL for --executor ray (http://HEAD:8265)."
@@ -48,33 +54,50 @@ def serve_command(
     max_upload_mb: int = typer.Option(512, min=1, help="Largest file upload."),
     max_body_mb: int = typer.Option(16, min=1, help="Largest JSON request body."),
     max_files_per_key: int = typer.Option(1000, min=1, help="Files one key may store."),
+    max_active_jobs_per_key: int = typer.Option(
+        4, min=0, help="Jobs one key may have validating, queued or running (0: no limit)."
+    ),
+    max_storage_mb_per_key: int = typer.Option(
+        10240, min=0, help="MB of stored files one key may keep (0: no limit)."
+    ),
+    requests_per_minute: int = typer.Option(
+        600, min=0, help="API requests one key may make per minute (0: no limit)."
+    ),
+    allow_local_models: bool | None = typer.Option(
+        None,
+        "--allow-local-models/--no-allow-local-models",
+        help="Let requests name absolute paths on this machine (models, adapters, templates). "
+        "Default: on with --no-auth, off when keys share the server.",
+        show_default=False,
+    ),
+    judge: list[str] = typer.Option(
+        [], "--judge", help="Register a judge endpoint NAME=URL that requests may name (repeatable)."
+    ),
+    judge_key_env: list[str] = typer.Option(
+        [], "--judge-key-env", help="NAME=VAR: the judge NAME's key is in the variable VAR (repeatable)."
+    ),
+    worker_env: list[str] = typer.Option(
+        [],
+        "--worker-env",
+        help="A variable workers may see beyond the allowlist, e.g. HF_TOKEN (repeatable).",
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the OpenAI-compatible fine-tuning and inference API."""
+    flags = dict(locals())  # before any other local: every flag, by name (Settings fields)
     import uvicorn
 
     from tunery.serve.app import create_app
     from tunery.serve.common import Settings
 
     try:
-        settings = Settings(
-            data_dir=data_dir,
-            host=host,
-            api_key=api_key,
-            database_url=database_url,
-            no_auth=no_auth,
-            concurrency=concurrency,
-            executor=executor,
-            ray_address=ray_address,
-            ray_num_cpus=ray_num_cpus,
-            ray_num_gpus=ray_num_gpus,
-            max_upload_mb=max_upload_mb,
-            max_body_mb=max_body_mb,
-            max_files_per_key=max_files_per_key,
-        )
+        settings = Settings(**_settings_fields(flags))
         app = create_app(settings)
     except TuneryError as exc:
         _fail(str(exc))
+    for name, var in settings.judge_key_envs.items():
+        if var not in os.environ:
+            typer.secho(f"warning: judge {name!r}: ${var} is not set; it gets no key.", fg="yellow", err=True)
     if not no_auth and not api_key and not app.state.store.list_keys():
         typer.secho(
             "warning: no API key exists yet; create one with `tunery keys create --name NAME "
@@ -85,37 +108,43 @@ def serve_command(
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-@keys_app.command("create")
-def keys_create(
-    name: str = typer.Option(..., "--name", help="Who the key is for; part of its fine-tuned model names."),
-    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="The server's data dir."),
-    database_url: str | None = typer.Option(None, envvar="TUNERY_DATABASE_URL"),
-    admin: bool = typer.Option(False, help="Give the key admin rights."),
-) -> None:
-    """Create an API key; the key is printed alone on the last line (it is stored only hashed)."""
-    from tunery.jobs.store import Store
-
-    try:
-        store = Store(data_dir, database_url)
-    except TuneryError as exc:
-        _fail(str(exc))
-    row, key = store.create_key(name, admin=admin)
-    store.close()
-    typer.echo(f"Created key {row.id} for {name!r}. Store it now: it is not shown again.", err=True)
-    typer.echo(key)
+def _settings_fields(flags: dict[str, Any]) -> dict[str, Any]:
+    """`serve_command`'s flags as `Settings` fields: the same names, but for the NAME=VALUE lists,
+    parsed here, and the flags uvicorn takes."""
+    fields = {k: v for k, v in flags.items() if k not in ("port", "log_level", "judge", "judge_key_env")}
+    fields["judges"] = _pairs(flags["judge"], "--judge", _check_url)
+    fields["judge_key_envs"] = _pairs(flags["judge_key_env"], "--judge-key-env", _check_env_name)
+    fields["worker_env"] = tuple(_check_env_name(v, "--worker-env") for v in flags["worker_env"])
+    return fields
 
 
-@keys_app.command("list")
-def keys_list(
-    data_dir: Path = typer.Option(DEFAULT_DATA_DIR),
-    database_url: str | None = typer.Option(None, envvar="TUNERY_DATABASE_URL"),
-) -> None:
-    """List keys (id, name, prefix; never the key)."""
-    from tunery.jobs.store import Store
+def _pairs(values: list[str], flag: str, check) -> dict[str, str]:
+    """`NAME=VALUE` flags as a dict; a malformed or repeated NAME is a TuneryError naming the flag."""
+    out: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or not value.strip():
+            raise TuneryError(f"{flag} expects NAME=VALUE, got {item!r}.", code="invalid_config")
+        if name in out:
+            raise TuneryError(f"{flag} names {name!r} twice.", code="invalid_config")
+        out[name] = check(value.strip(), flag)
+    return out
 
-    store = Store(data_dir, database_url)
-    for row in store.list_keys():
-        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}…\t{'admin' if row.is_admin else ''}")
+
+def _check_url(value: str, flag: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TuneryError(f"{flag}: {value!r} is not an http(s) URL.", code="invalid_config")
+    return value
+
+
+def _check_env_name(value: str, flag: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise TuneryError(f"{flag}: {value!r} is not an environment variable name.", code="invalid_config")
+    if value == "TUNERY_API_KEY":  # the admin key opens every key's data: no worker ever sees it
+        raise TuneryError(f"{flag}: TUNERY_API_KEY is never passed to workers.", code="invalid_config")
+    return value
 
 
 def _client(base_url: str | None, api_key: str | None):

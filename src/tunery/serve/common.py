@@ -1,18 +1,29 @@
-"""What every router shares: the server settings, OpenAI-shaped errors, auth and the body limit."""
+"""What every router shares: the server settings, OpenAI-shaped errors, auth, per-key limits, the
+body limit and the loopback guard of `--no-auth`."""
 
 from __future__ import annotations
 
+import collections
 import ipaddress
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from tunery.errors import TuneryError
+from tunery.jobs.store import ACTIVE_STATUSES
+from tunery.redact import scrub_paths
 
-LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+MIB = 1 << 20
+# A key found in the cache is looked up again after this long even when no revocation was seen
+# (another server on the same database may have revoked it).
+KEY_CACHE_TTL_S = 10.0
 
 
 @dataclass
@@ -30,15 +41,34 @@ class Settings:
     max_files_per_key: int = 1000
     cancel_grace_s: float = 30.0  # SIGTERM -> SIGKILL
     adapter_cache: int = 8  # adapters kept loaded per base model (LRU)
-    allow_local_models: bool = True  # model specs may be local directories / .gguf files on the server
+    # Requests may name absolute paths on the server (models, adapters, templates). None: on only for
+    # --no-auth (one local user), off when keys share the server (see serve/resolver.py).
+    allow_local_models: bool | None = None
+    judges: dict[str, str] = field(default_factory=dict)  # judge endpoints requests may name: NAME -> URL
+    judge_key_envs: dict[str, str] = field(default_factory=dict)  # NAME -> variable holding its key
+    worker_env: tuple[str, ...] = ()  # more variables workers may see (e.g. HF_TOKEN); see jobs/worker_env.py
     run_executor: bool = True  # False: an API-only process (tests, or a separate executor host)
     executor: str = "local"  # local: worker subprocesses here; ray: Ray jobs on a cluster
     ray_address: str | None = None  # the Ray dashboard URL (http://HEAD:8265), for executor "ray"
     ray_num_cpus: float = 1.0  # what a job reserves on Ray unless it asks (tunery.resources)
     ray_num_gpus: float = 0.0
+    gpus_per_job: int | None = None  # GPUs per local worker (jobs/gpus.py); None: one if there are any
+    # Per-key quotas (0 turns one off). A key over one gets a 429 naming the limit.
+    max_active_jobs_per_key: int = 4  # jobs validating, queued or running at once
+    max_storage_mb_per_key: int = 10240  # bytes of stored files (uploads and result files)
+    requests_per_minute: int = 600  # authenticated API requests, over a sliding minute
+    max_eval_export_params: int = 8_000_000_000  # models one evaluate/export call loads (0: no cap)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.allow_local_models is None:
+            self.allow_local_models = self.no_auth
+        unknown = sorted(set(self.judge_key_envs) - set(self.judges))
+        if unknown:
+            raise TuneryError(
+                f"--judge-key-env names judge(s) not registered with --judge: {', '.join(unknown)}.",
+                code="invalid_config",
+            )
         if self.executor not in ("local", "ray"):
             raise TuneryError(f"Unknown executor {self.executor!r}: use local or ray.", code="invalid_config")
         if self.executor == "ray" and not self.ray_address:
@@ -88,10 +118,12 @@ class ApiError(TuneryError):
         code: str | None = None,
         param: str | None = None,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message, code=code, param=param)
         self.status = status
         self.type = type
+        self.headers = headers
 
 
 _TYPES = {
@@ -113,7 +145,8 @@ def error_response(
 ) -> JSONResponse:
     body = {
         "error": {
-            "message": message,
+            # Every message passes here: none may show where the server keeps its files.
+            "message": scrub_paths(message),
             "type": type or _TYPES.get(status, "invalid_request_error"),
             "param": param,
             "code": code,
@@ -126,15 +159,36 @@ def render_tunery_error(exc: TuneryError) -> JSONResponse:
     message = exc.message + (f" Hint: {exc.hint}" if exc.hint else "")
     status = getattr(exc, "status", 400)
     code = exc.code if exc.code not in ("tunery_error", "invalid_request_error") else None
-    return error_response(status, message, code=code, param=exc.param, type=getattr(exc, "type", None))
+    return error_response(
+        status,
+        message,
+        code=code,
+        param=exc.param,
+        type=getattr(exc, "type", None),
+        headers=getattr(exc, "headers", None),
+    )
 
 
 def principal(request: Request) -> Principal:
-    """The FastAPI dependency for auth: a Bearer key from the store, or the local user with --no-auth."""
+    """The FastAPI dependency for auth: a Bearer key from the store, or the local user with --no-auth.
+    Every authenticated request also counts against the key's requests per minute."""
     state = request.app.state
-    if state.settings.no_auth:
-        return LOCAL
-    header = request.headers.get("authorization", "")
+    who = LOCAL if state.settings.no_auth else _authenticate(state, request.headers.get("authorization", ""))
+    limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
+    wait = limiter.hit(who.id) if limiter is not None else None
+    if wait is not None:
+        raise ApiError(
+            429,
+            f"Rate limit reached: this key may make {limiter.per_minute} requests per minute. "
+            f"Try again in {wait:.0f} s.",
+            code="requests_per_minute_exceeded",
+            type="rate_limit_error",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    return who
+
+
+def _authenticate(state: Any, header: str) -> Principal:
     scheme, _, key = header.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
@@ -144,15 +198,91 @@ def principal(request: Request) -> Principal:
             "(Authorization: Bearer YOUR_KEY).",
             code="invalid_api_key",
         )
-    cache: dict[str, Principal] = state.key_cache
+    cache: dict[str, tuple[Principal, float]] = state.key_cache
+    # A revocation or rotation (by this server or by `tunery keys` on the same data dir) changes the
+    # store's key stamp; the cache is dropped at once so a revoked key never answers from it.
+    stamp = state.store.keys_stamp()
+    if stamp != getattr(state, "key_cache_stamp", None):
+        cache.clear()
+        state.key_cache_stamp = stamp
     found = cache.get(key)
-    if found is None:
+    if found is None or time.monotonic() - found[1] > KEY_CACHE_TTL_S:
         row = state.store.key_for(key)
         if row is None:
+            cache.pop(key, None)
             shown = key[:3] + "*" * 4 + key[-4:] if len(key) > 8 else "*" * len(key)
             raise ApiError(401, f"Incorrect API key provided: {shown}.", code="invalid_api_key")
-        found = cache[key] = Principal(row.id, row.name, row.is_admin)
-    return found
+        found = cache[key] = (Principal(row.id, row.name, row.is_admin), time.monotonic())
+    return found[0]
+
+
+def admin(request: Request) -> Principal:
+    """The dependency of admin-only endpoints: the server's admin keys (or the --no-auth user)."""
+    who = principal(request)
+    if not who.is_admin:
+        raise ApiError(403, "This endpoint needs an admin key.", code="admin_key_required")
+    return who
+
+
+class RateLimiter:
+    """Requests per minute per key: the times of each key's last requests in a sliding window."""
+
+    def __init__(self, per_minute: int, window_s: float = 60.0):
+        self.per_minute = per_minute
+        self.window_s = window_s
+        self._seen: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()  # sync endpoints run this dependency from several threads
+
+    def hit(self, key_id: str) -> float | None:
+        """Count one request; None when allowed, else the seconds until the next one would be."""
+        if self.per_minute <= 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen[key_id]
+            while seen and now - seen[0] >= self.window_s:
+                seen.popleft()
+            if len(seen) >= self.per_minute:
+                return self.window_s - (now - seen[0])
+            seen.append(now)
+        return None
+
+
+def check_job_quota(request: Request, who: Principal) -> None:
+    """Refuse one more active job (validating, queued or running) for a key at its limit, so one
+    key cannot hold every worker."""
+    limit = request.app.state.settings.max_active_jobs_per_key
+    if limit <= 0:
+        return
+    active = request.app.state.store.count_jobs(who.id, ACTIVE_STATUSES)
+    if active >= limit:
+        raise ApiError(
+            429,
+            f"This key already has {active} fine-tuning jobs queued or running; the server allows "
+            f"{limit} per key. Wait for one to finish or cancel one.",
+            code="active_jobs_limit_exceeded",
+            type="rate_limit_error",
+        )
+
+
+def check_storage_quota(request: Request, who: Principal) -> None:
+    """Refuse an upload that would take a key's stored files over its byte quota. The request's
+    Content-Length bounds the new file from above (multipart adds a few hundred bytes)."""
+    settings = request.app.state.settings
+    limit = settings.max_storage_mb_per_key * MIB
+    if limit <= 0:
+        return
+    length = request.headers.get("content-length", "")
+    incoming = int(length) if length.isdigit() else 0
+    used = request.app.state.store.storage_bytes(who.id)
+    if used + incoming > limit:
+        raise ApiError(
+            429,
+            f"This key stores {used / MIB:.1f} MB of files; with this upload it would pass the server's "
+            f"limit of {settings.max_storage_mb_per_key} MB per key. Delete some files first.",
+            code="storage_limit_exceeded",
+            type="rate_limit_error",
+        )
 
 
 def page(
@@ -210,6 +340,64 @@ class BodyLimit:
         return f"Request body is larger than the server's limit of {self.max_bytes // (1 << 20)} MB."
 
     async def _reject(self, send):
-        resp = error_response(413, self._message(), code="request_too_large")
-        await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
-        await send({"type": "http.response.body", "body": resp.body})
+        await _send_error(send, 413, self._message(), "request_too_large")
+
+
+class LoopbackGuard:
+    """ASGI middleware for `--no-auth`, where any request acts as the local user: a web page the
+    user visits must not drive the server. It refuses Host headers that are not loopback (DNS
+    rebinding: a page's own name resolved to 127.0.0.1) and state-changing requests whose Origin is
+    not the server itself (cross-site form posts and multipart uploads, which browsers send without
+    a CORS preflight)."""
+
+    SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app, bound_host: str):
+        self.app = app
+        self.bound_host = bound_host.lower()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        host = headers.get(b"host", "")
+        if host and not self._local_host(host):
+            return await _send_error(
+                send,
+                403,
+                f"Host {host!r} is not this server: with --no-auth only loopback names are accepted.",
+                "invalid_host",
+            )
+        if scope.get("method", "GET") not in self.SAFE_METHODS and not self._same_origin(headers, host):
+            return await _send_error(
+                send,
+                403,
+                "Cross-origin requests cannot change this server: with --no-auth only pages it serves "
+                "may post to it.",
+                "cross_origin_request",
+            )
+        return await self.app(scope, receive, send)
+
+    def _local_host(self, host: str) -> bool:
+        name = host.strip().lower()
+        if name.startswith("["):  # [::1]:8000
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        name = name.rstrip(".")
+        return is_loopback(name) or name == self.bound_host
+
+    @staticmethod
+    def _same_origin(headers: dict[bytes, str], host: str) -> bool:
+        origin = headers.get(b"origin")
+        if origin is None:
+            # Browsers always send Origin on cross-site posts; Sec-Fetch-Site covers the rest.
+            return headers.get(b"sec-fetch-site", "same-origin") in ("same-origin", "none")
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
+
+
+async def _send_error(send, status: int, message: str, code: str) -> None:
+    resp = error_response(status, message, code=code)
+    await send({"type": "http.response.start", "status": status, "headers": resp.raw_headers})
+    await send({"type": "http.response.body", "body": resp.body})

@@ -19,11 +19,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from tunery.errors import TuneryError
+from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, principal
-from tunery.serve.jobs import resolve_model_name
+from tunery.serve.resolver import resolve_model_name
 
 router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
+MAX_CHOICES = 128  # prompts x n of one request: each is a sequence in the shared batches
 _SENTINEL = object()
 
 
@@ -152,6 +154,7 @@ async def chat_completions(
     params = _params(body, chat=True)
     engine, spec, adapter, tokenizer = await _prepare(request, who, body)
     prompt = await run_in_threadpool(chat_prompt, tokenizer, messages, body.get("tools"))
+    await _check_logit_bias(body, engine, spec, adapter)
     handle = await run_in_threadpool(engine.submit, spec, adapter, prompt, params)
     cid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), body["model"]
     if body.get("stream"):
@@ -227,11 +230,15 @@ def _chat_chunks(
         }
 
 
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
 def _prompts(body: dict[str, Any], tokenizer: Any) -> list[list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
         return [list(prompt)]  # one prompt given as token ids
     if not isinstance(prompt, list) or not prompt:
         raise ApiError(400, "Missing required parameter: 'prompt'.", param="prompt")
@@ -239,11 +246,43 @@ def _prompts(body: dict[str, Any], tokenizer: Any) -> list[list[int]]:
     for p in prompt:
         if isinstance(p, str):
             out.append(list(tokenizer(p, add_special_tokens=True)["input_ids"]))
-        elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+        elif isinstance(p, list) and all(_is_token(t) for t in p):
             out.append(list(p))
         else:
             raise ApiError(400, "prompt must be a string, a list of strings or token ids.", param="prompt")
     return out
+
+
+async def _check_logit_bias(body: dict[str, Any], engine: Any, spec: str, adapter: str | None) -> None:
+    """`logit_bias` is checked like a prompt (keys are token ids of this model, values in
+    [-100, 100]) and then refused: generation does not apply it, and ignoring it would be a lie."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise ApiError(400, "logit_bias must be an object of token ids to numbers.", param="logit_bias")
+    vocab = await run_in_threadpool(engine.vocab_size, spec, adapter)
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise ApiError(
+                400,
+                f"Invalid logit_bias key {key!r}: expected a token id from 0 to {vocab - 1}.",
+                param="logit_bias",
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            raise ApiError(
+                400,
+                f"Invalid logit_bias value for {key}: expected a number in [-100, 100].",
+                param="logit_bias",
+            )
+    if bias:
+        raise ApiError(
+            400,
+            "logit_bias is not supported by this server.",
+            param="logit_bias",
+            code="unsupported_parameter",
+        )
 
 
 def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -268,6 +307,12 @@ async def completions(
     params = _params(body, chat=False)
     engine, spec, adapter, tokenizer = await _prepare(request, who, body)
     prompts = _prompts(body, tokenizer)
+    if len(prompts) * params.n > MAX_CHOICES:
+        raise ApiError(400, f"At most {MAX_CHOICES} choices per request (prompts times n).", param="prompt")
+    await _check_logit_bias(body, engine, spec, adapter)
+    # Every prompt is checked before any is queued: a bad one fails this request alone, early.
+    for p in prompts:
+        await run_in_threadpool(engine.check, spec, adapter, p, params)
     handles = []
     for p in prompts:
         handles.append(await run_in_threadpool(engine.submit, spec, adapter, p, params))
@@ -340,7 +385,7 @@ def _sse(chunks: Iterator[dict[str, Any]], *handles: Any) -> StreamingResponse:
                         + json.dumps(
                             {
                                 "error": {
-                                    "message": exc.message,
+                                    "message": scrub_paths(exc.message),
                                     "type": "invalid_request_error",
                                     "param": exc.param,
                                     "code": exc.code,
@@ -356,7 +401,7 @@ def _sse(chunks: Iterator[dict[str, Any]], *handles: Any) -> StreamingResponse:
                         + json.dumps(
                             {
                                 "error": {
-                                    "message": f"Generation failed: {exc}",
+                                    "message": scrub_paths(f"Generation failed: {exc}"),
                                     "type": "server_error",
                                     "param": None,
                                     "code": None,

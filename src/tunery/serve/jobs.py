@@ -7,7 +7,6 @@ import asyncio
 import json
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -16,7 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from tunery.jobs import spec
 from tunery.jobs.store import ACTIVE_STATUSES, CheckpointRow, EventRow, Job, new_id, now
-from tunery.serve.common import ApiError, Principal, check_limit, page, principal
+from tunery.serve.common import ApiError, Principal, check_job_quota, check_limit, page, principal
+from tunery.serve.resolver import get_resolver
 
 router = APIRouter(prefix="/v1/fine_tuning")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -82,44 +82,6 @@ def checkpoint_object(row: CheckpointRow) -> dict[str, Any]:
     }
 
 
-def _aliases() -> dict[str, Any]:
-    """Builtin base models that can chat and be fine-tuned (encoder aliases are left out)."""
-    try:
-        from tunery.models import ALIASES  # type: ignore[attr-defined]
-    except ImportError:
-        from tunery.models.aliases import ALIASES
-    return {k: a for k, a in ALIASES.items() if getattr(a, "kind", "causal-lm") == "causal-lm"}
-
-
-def resolve_model_name(request: Request, who: Principal, name: str) -> tuple[str, str | None]:
-    """(base spec, model dir relative to the data dir or None) of a model a request names."""
-    store = request.app.state.store
-    if name.startswith("ft:"):
-        found = store.find_model(who.id, name)
-        if found is None:
-            raise model_not_found(name)
-        return found
-    if name in _aliases():
-        return name, None
-    path = Path(name).expanduser()
-    if (
-        request.app.state.settings.allow_local_models
-        and path.is_absolute()
-        and ((path / "config.json").is_file() or path.suffix.lower() == ".gguf" and path.is_file())
-    ):
-        return str(path), None
-    raise model_not_found(name)
-
-
-def model_not_found(name: str) -> ApiError:
-    return ApiError(
-        404,
-        f"The model `{name}` does not exist or you do not have access to it.",
-        code="model_not_found",
-        param="model",
-    )
-
-
 def _training_file(request: Request, who: Principal, file_id: Any, param: str):
     if not isinstance(file_id, str) or not file_id:
         raise ApiError(400, f"Missing required parameter: '{param}'.", param=param)
@@ -135,6 +97,39 @@ def _training_file(request: Request, who: Principal, file_id: Any, param: str):
             param=param,
         )
     return row
+
+
+def _check_suffix(suffix: Any) -> str | None:
+    if suffix is not None and (
+        not isinstance(suffix, str) or len(suffix) > 64 or not re.fullmatch(r"[A-Za-z0-9_.-]*", suffix)
+    ):
+        raise ApiError(
+            400, "suffix must be at most 64 characters of letters, digits, '-', '_' and '.'.", param="suffix"
+        )
+    return suffix
+
+
+def _check_seed(seed: Any) -> int:
+    if seed is None:
+        return random.randint(0, 2**31 - 1)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1:
+        raise ApiError(400, "seed must be an integer in [0, 2147483647].", param="seed")
+    return seed
+
+
+def _resolve_names(request: Request, who: Principal, model: str, ext: dict[str, Any]) -> str:
+    """Every name in a job request (model, teachers, judges, reward models, templates) goes through the
+    one resolver; what they resolve to is kept in `ext` apart from the options echoed back (resolver.py).
+    Returns the base model's spec."""
+    resolver = get_resolver(request)
+    named = resolver.model(who, model)
+    ext["base_spec"] = named.spec
+    if named.adapter:
+        ext["adapter"] = named.adapter  # continue training an ft: model: its dir is the starting adapter
+    resolved = resolver.options(who, ext["options"])
+    if resolved:
+        ext["resolved"] = resolved
+    return named.spec
 
 
 def _check_metadata(meta: Any) -> dict[str, str] | None:
@@ -164,6 +159,7 @@ def create_job(
 
     state = request.app.state
     store = state.store
+    check_job_quota(request, who)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "Missing required parameter: 'model'.", param="model")
@@ -174,24 +170,11 @@ def create_job(
         else None
     )
     fields = spec.parse_request(body)
-    suffix = body.get("suffix")
-    if suffix is not None and (
-        not isinstance(suffix, str) or len(suffix) > 64 or not re.fullmatch(r"[A-Za-z0-9_.-]*", suffix)
-    ):
-        raise ApiError(
-            400, "suffix must be at most 64 characters of letters, digits, '-', '_' and '.'.", param="suffix"
-        )
-    seed = body.get("seed")
-    if seed is None:
-        seed = random.randint(0, 2**31 - 1)
-    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1:
-        raise ApiError(400, "seed must be an integer in [0, 2147483647].", param="seed")
+    suffix = _check_suffix(body.get("suffix"))
+    seed = _check_seed(body.get("seed"))
     meta = _check_metadata(body.get("metadata"))
-    base_spec, adapter = resolve_model_name(request, who, model)
     ext = fields["tunery"]
-    ext["base_spec"] = base_spec
-    if adapter:
-        ext["adapter"] = adapter  # continue training an ft: model: its dir is the starting adapter
+    base_spec = _resolve_names(request, who, model, ext)
     job_id = new_id("ftjob-")
     job = Job(
         id=job_id,
@@ -310,6 +293,7 @@ def pause_job(job_id: str, request: Request, who: Principal = Depends(principal)
 
 @router.post("/jobs/{job_id}/resume")
 def resume_job(job_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+    check_job_quota(request, who)  # a resumed job is queued again: it counts like a new one
     job = _transition(
         request,
         who,

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from tunery.serve.common import ApiError, Principal, principal
-from tunery.serve.jobs import _aliases, model_not_found
+from tunery.serve.resolver import chat_aliases, model_not_found
 
 router = APIRouter(prefix="/v1")
 
@@ -29,13 +29,13 @@ def _owned(request: Request, who: Principal) -> list[dict[str, Any]]:
 
 @router.get("/models")
 def list_models(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-    bases = [_model(name, 0, "tunery") for name in _aliases()]
+    bases = [_model(name, 0, "tunery") for name in chat_aliases()]
     return {"object": "list", "data": bases + _owned(request, who)}
 
 
 @router.get("/models/{model_id:path}")
 def retrieve_model(model_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-    if model_id in _aliases():
+    if model_id in chat_aliases():
         return _model(model_id, 0, "tunery")
     for m in _owned(request, who):
         if m["id"] == model_id:
@@ -45,7 +45,7 @@ def retrieve_model(model_id: str, request: Request, who: Principal = Depends(pri
 
 @router.delete("/models/{model_id:path}")
 def delete_model(model_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
-    if model_id in _aliases():
+    if model_id in chat_aliases():
         raise ApiError(
             403,
             f"The base model `{model_id}` cannot be deleted; only fine-tuned models can.",

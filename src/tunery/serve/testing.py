@@ -63,6 +63,7 @@ def start_server(
     *args: str,
     port: int | None = None,
     timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Run `python -m tunery.serve` and wait until /healthz answers."""
     import httpx
@@ -85,9 +86,14 @@ def start_server(
         "warning",
         *args,
     ]
+    if not any(a.endswith("allow-local-models") for a in args):
+        cmd.append("--allow-local-models")  # tests train tiny models from temp dirs
     if api_key:
         cmd += ["--api-key", api_key]
-    env = {k: v for k, v in os.environ.items() if k not in ("TUNERY_API_KEY", "TUNERY_DATABASE_URL")}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("TUNERY_API_KEY", "TUNERY_DATABASE_URL")},
+        **(env or {}),  # what the operator exported before `tunery serve` (tests of the worker's env)
+    }
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     server = ServerProcess(proc, port, data_dir, api_key, log_path)
@@ -107,9 +113,12 @@ def start_server(
 
 @contextmanager
 def running_server(
-    data_dir: str | Path, api_key: str | None = "test-admin-key", *args: str
+    data_dir: str | Path,
+    api_key: str | None = "test-admin-key",
+    *args: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    server = start_server(data_dir, api_key, *args)
+    server = start_server(data_dir, api_key, *args, env=env)
     try:
         yield server
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 
 from tunery.jobs.store import new_id
+from tunery.serve.bounds import check_eval_size, check_model_size, export_workdir, heavy_slot
 from tunery.serve.common import ApiError, Principal, principal
-from tunery.serve.jobs import _aliases, resolve_model_name
+from tunery.serve.resolver import chat_aliases, resolve_model_name
 
 STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"
 router = APIRouter()
@@ -118,7 +118,7 @@ def registry(who: Principal = Depends(principal)) -> dict[str, Any]:
         else:
             field["openai"] = False
         hp.append(field)
-    models = [{"id": name, "description": a.description} for name, a in _aliases().items()]
+    models = [{"id": name, "description": a.description} for name, a in chat_aliases().items()]
     return {"methods": methods, "objectives": objectives, "hyperparameters": hp, "base_models": models}
 
 
@@ -210,31 +210,55 @@ def estimate(
     if body.get("training_file"):
         store = request.app.state.store
         data_path = store.path(store.get_file(who.id, str(body["training_file"])).path)
-    return estimate_job(
-        base_spec,
-        method=str(body.get("method") or "lora"),
-        objective=str(body.get("objective") or "sft"),
-        data_path=data_path,
-        n_examples=body.get("n_examples"),
-        tokens_per_example=body.get("tokens_per_example"),
-        hyperparameters=body.get("hyperparameters") or {},
-        options=body.get("options") or {},
-    )
+    return estimate_job(base_spec, data_path=data_path, **_estimate_args(body))
+
+
+def _estimate_args(body: dict[str, Any]) -> dict[str, Any]:
+    """The estimate's numbers, checked like a job's: a wrong type is a 400 naming it, not a 500."""
+    from tunery.config import check_request_hyperparameters
+
+    def number(name: str, integer: bool, hi: float) -> Any:
+        value = body.get(name)
+        ok = isinstance(value, int if integer else int | float) and not isinstance(value, bool)
+        if value is not None and not (ok and 0 < value <= hi):
+            kind = "a positive integer" if integer else "a positive number"
+            raise ApiError(400, f"Invalid {name} {value!r}: expected {kind} up to {hi:g}.", param=name)
+        return value
+
+    hp, options = body.get("hyperparameters") or {}, body.get("options") or {}
+    if not isinstance(hp, dict):
+        raise ApiError(400, "hyperparameters must be an object.", param="hyperparameters")
+    r = options.get("r") if isinstance(options, dict) else None
+    if not isinstance(options, dict) or not (r is None or type(r) is int and 1 <= r <= 4096):
+        raise ApiError(400, 'options must be the method\'s options, like {"r": 8}.', param="options")
+    return {
+        "method": str(body.get("method") or "lora"),
+        "objective": str(body.get("objective") or "sft"),
+        "n_examples": number("n_examples", True, 1e9),
+        "tokens_per_example": number("tokens_per_example", False, 1e7),
+        "hyperparameters": check_request_hyperparameters(hp, "hyperparameters"),
+        "options": options,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluate / compare on the server's models
 
 
-def _run_eval(rows: list[tuple[str, str, str | None]], data: Path, max_new_tokens: int | None) -> dict:
-    from tunery.evaluate.run import compare
+def _run_eval(
+    rows: list[tuple[str, str, str | None]], data: Path, max_new_tokens: int | None, max_params: int
+) -> dict:
+    from tunery.evaluate.run import compare, load_conversations
     from tunery.methods import load_trained
 
+    convs = load_conversations(data)  # read once: counted here, evaluated below
+    check_eval_size(len(convs), max_new_tokens)
+    check_model_size([(base, Path(a) if a else None) for _, base, a in rows], max_params, "models")
     loaded = []
     for label, base, adapter in rows:
         model, tok = load_trained(base, adapter)
         loaded.append((label, model, tok, None))
-    result = compare(loaded, data, max_new_tokens=max_new_tokens, progress=False, batch_size=8)
+    result = compare(loaded, convs, max_new_tokens=max_new_tokens, progress=False, batch_size=8)
     for row in result["rows"]:
         row.pop("predictions", None)  # one per example: the disagreements carry what the UI shows
     return result
@@ -259,11 +283,14 @@ async def evaluate_models(
     max_new = body.get("max_new_tokens")
     if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
         raise ApiError(400, "max_new_tokens must be a positive integer.", param="max_new_tokens")
+    check_eval_size(0, max_new)
     rows = []
     for name in dict.fromkeys(names):
         base, rel = resolve_model_name(request, who, name)
         rows.append((name, base, str(store.path(rel)) if rel else None))
-    return await run_in_threadpool(_run_eval, rows, store.path(row.path), max_new)
+    limit = request.app.state.settings.max_eval_export_params
+    with heavy_slot(request, who, "an evaluation"):
+        return await run_in_threadpool(_run_eval, rows, store.path(row.path), max_new, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,11 +317,14 @@ async def export_model(
         raise ApiError(400, f"format must be one of {', '.join(EXPORT_FORMATS)}.", param="format")
     store = request.app.state.store
     base, rel = resolve_model_name(request, who, name)
-    work = Path(tempfile.mkdtemp(prefix="export-", dir=store.data_dir / "files" / ".tmp"))
     slug = name.replace(":", "-").strip("-")
-    out = work / slug
-    await run_in_threadpool(export, base, str(store.path(rel)), fmt, out)
-    archive = await run_in_threadpool(shutil.make_archive, str(work / f"{slug}-{fmt}"), "zip", out)
+    limit = request.app.state.settings.max_eval_export_params
+    with heavy_slot(request, who, "an export"):
+        await run_in_threadpool(check_model_size, [(base, store.path(rel))], limit)
+        with export_workdir(store.data_dir) as work:  # removed if the export or the zip fails
+            out = work / slug
+            await run_in_threadpool(export, base, str(store.path(rel)), fmt, out)
+            archive = await run_in_threadpool(shutil.make_archive, str(work / f"{slug}-{fmt}"), "zip", out)
     from starlette.background import BackgroundTask
 
     return FileResponse(

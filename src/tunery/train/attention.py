@@ -4,6 +4,13 @@ Position ids alone do not isolate packed examples (see docs/performance-notes), 
 block mask makes SDPA pay for the whole packed length squared. Instead the loop passes the
 boundaries (`cu_seq_lens_q`, as flash-attention does) and this attention runs causal SDPA once per
 segment, so the cost is what the examples would cost unpacked, with no padding.
+
+On a GPU the same boundaries go to a varlen kernel instead (flash-attention's
+`flash_attn_varlen_func` when installed, else PyTorch's `varlen_attn`): one call per layer for the
+whole row, with the boundaries already on the device and the longest example's length an int from
+the collator, so no layer waits for the host (the per-segment path reads the boundaries back with
+`.tolist()` in every layer, which on a GPU is a sync per layer). tests/test_packing.py checks that
+the varlen layout gives the per-segment path's logits.
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tunery_packed"
-# How packed rows are isolated: "segments" (causal SDPA per example, the default) or "mask" (one SDPA
-# call with a dense 4D block-diagonal causal mask). "mask" exists so the benchmark can measure the
-# lever; both are exact (tests/test_packing.py, tests/test_perf_levers.py).
-MODE = "segments"
+# How packed rows are isolated: "auto" (the default: "varlen" on a GPU for half-precision inputs,
+# else "segments"), "segments" (causal SDPA per example), "varlen" (one varlen-kernel call for the
+# row) or "mask" (one SDPA call with a dense 4D block-diagonal causal mask). The explicit modes
+# exist so the benchmark can measure the levers; all are exact (tests/test_packing.py,
+# tests/test_perf_levers.py).
+MODE = "auto"
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def block_causal_mask(cu: torch.Tensor, length: int) -> torch.Tensor:
@@ -47,6 +57,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             enable_gqa=gqa,
         )
         return out.transpose(1, 2).contiguous(), None
+    training_dropout = dropout if module.training else 0.0
+    if _use_varlen(query, training_dropout):
+        return varlen_attention(query, key, value, cu, kwargs.get("max_length_q"), scaling, gqa), None
     # split, not slicing: the backward of a slice writes its gradient into a zero tensor of the
     # whole row, once per example, where split's backward is a single concatenation.
     sizes = torch.diff(cu).tolist()
@@ -64,6 +77,73 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         for q, k, v in segments
     ]
     return torch.cat(outs, dim=1), None  # [1, L, heads, d], contiguous: one copy instead of two
+
+
+def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
+    if MODE == "varlen":
+        return True
+    # The GPU kernels take fp16/bf16 only and have no attention dropout; anything else keeps SDPA.
+    return MODE == "auto" and query.device.type == "cuda" and query.dtype in _HALF and not dropout
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int | None,
+    scaling: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """Causal attention of a packed row `[1, heads, L, d]` in one varlen call; returns `[1, L, heads, d]`.
+
+    The kernels take `[tokens, heads, d]` and the int32 boundaries; `max_len` (the collator's, a
+    host int) saves them a device-to-host read of the longest example."""
+    if max_len is None:  # a caller that passed no length: one sync for the row, still not per segment
+        max_len = int(torch.diff(cu).max())
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [L, heads, d], views
+    out = _varlen_kernel(q.device)(q, k, v, cu, max_len, scaling, gqa)
+    return out[None]
+
+
+def _varlen_kernel(device: torch.device):
+    """flash-attention's varlen kernel when installed, else PyTorch's (both CUDA); on a CPU a
+    per-segment reference with the same signature, so the layout code is checked without a GPU."""
+    if device.type != "cuda":
+        return _reference_varlen
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        from torch.nn.attention.varlen import varlen_attn
+
+        def torch_varlen(q, k, v, cu, max_len, scale, gqa):
+            return varlen_attn(
+                q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa
+            )
+
+        return torch_varlen
+
+    def flash_varlen(q, k, v, cu, max_len, scale, gqa):  # flash-attention shares GQA heads itself
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+
+    return flash_varlen
+
+
+def _reference_varlen(q, k, v, cu, max_len, scale, gqa):
+    sizes = torch.diff(cu).tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            a.transpose(0, 1),
+            b.transpose(0, 1),
+            c.transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=gqa,
+        ).transpose(0, 1)
+        for a, b, c in zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
+    ]
+    return torch.cat(outs)
 
 
 def register() -> str:

@@ -74,15 +74,23 @@ def load_state(directory: Path, name: str) -> Any:
 def rng_state() -> dict[str, Any]:
     py = random.getstate()
     npy = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npy[0], npy[1], int(npy[2]), int(npy[3]), float(npy[4])],
     }
+    if torch.cuda.is_available():  # dropout on a GPU draws from the GPUs' own generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        # A resume may see fewer or more GPUs than the save: restore those both have.
+        for index, value in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(value, index)
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]

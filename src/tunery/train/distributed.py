@@ -19,6 +19,7 @@ FSDP root, the DDP reducer, the DeepSpeed engine) sees exactly one forward per b
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import json
 import os
@@ -77,6 +78,15 @@ def check(config: Any, *, cuda: bool | None = None) -> None:
     """Refuse settings this machine cannot run, before any process is launched."""
     d = config.distributed
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if config.method == "qlora" and d.strategy != "ddp":
+        # bitsandbytes' 4-bit weights are packed uint8 tensors with their quantization state on the
+        # side: sharding splits them without that state, and ZeRO-3 cannot gather them back.
+        raise ConfigError(
+            f"method qlora cannot be sharded with distributed.strategy={d.strategy}.",
+            hint="Use distributed.strategy=ddp (each GPU holds the whole 4-bit base), or method lora.",
+            param="distributed.strategy",
+        )
+
     if d.strategy == "deepspeed":
         if not cuda:
             raise ConfigError(
@@ -92,6 +102,17 @@ def check(config: Any, *, cuda: bool | None = None) -> None:
             )
     if d.backend == "nccl" and not cuda:
         raise ConfigError("distributed.backend=nccl needs CUDA GPUs.", hint="Use backend: auto or gloo.")
+
+
+def check_local_rank(local_rank: int, visible: int) -> None:
+    """Each rank drives the GPU numbered by its LOCAL_RANK; fail clearly when there is no such GPU."""
+    if local_rank >= visible:
+        raise DistributedError(
+            f"Rank with LOCAL_RANK={local_rank} has no GPU: this process sees {visible} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}).",
+            hint="Launch at most one process per visible GPU (--nproc <= the number of GPUs), "
+            "or list more GPUs in CUDA_VISIBLE_DEVICES.",
+        )
 
 
 def launch_command(
@@ -251,18 +272,31 @@ class Dist:
         return kwargs
 
     def shard(self, model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
-        """Move the model to this rank's device; under FSDP shard it (before the optimizer exists)."""
+        """Move the model to this rank's device; under FSDP shard it (before the optimizer exists).
+
+        FSDP shards from host memory: `fully_shard` moves one block at a time to the GPU and keeps
+        only this rank's shard there, so no rank ever holds the whole model on its GPU."""
         self.accelerator = accelerator
-        model = model.to(accelerator.device)
         self.model = model
         if self.strategy == "fsdp":
-            self.wrapped = _fully_shard(LossModule(model), self.settings.fsdp, accelerator.device)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+            self.wrapped = _fully_shard(LossModule(model), self.settings.fsdp, accelerator.device, dtype)
+        else:
+            self.model = model = model.to(accelerator.device)
         return model
 
     def prepare(self, optimizer: torch.optim.Optimizer) -> Any:
-        """DDP / DeepSpeed wrap the loss module through accelerate; FSDP is already sharded."""
+        """DDP / DeepSpeed wrap the loss module through accelerate; FSDP is already sharded, and only
+        its optimizer goes through accelerate, so that fp16 losses are scaled in backward, gradients
+        unscaled before clipping and steps with overflowed gradients skipped, as without FSDP."""
         if self.strategy == "fsdp":
-            return optimizer
+            if self.accelerator.mixed_precision != "fp16":
+                return optimizer
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # the sharded scaler agrees on inf/nan across ranks, so every rank skips together
+            self.accelerator.scaler = ShardedGradScaler()
+            return self.accelerator.prepare_optimizer(optimizer, device_placement=False)
         self.wrapped, optimizer = self.accelerator.prepare(LossModule(self.model), optimizer)
         return optimizer
 
@@ -436,13 +470,15 @@ def _dcp_options():
     return StateDictOptions(ignore_frozen_params=True)
 
 
-def _fully_shard(root: LossModule, settings: Any, device: torch.device) -> torch.nn.Module:
+def _fully_shard(
+    root: LossModule, settings: Any, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """FSDP2 with torch's own `fully_shard`: each transformer block is a unit, the rest (embeddings,
     tied LM head, final norm) sits in the root. accelerate (1.15) turns FSDP on only for GPU-like
     devices and would wrap a CPU model in DDP instead, so the CPU/gloo path must be torch's; the
     GPU path uses the same code so that what the tests check here is what runs there."""
     try:
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     except ImportError as exc:  # torch < 2.6
         raise ConfigError("distributed.strategy=fsdp needs torch >= 2.6 (FSDP2).") from exc
     model = root.model
@@ -451,6 +487,11 @@ def _fully_shard(root: LossModule, settings: Any, device: torch.device) -> torch
     kwargs: dict[str, Any] = {"reshard_after_forward": settings.reshard_after_forward}
     if settings.cpu_offload and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if dtype is not None:
+        # Parameters are all-gathered and computed in half precision (one dtype per unit, even when
+        # a bf16 base carries fp32 adapters); gradients are reduced in fp32, and the optimizer keeps
+        # fp32 shards.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for module in list(model.modules()):
         if type(module).__name__ in block_names:
             fully_shard(module, **kwargs)
@@ -479,8 +520,13 @@ def start(config: Any) -> Dist:
         backend = "nccl" if cuda else "gloo"
     device = torch.device("cpu")
     if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        check_local_rank(local_rank, torch.cuda.device_count())
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not td.is_initialized():
-        td.init_process_group(backend=backend)
+        # Rank 0 alone tokenizes, saves and generates while the others wait in a collective; the
+        # default timeout (10 minutes for NCCL) would kill a large job there.
+        timeout = datetime.timedelta(minutes=config.distributed.timeout_minutes)
+        td.init_process_group(backend=backend, timeout=timeout)
     return Dist(config, device)

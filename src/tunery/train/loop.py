@@ -22,6 +22,7 @@ from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train.batching import Step
 from tunery.train.events import EventLog
+from tunery.train.memory import rss_mb
 
 
 @dataclass
@@ -255,6 +256,10 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
                 break
             if s.dist is not None:
                 state.interrupted = s.dist.any(state.interrupted)
+            # With several ranks only the vote decides: a signal landing during the evaluation or the
+            # save below reaches the ranks at different moments, and one rank leaving while another
+            # steps on pairs unlike collectives (a hang). The next step's vote catches it on all.
+            stop = state.interrupted
             state.step = step.index
             window_tokens += metrics.pop("n_tokens")
             last_of_epoch = step.index == total or s.steps[step.index].epoch != step.epoch
@@ -269,6 +274,7 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
                     **metrics,
                     "learning_rate": s.scheduler.get_last_lr()[0],
                     "tokens_per_second": window_tokens / elapsed if elapsed > 0 else 0.0,
+                    "rss_mb": round(rss_mb(), 1),  # soak tests and the progress bar watch it for growth
                     **state.last_eval,
                     **(s.method_metrics(s.model) if s.method_metrics is not None else {}),
                 }
@@ -277,8 +283,10 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
                 window_tokens, window_start = 0, time.perf_counter()
             if (last_of_epoch and step.index != total) or (s.save_steps and step.index % s.save_steps == 0):
                 save_checkpoint(s, state, step)
-            if state.interrupted:
+            if stop or (s.dist is None and state.interrupted):
                 break
+        if s.dist is not None:  # a signal after the last vote, on some ranks only: all agree again
+            state.interrupted = s.dist.any(state.interrupted)
         if state.interrupted and state.step > 0:
             save_checkpoint(s, state, s.steps[state.step - 1])
     return state

@@ -32,7 +32,11 @@ class _LoraLinearFn(torch.autograd.Function):
             u = x2 @ a.t()  # [tokens, r]
             y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
             y.addmm_(u, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, w, a, b, u)
+        # A weight cast for autocast (an fp32 base under bf16) is cast again in backward rather
+        # than kept from forward to backward: keeping it would hold a 2-byte copy of every frozen
+        # weight. A base already in the compute dtype is saved as itself, with no copy at all.
+        ctx.recast = w is not weight
+        ctx.save_for_backward(x2, weight if ctx.recast else w, a, b, u)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -40,6 +44,8 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, w, a, b, u = ctx.saved_tensors
+        if ctx.recast:
+            w = w.to(x2.dtype)
         s = ctx.scaling
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         with torch.autocast(grad.device.type, enabled=False):

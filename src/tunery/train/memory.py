@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 ALLOCATOR_ENV = "TUNERY_ALLOCATOR"  # "jemalloc" (the default where found) or "system"
-# Keep freed pages for reuse instead of handing them back: a training step frees and re-allocates the
-# same activations every time, and returning them makes the next step pay page faults for all of them.
-JEMALLOC_CONF = "background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# jemalloc's own decay (freed pages go back to the OS after ~10 s, by a background thread). An earlier
+# `dirty_decay_ms:-1,muzzy_decay_ms:-1` kept every freed page forever: steps of varying shapes never reuse
+# them, and a 900-step smollm2 run grew ~55 MB a step until it held the machine's 24 GB (issue #20).
+# tests/test_memory.py::test_training_rss_stays_flat guards this on a few hundred varied steps.
+JEMALLOC_CONF = "background_thread:true,metadata_thp:auto"
 _SEARCH = [
     f"{sys.prefix}/lib",
     "/usr/local/lib",
@@ -65,6 +67,18 @@ def allocator_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (0.0 where /proc is missing): cheap enough per step."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE / 1e6
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def maybe_reexec(argv: list[str]) -> None:

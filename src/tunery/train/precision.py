@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 
+from tunery.models.placement import cpu_has_bf16
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+__all__ = ["autocast_dtype", "cpu_has_bf16", "mixed_precision"]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -30,3 +22,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def mixed_precision(dtype: torch.dtype | None) -> str:
+    """accelerate's name for an autocast dtype; fp16 makes it keep a grad scaler (loss scaling)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")

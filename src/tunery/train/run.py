@@ -7,7 +7,6 @@ config -> validate data (before any model) -> load model -> apply method -> enco
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import yaml
 
 from tunery.config import TuneryConfig
 from tunery.errors import DataError, TuneryError
+from tunery.fsutil import write_atomic
 from tunery.train.events import EventLog, Subscriber, write_results
 
 
@@ -41,9 +41,7 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def load_and_validate(config: TuneryConfig, data_kind: str, objective_name: str):
@@ -157,9 +155,7 @@ def _run(config: TuneryConfig, out: Path, events: EventLog) -> RunResult:
 def write_config(config: TuneryConfig, out: Path, resolved: dict[str, Any]) -> None:
     data = config.to_dict()
     data["hyperparameters"].update(resolved)
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, out / "config.yaml")
+    write_atomic(out / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
 def finish(out: Path, model_dir: Path | None) -> None:

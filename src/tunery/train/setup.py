@@ -13,6 +13,7 @@ import torch
 from tunery.config import TuneryConfig
 from tunery.errors import ConfigError, TuneryError
 from tunery.methods import Method, count_parameters
+from tunery.models.placement import enable_tf32, load_dtype
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train import hparams
@@ -20,7 +21,7 @@ from tunery.train.batching import schedule
 from tunery.train.events import EventLog
 from tunery.train.loop import LoopSetup, LoopState, lr_lambda, train_loop
 from tunery.train.memory import active_allocator
-from tunery.train.precision import autocast_dtype
+from tunery.train.precision import autocast_dtype, mixed_precision
 
 
 def build_model(config: TuneryConfig, method: Method, method_opts: Any, objective: Objective):
@@ -32,7 +33,10 @@ def build_model(config: TuneryConfig, method: Method, method_opts: Any, objectiv
         model = objective.load_model(config, kwargs)
     else:
         model = load_model(
-            config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code, **kwargs
+            config.model,
+            dtype=_base_dtype(config, method),
+            trust_remote_code=config.trust_remote_code,
+            **kwargs,
         )
     if objective.prepare_model is not None:
         model = objective.prepare_model(model, config)
@@ -47,6 +51,17 @@ def build_model(config: TuneryConfig, method: Method, method_opts: Any, objectiv
     else:
         model = method.apply(model, method_opts)
     return model, tokenizer
+
+
+def _base_dtype(config: TuneryConfig, method: Method) -> torch.dtype:
+    """fp32, except a frozen bf16 base trained on a GPU with bf16 autocast: that one stays in bf16
+    (2 bytes a parameter instead of 4; see models/placement.py)."""
+    if not torch.cuda.is_available() or config.hyperparameters.precision not in ("auto", "bf16"):
+        return torch.float32
+    from tunery.models import model_info
+
+    frozen = method.name not in ("full", "freeze")  # every other method leaves the base weights alone
+    return load_dtype(model_info(config.model)["dtype"], torch.device("cuda"), frozen)
 
 
 def _train_in_full(options: Any, names: list[str]) -> Any:
@@ -161,12 +176,14 @@ def _train(
     )
 
     packed = hp.packing and method.supports_packing and use_packed_attention(_base(model))
-    fuse_lora_layers(model)  # one autograd node per LoRA layer, exact (train/lora_kernel.py)
+    fused = fuse_lora_layers(model) > 0  # one autograd node per LoRA layer, exact (train/lora_kernel.py)
     cpu = not torch.cuda.is_available()
     dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
+    enable_tf32()
+    _reset_accelerate_state(dist)
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
+        mixed_precision=mixed_precision(dtype),  # fp16 brings accelerate's grad scaler
         **(dist.accelerator_kwargs(hp.max_grad_norm) if dist is not None else {}),
     )
     if dist is not None:  # FSDP shards before the optimizer sees the parameters
@@ -225,7 +242,11 @@ def _train(
     if config.resume:
         state = resume(loop, events)
     else:
-        events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict()})
+        # What actually runs, not what was asked for: a silent fallback (no packing, no fusion, another
+        # precision) would otherwise pass for the requested setting in tests and benchmarks.
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        levers = {"packed": packed, "fused": fused, "precision": precision}
+        events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict(), **levers})
     state = train_loop(loop, state)
     if state.interrupted:
         events.emit(f"Training interrupted at step {state.step}; resume with --resume", level="warn")
@@ -239,6 +260,15 @@ def _train(
         finish(out, model_dir)
     events.emit("The job has successfully completed", data={"trained_tokens": state.trained_tokens})
     return RunResult(out, model_dir, "succeeded", state.trained_tokens, state.last_metrics)
+
+
+def _reset_accelerate_state(dist: Any) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second run at another
+    precision (a sweep, tests); each run starts from a fresh one. A launched rank keeps its
+    PartialState: the process group it describes lives on."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=dist is None)
 
 
 def resume(loop: LoopSetup, events: EventLog) -> LoopState:
