@@ -17,7 +17,7 @@ from outside every `--sample-seconds`, to catch what the loop does not see (load
 Serving: one `tunery serve` on 127.0.0.1 (a free port, an API key, its own data dir) runs three
 fine-tuning jobs back to back through the official `openai` SDK, then answers `--requests` chat
 requests alternating over two of the resulting `ft:` models from `--concurrency` client threads.
-The RSS of the server and of every child (the job workers) is sampled throughout.
+The RSS of the server and of every child (the job workers) is sampled throughout (rss_sampler.py).
 
 Analysis: the first 10% of steps (or requests) are warm-up. A least-squares line through the rest
 gives the growth per 1,000 steps (training) or over all the requests (serving), as a percentage of
@@ -42,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import openai
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from rss_sampler import Sampler, psutil, tree_rss  # noqa: E402
@@ -57,6 +59,9 @@ WARMUP_FRACTION = 0.1
 STEPS_PER = 1000  # training growth is reported per 1,000 optimizer steps
 MAX_CHARS = 4000  # ~1,000 tokens at ~4 characters a token: the longest joined example
 TINY_MAX_LENGTH = 256  # the smoke model's 512 positions; also keeps the smoke run short
+# Chat prompts: a user turn cut to this many characters. The tiny model's byte-level tokenizer makes
+# ~0.7 tokens of a character and its context is 512, which the server enforces with a 400.
+PROMPT_CHARS = {"real": 2000, "tiny": 500}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -209,12 +214,12 @@ class MetricsTail:
 
 
 def train_command(
-    model: str, data: Path, run_dir: Path, batch: int, steps: int, n_examples: int
+    model: str, data: Path, run_dir: Path, batch: int, steps: int, n_examples: int, tiny: bool = False
 ) -> list[str]:
     """`tunery train` as a user types it, with enough epochs that max_steps is what stops it."""
     epochs = math.ceil(steps * batch / n_examples) + 1
     sets = {"batch_size": batch, "max_steps": steps, "n_epochs": epochs}
-    if Path(model).is_dir():
+    if tiny:
         sets["max_length"] = TINY_MAX_LENGTH
     cmd = [sys.executable, "-m", "tunery.cli", "train", "--model", model, "--data", str(data)]
     cmd += ["--output", str(run_dir)]
@@ -226,7 +231,7 @@ def train_command(
 def train_part(model: str, data: Path, batch: int, steps: int, tmp: Path, args: argparse.Namespace) -> dict:
     run_dir = tmp / f"train-b{batch}"
     n_examples = sum(1 for _ in data.open())
-    cmd = train_command(model, data, run_dir, batch, steps, n_examples)
+    cmd = train_command(model, data, run_dir, batch, steps, n_examples, tiny=args.model == "tiny")
     log_path = tmp / f"train-b{batch}.log"
     print(f"training: batch {batch}, {steps} steps", flush=True)
     t0 = time.perf_counter()
@@ -278,7 +283,7 @@ def run_jobs(server: Any, client: Any, model: str, rows: list[dict], tmp: Path, 
     with open(path, "rb") as fh:
         upload = client.files.create(file=fh, purpose="fine-tune")
     extra = {"max_steps": args.job_steps}
-    if Path(model).is_dir():
+    if args.model == "tiny":
         extra["max_length"] = TINY_MAX_LENGTH
     jobs = []
     for i in range(3):
@@ -324,7 +329,8 @@ class Answered:
 
 def chat_burst(client: Any, names: list[str], rows: list[dict], answered: Answered, args) -> dict[str, Any]:
     """`args.requests` chat requests alternating over `names`, prompts of varied length."""
-    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user")[:2000] for r in rows]
+    limit = PROMPT_CHARS["tiny" if args.model == "tiny" else "real"]
+    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user")[:limit] for r in rows]
 
     def ask(i: int) -> int:
         reply = client.chat.completions.create(
@@ -562,7 +568,7 @@ def run_parts(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, A
         if not args.skip_serve:
             try:
                 out["serve"] = {**serve_part(model, rows, tmp, args), **stamp}
-            except (RuntimeError, OSError) as exc:  # a job that failed, a server that did not start
+            except (RuntimeError, OSError, openai.OpenAIError) as exc:  # a failed job, a refused request
                 out["serve"] = {"requests": args.requests, "error": str(exc)[-3000:], **stamp}
     return out
 

