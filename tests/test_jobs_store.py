@@ -177,7 +177,13 @@ def test_api_over_postgres(postgres_url, tmp_path):
     model = make_tiny_model_dir(tmp_path / "tiny")
     Base.metadata.drop_all(Store(tmp_path / "d0", postgres_url).engine)
     app = create_app(
-        Settings(data_dir=tmp_path / "data", api_key="k1", database_url=postgres_url, run_executor=False)
+        Settings(
+            data_dir=tmp_path / "data",
+            api_key="k1",
+            database_url=postgres_url,
+            run_executor=False,
+            allow_local_models=True,
+        )
     )
     rows = "".join(
         json.dumps(

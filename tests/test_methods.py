@@ -179,6 +179,12 @@ def test_save_reload_same_logits_and_merge(name, tiny_llama, tmp_path, batch, ch
         merged = method.merge(reloaded)
         assert not hasattr(merged, "peft_config")
         assert not any("lora_" in n or "ia3_" in n for n, _ in merged.named_parameters())
+        if name == "qlora":
+            # bitsandbytes runs its 4-bit CPU matmul in bf16 where the CPU has AVX512-BF16, so the 4-bit
+            # model's logits carry bf16 rounding (6e-3 measured). The merge is checked within that; an
+            # unexplained 1-2e-3 gap to the dequantized fp32 base with the adapter unmerged is open (stop 18).
+            assert (_logits(merged, batch) - expected).abs().max() < 2e-2
+            return
         assert (_logits(merged, batch) - expected).abs().max() < 1e-4
     else:
         assert method.merge is None and len(method.merge_note) > 20, name
