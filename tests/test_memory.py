@@ -34,7 +34,7 @@ def test_spawned_processes_run_on_jemalloc_and_keep_user_settings():
 
 
 def _varied_chat(path, n, seed=0):
-    """Chat rows whose lengths spread from a few tokens to ~700: every step has a new shape."""
+    """Chat rows whose lengths spread from a few tokens to ~500: every step has a new shape."""
     import random
 
     from tunery.testing import chat_row, write_jsonl
@@ -45,7 +45,7 @@ def _varied_chat(path, n, seed=0):
     def text(lo, hi):
         return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
 
-    return write_jsonl(path, [chat_row(text(2, 160), text(1, 40)) for _ in range(n)])
+    return write_jsonl(path, [chat_row(text(2, 110), text(1, 30)) for _ in range(n)])
 
 
 def _slope(points):
@@ -56,7 +56,7 @@ def _slope(points):
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
-STEPS = 200
+STEPS = 150
 
 
 def test_training_rss_stays_flat(tmp_path):
