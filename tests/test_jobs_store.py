@@ -256,7 +256,9 @@ def test_job_events_and_kill_9_recovery_on_postgres(postgres_url, tmp_path):
     Base.metadata.drop_all(fresh.engine)  # the server creates its tables on the empty database
     fresh.close()
     data, train = tmp_path / "data", tmp_path / "train.jsonl"
-    train.write_text(_count_rows(16))
+    # long enough that the kill lands mid-training on a quiet machine too (16 rows could finish first)
+    n = 48
+    train.write_text(_count_rows(n))
     server = start_server(data, "test-admin-key", "--database-url", postgres_url)
     try:
         client = server.client()
@@ -294,7 +296,7 @@ def test_job_events_and_kill_9_recovery_on_postgres(postgres_url, tmp_path):
     assert any(m.startswith("Worker started; resuming from checkpoint step-") for m in messages)
     assert messages[-1] == "The job has successfully completed"
     # steps before the checkpoint are not trained twice, and every step is logged once
-    assert [sum(m.startswith(f"Step {i}/16:") for m in messages) for i in range(1, 17)] == [1] * 16
+    assert [sum(m.startswith(f"Step {i}/{n}:") for m in messages) for i in range(1, n + 1)] == [1] * n
     # all of it lives in PostgreSQL, none in a SQLite file beside the data
     store = Store(tmp_path / "reader", postgres_url)
     try:
