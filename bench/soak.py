@@ -33,6 +33,7 @@ import json
 import math
 import random
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,13 +134,10 @@ def fit_slope(xs: list[float], ys: list[float]) -> float | None:
     """Least-squares slope of ys against xs; None with under two distinct xs."""
     if len(xs) != len(ys):
         raise ValueError(f"{len(xs)} x values for {len(ys)} y values")
-    if len(xs) < 2:
+    try:
+        return statistics.linear_regression(xs, ys).slope
+    except statistics.StatisticsError:  # fewer than two points, or every x the same
         return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
 def meets_target(growth_pct: float | None, target: float = TARGET_PCT) -> bool:
