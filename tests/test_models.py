@@ -385,3 +385,36 @@ def test_smollm2_alias_real_model():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     reply = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+def test_concurrent_loads_leave_transformers_intact(tiny_dirs):
+    """transformers swaps process-wide functions (`tie_weights`, `init_weights`) while it builds a
+    model. Threads loading at once (the server's engine, an evaluation, an export) used to interleave
+    the swaps and leave `tie_weights` a no-op: every later load of a tied model kept its lm_head on the
+    meta device. Loads now hold `LOAD_LOCK`; without it this fails on every run here."""
+    import transformers
+
+    from tunery.evaluate.loading import load_for_inference
+
+    original = transformers.PreTrainedModel.tie_weights, transformers.PreTrainedModel.init_weights
+    path = str(tiny_dirs["llama"])
+    loaders = [lambda: load_model(path), lambda: load_for_inference(path)]
+    errors: list[BaseException] = []
+
+    def work(load):
+        try:
+            for _ in range(4):
+                load()
+        except BaseException as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(loaders[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert (transformers.PreTrainedModel.tie_weights, transformers.PreTrainedModel.init_weights) == original
+    model = load_model(path)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert not any(p.is_meta for p in model.parameters())

@@ -33,6 +33,7 @@ from tunery.evaluate.generate import (
     decode_steps,
 )
 from tunery.evaluate.loading import adapter_base, is_peft_adapter, load_for_inference, model_dir
+from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import place
 
 Loader = Callable[[str, str | None], tuple[Any, Any]]
@@ -294,7 +295,10 @@ class Engine:
             if base.peft is None:
                 from peft import PeftModel
 
-                base.peft = PeftModel.from_pretrained(base.model, path, adapter_name=name, is_trainable=False)
+                with LOAD_LOCK:
+                    base.peft = PeftModel.from_pretrained(
+                        base.model, path, adapter_name=name, is_trainable=False
+                    )
                 base.peft.eval()
             else:
                 base.peft.load_adapter(path, adapter_name=name, is_trainable=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import ModelError
+from tunery.models.load_lock import LOAD_LOCK
 
 
 def model_dir(adapter: str | Path) -> Path:
@@ -76,13 +77,14 @@ def _load_local(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    base = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
     tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    if adapter is None:
-        return base, tok
-    adapter = str(model_dir(adapter))
-    if is_peft_adapter(adapter):
-        from peft import PeftModel
+    with LOAD_LOCK:
+        base = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+        if adapter is None:
+            return base, tok
+        adapter = str(model_dir(adapter))
+        if is_peft_adapter(adapter):
+            from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, adapter, is_trainable=False), tok
-    return AutoModelForCausalLM.from_pretrained(adapter, **kwargs), tok
+            return PeftModel.from_pretrained(base, adapter, is_trainable=False), tok
+        return AutoModelForCausalLM.from_pretrained(adapter, **kwargs), tok

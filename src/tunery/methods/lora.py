@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import register
 from tunery.methods.base import Method
+from tunery.models.load_lock import LOAD_LOCK
 
 
 class LoraOptions(BaseModel):
@@ -70,7 +71,8 @@ def save(model: torch.nn.Module, out: Path) -> None:
 def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    with LOAD_LOCK:
+        return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 
 def merge(model: torch.nn.Module) -> torch.nn.Module:

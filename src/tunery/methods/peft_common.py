@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tunery.models.load_lock import LOAD_LOCK
+
 
 def apply_config(model: torch.nn.Module, config) -> torch.nn.Module:
     from peft import get_peft_model
@@ -24,7 +26,8 @@ def save(model: torch.nn.Module, out: Path) -> None:
 def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    with LOAD_LOCK:
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     if not trainable:  # peft leaves prompt-learning embeddings trainable even in inference mode
         for p in model.parameters():
             p.requires_grad_(False)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tunery.errors import ModelError
+from tunery.models.load_lock import LOAD_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,13 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         # dequantize=True: for architectures with packed GGUF kernels transformers would otherwise
         # keep the weights in quantized blocks, which cannot be trained or saved as safetensors.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            gguf_file=fname,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
-        )
+        with LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                gguf_file=fname,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
+            )
     except (ValueError, KeyError, OSError, IndexError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(

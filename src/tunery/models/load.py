@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from tunery.errors import ConfigError, ModelError
 from tunery.models.aliases import ALIASES
+from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.resolve import ResolvedModel, resolve
 
 Task = Literal["causal-lm", "sequence-classification", "base"]
@@ -144,10 +145,11 @@ def load_model(
         kwargs["dtype"] = _torch_dtype(dtype)
     auto_class = getattr(transformers, _AUTO_CLASSES[task])
     try:
-        if new_head:
-            loaded = _load_new_head(auto_class, model.path, config, kwargs)
-        else:
-            loaded = auto_class.from_pretrained(model.path, config=config, **kwargs)
+        with LOAD_LOCK:
+            if new_head:
+                loaded = _load_new_head(auto_class, model.path, config, kwargs)
+            else:
+                loaded = auto_class.from_pretrained(model.path, config=config, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(model, "model", exc) from None
     gen = getattr(loaded, "generation_config", None)

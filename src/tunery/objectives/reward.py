@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError, DataError, ModelError
+from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import model_device, to_device
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
@@ -44,7 +45,7 @@ def prepare_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     cfg = model.config
     cfg.num_labels = 1
     try:
-        with torch.device("meta"):  # the shell only: its body is replaced by the loaded decoder
+        with LOAD_LOCK, torch.device("meta"):  # the shell only: its body is replaced by the decoder
             shell = AutoModelForSequenceClassification.from_config(cfg)
     except ValueError as exc:
         raise ConfigError(
