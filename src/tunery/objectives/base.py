@@ -64,6 +64,9 @@ class Objective:
     metric_names: tuple[str, ...] = ()
     # tokens per feature row, for batching by token budget
     length: Callable[[dict[str, Any]], int] = lambda f: len(f["input_ids"])
+    # the loss sums over labelled tokens only, so trailing positions labelled IGNORE change nothing
+    # and the loop may pad lengths to shape buckets (train/shapes.py)
+    token_level: bool = False
     # Methods/objectives the objective needs: e.g. a reference model, a teacher.
     needs_reference: bool = False
     # optional hook: setup(model, config, tokenizer) -> dict stored in ctx.extra (teacher, reward fns)

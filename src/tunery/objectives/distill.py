@@ -154,6 +154,7 @@ register(
         data_kind="chat",
         encode=encode,
         collate=collate,
+        token_level=True,
         loss=loss,
         metric_names=("divergence", "mean_token_accuracy"),
         setup=setup,

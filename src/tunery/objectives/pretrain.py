@@ -41,6 +41,7 @@ register(
         data_kind="text",
         encode=encode,
         collate=collate,
+        token_level=True,
         loss=loss,
         metric_names=("mean_token_accuracy",),
     )

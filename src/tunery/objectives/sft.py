@@ -54,6 +54,7 @@ register(
         data_kind="chat",
         encode=encode,
         collate=collate,
+        token_level=True,
         loss=loss,
         metric_names=("mean_token_accuracy",),
     )

@@ -23,6 +23,7 @@ from tunery.train import checkpoint as ckpt
 from tunery.train.batching import Step
 from tunery.train.events import EventLog
 from tunery.train.memory import rss_mb
+from tunery.train.shapes import pad_to_bucket
 
 
 @dataclass
@@ -60,6 +61,15 @@ class LoopSetup:
     after_step: Callable[[torch.nn.Module, int, int], None] | None = None
     method_metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
     dist: Any = None  # train.distributed.Dist when several processes train (None: this one alone)
+    # round token-level batches up to shape buckets (bf16 on a CPU keeps memory per shape: shapes.py)
+    shape_buckets: bool = False
+
+
+def collate(s: LoopSetup, features: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = s.objective.collate(features, s.pad_id, s.packed)
+    if s.shape_buckets and s.objective.token_level:
+        batch = pad_to_bucket(batch, s.pad_id)
+    return batch
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -118,7 +128,7 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     and the units, losses and metrics are summed over ranks, so the step is the one-process step."""
     model, obj, dist = s.model, s.objective, s.dist
     plan = [(mb, True) for mb in step.micro_batches] if dist is None else dist.plan(step)
-    batches = [obj.collate([s.features[i] for i in mb], s.pad_id, s.packed) for mb, _ in plan]
+    batches = [collate(s, [s.features[i] for i in mb]) for mb, _ in plan]
     if obj.rollout is not None:  # online objectives sample first: their units exist only afterwards
         batches = [_call(s, obj.rollout, b, s.ctx) for b in batches]
     units = sum(b["n_units"] for b, (_, real) in zip(batches, plan, strict=True) if real)
@@ -183,7 +193,7 @@ def evaluate(s: LoopSetup) -> dict[str, Any]:
     total = units = 0.0
     sums: dict[str, float] = {}
     for mb in split_micro_batches(list(range(len(lengths))), lengths, budget):
-        batch = obj.collate([s.val_features[i] for i in mb], s.pad_id, s.packed)
+        batch = collate(s, [s.val_features[i] for i in mb])
         if obj.rollout is not None:
             batch = obj.rollout(model, batch, s.ctx)
         batch = _to_device(batch, s.accelerator.device)

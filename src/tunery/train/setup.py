@@ -237,6 +237,7 @@ def _train(
         method_metrics=method.metrics,
         extra_eval=_classification_eval(config, tokenizer, val),
         dist=dist,
+        shape_buckets=cpu and dtype == torch.bfloat16,
     )
     state = LoopState()
     if config.resume:
@@ -245,7 +246,7 @@ def _train(
         # What actually runs, not what was asked for: a silent fallback (no packing, no fusion, another
         # precision) would otherwise pass for the requested setting in tests and benchmarks.
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-        levers = {"packed": packed, "fused": fused, "precision": precision}
+        levers = {"packed": packed, "fused": fused, "precision": precision, "buckets": loop.shape_buckets}
         events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict(), **levers})
     state = train_loop(loop, state)
     if state.interrupted:
