@@ -64,8 +64,26 @@ def tiny_tokenizer(vocab_size: int = 512, corpus: Iterable[str] | None = None):
     return fast
 
 
+# Decoder architectures the factory builds, each set so that the feature Tunery could get wrong is
+# exercised by ~20-40-token test sequences: sliding windows of 8 tokens, soft-capping values the
+# random logits actually reach, fused projections, q/k norms. tests/test_architectures.py runs them all.
+DECODER_ARCHS = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "mixtral",
+    "qwen2_moe",
+)
+TINY_WINDOW = 8
+
+
 def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
-    """A 2-layer config of the named architecture (llama, qwen2, mixtral, qwen2_moe, bert)."""
+    """A small config of the named architecture: one of DECODER_ARCHS, or bert."""
     import transformers as tf
 
     common = dict(
@@ -76,38 +94,65 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
         num_attention_heads=4,
         max_position_embeddings=512,
     )
-    if arch == "llama":
-        cfg = tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    elif arch == "mixtral":
-        cfg = tf.MixtralConfig(
+    builders = {
+        "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common),
+        "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common),
+        # q/k RMS norms per head, tied head as in the small Qwen3 models, and Qwen3's head_dim of 128
+        # (heads x head_dim != hidden; transformers' GGUF loader assumes 128 for Qwen3)
+        "qwen3": lambda: tf.Qwen3Config(
+            num_key_value_heads=2, head_dim=128, tie_word_embeddings=True, **common
+        ),
+        # sliding window on every layer
+        "mistral": lambda: tf.MistralConfig(num_key_value_heads=2, sliding_window=TINY_WINDOW, **common),
+        # soft-capped attention and final logits, alternating sliding/global layers, scaled embeddings
+        "gemma2": lambda: tf.Gemma2Config(
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=TINY_WINDOW,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            # 10x the default init, so attention scores (~3) and logits reach the caps
+            initializer_range=0.2,
+            **common,
+        ),
+        # text-only Gemma 3 (Gemma3ForCausalLM): local layers with their own rope base, then a global one
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=TINY_WINDOW,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **(common | {"num_hidden_layers": 3}),
+        ),
+        # fused qkv_proj and gate_up_proj, and Phi-3-mini's sliding window
+        "phi3": lambda: tf.Phi3Config(
+            num_key_value_heads=2, sliding_window=TINY_WINDOW, pad_token_id=None, eos_token_id=None, **common
+        ),
+        # q/k norms over the whole projection, norms after attention and MLP
+        "olmo2": lambda: tf.Olmo2Config(
+            num_key_value_heads=2, pad_token_id=None, eos_token_id=None, **common
+        ),
+        "mixtral": lambda: tf.MixtralConfig(
             num_key_value_heads=2,
             num_local_experts=4,
             num_experts_per_tok=2,
             output_router_logits=False,
             **common,
-        )
-    elif arch == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(
+        ),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(
             num_key_value_heads=2,
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=64,
             shared_expert_intermediate_size=64,
             **common,
-        )
-    elif arch == "bert":
-        cfg = tf.BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-        )
-    else:
-        raise ValueError(f"unknown tiny arch {arch!r}")
+        ),
+        "bert": lambda: tf.BertConfig(**common),
+    }
+    if arch not in builders:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(builders)}")
+    cfg = builders[arch]()
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

@@ -26,8 +26,21 @@ QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 GGUF_TYPES = FLOAT_TYPES + QUANT_TYPES
 
 # HF model_type -> llama.cpp architecture. Both are what transformers' GGUF loader reads back.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-# Architectures whose q/k rows llama.cpp stores permuted (its "normal" rope; qwen2 uses NeoX rope).
+# Mistral is written as a Llama, as llama.cpp's converter does; that is exact only without a sliding
+# window shorter than the context (`gguf_refusal`).
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
+# Why the families Tunery trains but does not write as GGUF are refused (tests/test_architectures.py).
+_REFUSED = {
+    "gemma2": "Gemma stores its norms as w - 1 and soft-caps attention and logits; the exporter does "
+    "not convert them",
+    "gemma3_text": "Gemma stores its norms as w - 1 and has per-layer rope bases; the exporter does not "
+    "convert them",
+    "phi3": "Phi-3's fused projections and sliding window are not converted by this exporter",
+    "olmo2": "transformers cannot load an OLMo 2 GGUF back, so the export could not be checked",
+    "mixtral": "mixture-of-experts tensors are not converted by this exporter",
+    "qwen2_moe": "mixture-of-experts tensors are not converted by this exporter",
+}
+# Architectures whose q/k rows llama.cpp stores permuted (its "normal" rope; qwen2/3 use NeoX rope).
 _PERMUTED = {"llama"}
 
 # llama.cpp's token types (llama_token_type in llama.h).
@@ -91,15 +104,15 @@ def write_gguf(
 
     check_type(out_type, fallback_type)
     cfg = model.config
-    arch = ARCHITECTURES.get(cfg.model_type)
-    if arch is None:
+    refusal = gguf_refusal(cfg)
+    if refusal is not None:
         raise ModelError(
-            f"GGUF export supports the {', '.join(sorted(ARCHITECTURES))} architectures, not "
-            f"{cfg.model_type!r}.",
+            refusal,
             hint="Export with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py, or "
             "serve the HF export with Tunery or vLLM.",
             param="model",
         )
+    arch = ARCHITECTURES[cfg.model_type]
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
@@ -118,6 +131,31 @@ def write_gguf(
         writer.close()
     os.replace(tmp, path)
     return GgufSummary(path, arch, out_type, dict(counts), pre, path.stat().st_size)
+
+
+def gguf_refusal(cfg: Any) -> str | None:
+    """Why this config cannot be written as a GGUF that computes what it computes; None if it can."""
+    model_type = cfg.model_type
+    if model_type not in ARCHITECTURES:
+        why = _REFUSED.get(model_type, "the exporter has no tensor layout for it")
+        return (
+            f"GGUF export supports the {', '.join(sorted(ARCHITECTURES))} architectures, not "
+            f"{model_type!r}: {why}."
+        )
+    # A window applies when the config has one and (where layers are typed) some layer slides.
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if (
+        window
+        and window < cfg.max_position_embeddings
+        and (layer_types is None or "sliding_attention" in layer_types)
+    ):
+        return (
+            f"GGUF export of {model_type!r} with a sliding window of {window} tokens is not supported: "
+            f"llama.cpp's {ARCHITECTURES[model_type]!r} architecture attends over the whole context, "
+            "so the GGUF would compute something else beyond the window."
+        )
+    return None
 
 
 def generation_eos(model: Any) -> list[int]:
@@ -158,7 +196,8 @@ def _add_hparams(writer: Any, cfg: Any, arch: str) -> dict[str, Any]:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // n_head:  # llama.cpp assumes hidden/heads unless told
+    # llama.cpp assumes hidden/heads unless told; transformers reads Qwen3's head_dim only from here
+    if head_dim != cfg.hidden_size // n_head or arch == "qwen3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     rope = _rope_parameters(cfg)

@@ -11,12 +11,23 @@ whole row, with the boundaries already on the device and the longest example's l
 the collator, so no layer waits for the host (the per-segment path reads the boundaries back with
 `.tolist()` in every layer, which on a GPU is a sync per layer). tests/test_packing.py checks that
 the varlen layout gives the per-segment path's logits.
+
+Architectures pass two more things through the attention call, and every path honours them:
+`sliding_window` (Mistral, Phi-3, the local layers of Gemma 2/3: a query sees itself and the
+`window - 1` keys before it, as transformers' masks define it) and `softcap` (Gemma 2:
+`cap * tanh(scores / cap)` before the softmax, which SDPA cannot do, so those layers run an explicit
+softmax). tests/test_architectures.py checks packed against unpacked logits for each architecture
+with a window shorter than the examples.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 NAME = "tunery_packed"
 # How packed rows are isolated: "auto" (the default: "varlen" on a GPU for half-precision inputs,
@@ -39,51 +50,107 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    training_dropout = dropout if module.training else 0.0
     if cu is None or query.shape[0] != 1:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        if softcap is None:  # SDPA's mask (built by the model) already carries any window
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        mask = attention_mask if attention_mask is not None else _band(query.shape[2], window, query.device)
+        return _explicit_attention(query, key, value, mask, scaling, training_dropout, softcap), None
     # Grouped-query heads are shared inside SDPA (enable_gqa) rather than copied with
     # repeat_interleave: same result, no [heads, L, d] key/value copies, ~25% faster fwd+bwd on CPU.
     gqa = query.shape[1] != key.shape[1]
     if MODE == "mask":
+        mask = block_causal_mask(cu, query.shape[2]) & _band(query.shape[2], window, query.device)
+        if softcap is not None:
+            return _explicit_attention(query, key, value, mask, scaling, training_dropout, softcap), None
         out = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=block_causal_mask(cu, query.shape[2]),
-            scale=scaling,
-            dropout_p=dropout if module.training else 0.0,
-            enable_gqa=gqa,
+            query, key, value, attn_mask=mask, scale=scaling, dropout_p=training_dropout, enable_gqa=gqa
         )
         return out.transpose(1, 2).contiguous(), None
-    training_dropout = dropout if module.training else 0.0
-    if _use_varlen(query, training_dropout):
-        return varlen_attention(query, key, value, cu, kwargs.get("max_length_q"), scaling, gqa), None
+    if _use_varlen(query, training_dropout, softcap):
+        max_len = kwargs.get("max_length_q")
+        return varlen_attention(query, key, value, cu, max_len, scaling, gqa, window, softcap), None
     # split, not slicing: the backward of a slice writes its gradient into a zero tensor of the
     # whole row, once per example, where split's backward is a single concatenation.
     sizes = torch.diff(cu).tolist()
     segments = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
     outs = [
-        F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            scale=scaling,
-            dropout_p=dropout if module.training else 0.0,
-            enable_gqa=gqa,
-        ).transpose(1, 2)
+        causal_attention(q, k, v, scaling, training_dropout, window, softcap).transpose(1, 2)
         for q, k, v in segments
     ]
     return torch.cat(outs, dim=1), None  # [1, L, heads, d], contiguous: one copy instead of two
 
 
-def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
+def causal_attention(q, k, v, scale, dropout: float, window: int | None, softcap: float | None):
+    """Causal attention of one example `[1, heads, n, d]` (keys may have fewer heads); `[1, heads, n, d]`.
+
+    SDPA's causal kernel where it applies; a band mask when the window is shorter than the example;
+    an explicit softmax for soft-capped scores."""
+    n = q.shape[2]
+    if softcap is not None:
+        out = _explicit_attention(q, k, v, _band(n, window, q.device), scale, dropout, softcap)
+        return out.transpose(1, 2)
+    # is_causal is SDPA's fast path; a window shorter than the example needs the band as a mask.
+    mask = None if window is None or n <= window else _band(n, window, q.device)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        dropout_p=dropout,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def _band(n: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[n, n] causal mask, limited to the last `window` positions (the query's own included)."""
+    pos = torch.arange(n, device=device)
+    diff = pos[:, None] - pos[None, :]
+    return (diff >= 0) & (diff < window) if window is not None else diff >= 0
+
+
+def _explicit_attention(q, k, v, mask, scale, dropout: float, softcap: float) -> torch.Tensor:
+    """Soft-capped attention as Gemma 2's reference computes it; `mask` is boolean (True attends) or
+    additive. Returns `[batch, n, heads, d]`, the attention-interface layout."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask[..., : k.shape[2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return (probs @ v).transpose(1, 2).contiguous()
+
+
+def _use_varlen(query: torch.Tensor, dropout: float, softcap: float | None = None) -> bool:
     if MODE == "varlen":
         return True
-    # The GPU kernels take fp16/bf16 only and have no attention dropout; anything else keeps SDPA.
-    return MODE == "auto" and query.device.type == "cuda" and query.dtype in _HALF and not dropout
+    # The GPU kernels take fp16/bf16 only and have no attention dropout, and PyTorch's has no
+    # soft-capping; anything else keeps the per-segment path.
+    return (
+        MODE == "auto"
+        and query.device.type == "cuda"
+        and query.dtype in _HALF
+        and not dropout
+        and (softcap is None or _has_flash_attn())
+    )
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def varlen_attention(
@@ -94,6 +161,8 @@ def varlen_attention(
     max_len: int | None,
     scaling: float | None,
     gqa: bool,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of a packed row `[1, heads, L, d]` in one varlen call; returns `[1, L, heads, d]`.
 
@@ -103,46 +172,58 @@ def varlen_attention(
         max_len = int(torch.diff(cu).max())
     cu = cu.to(device=query.device, dtype=torch.int32)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [L, heads, d], views
-    out = _varlen_kernel(q.device)(q, k, v, cu, max_len, scaling, gqa)
+    kernel = _varlen_kernel(q.device, softcap)
+    out = kernel(q, k, v, cu, max_len, scaling, gqa, window, softcap)
     return out[None]
 
 
-def _varlen_kernel(device: torch.device):
-    """flash-attention's varlen kernel when installed, else PyTorch's (both CUDA); on a CPU a
-    per-segment reference with the same signature, so the layout code is checked without a GPU."""
+def _varlen_kernel(device: torch.device, softcap: float | None = None):
+    """flash-attention's varlen kernel when installed, else PyTorch's (both CUDA); on a CPU, or for
+    soft-capping without flash-attention, a per-segment reference with the same signature, so the
+    layout code is checked without a GPU."""
     if device.type != "cuda":
         return _reference_varlen
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
+        if softcap is not None:
+            return _reference_varlen
         from torch.nn.attention.varlen import varlen_attn
 
-        def torch_varlen(q, k, v, cu, max_len, scale, gqa):
+        def torch_varlen(q, k, v, cu, max_len, scale, gqa, window, softcap):
+            # window_size counts the keys before the query; transformers' window includes the query
+            left = -1 if window is None else window - 1
             return varlen_attn(
-                q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa
+                q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(left, 0), enable_gqa=gqa
             )
 
         return torch_varlen
 
-    def flash_varlen(q, k, v, cu, max_len, scale, gqa):  # flash-attention shares GQA heads itself
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    def flash_varlen(q, k, v, cu, max_len, scale, gqa, window, softcap):  # flash-attention shares GQA heads
+        left = -1 if window is None else window - 1
+        return flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            max_len,
+            max_len,
+            softmax_scale=scale,
+            causal=True,
+            window_size=(left, 0),
+            softcap=softcap or 0.0,
+        )
 
     return flash_varlen
 
 
-def _reference_varlen(q, k, v, cu, max_len, scale, gqa):
+def _reference_varlen(q, k, v, cu, max_len, scale, gqa, window=None, softcap=None):
     sizes = torch.diff(cu).tolist()
-    outs = [
-        F.scaled_dot_product_attention(
-            a.transpose(0, 1),
-            b.transpose(0, 1),
-            c.transpose(0, 1),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=gqa,
-        ).transpose(0, 1)
-        for a, b, c in zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
-    ]
+    outs = []
+    for a, b, c in zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True):
+        a, b, c = (t.transpose(0, 1)[None] for t in (a, b, c))  # [1, heads, n, d]
+        outs.append(causal_attention(a, b, c, scale, 0.0, window, softcap)[0].transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -157,14 +238,31 @@ def register() -> str:
     return NAME
 
 
+def packed_refusal(config) -> str | None:
+    """Why packed attention cannot run this config exactly, or None when it can."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not packed"
+    # The packed paths are causal (with an optional window) and nothing else.
+    if getattr(config, "use_bidirectional_attention", False):
+        return "its attention is bidirectional (use_bidirectional_attention)"
+    if getattr(config, "attention_chunk_size", None):
+        return "its attention is chunked (attention_chunk_size)"
+    return None
+
+
 def use_packed_attention(model: torch.nn.Module) -> bool:
     """Switch a transformers model to packed attention; False when the architecture can't."""
     register()
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
+    if config is None:
+        return False
+    reason = packed_refusal(config)
+    if reason is not None:
+        log.info("Packed attention is off for %s: %s.", getattr(config, "model_type", "?"), reason)
         return False
     try:
         model.set_attn_implementation(NAME)
-    except (ValueError, AttributeError, NotImplementedError):
+    except (ValueError, AttributeError, NotImplementedError) as exc:
+        log.info("Packed attention is off for %s: %s", getattr(config, "model_type", "?"), exc)
         return False
     return True

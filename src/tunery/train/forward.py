@@ -80,11 +80,35 @@ def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] 
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if get_decoder is None or head is None:
         return None
-    # Architectures that post-process logits (softcapping, scaling) need the model's own head path.
     cfg = getattr(base, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+    # Other logit scalings (Cohere's logit_scale multiplies, Granite's logits_scaling divides, ...)
+    # take the model's own forward: one path that is right rather than one formula per family.
+    if any(getattr(cfg, key, None) for key in _OTHER_LOGIT_SCALES):
         return None
-    return get_decoder(), head
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return get_decoder(), (SoftCappedHead(head, cap) if cap else head)
+
+
+# Config fields under which transformers models rescale their logits after the LM head.
+_OTHER_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+class SoftCappedHead(torch.nn.Module):
+    """The LM head followed by the model's final soft-capping, `cap * tanh(logits / cap)` (Gemma 2),
+    computed in the head's dtype as the model's forward does, so the supervised-only head gives the
+    model's own logits and loss (tests/test_architectures.py)."""
+
+    def __init__(self, head: torch.nn.Module, cap: float) -> None:
+        super().__init__()
+        self.head = head
+        self.cap = float(cap)
+
+    @property
+    def out_features(self) -> int:
+        return self.head.out_features
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap
 
 
 def forward_kwargs(batch: dict) -> dict:
@@ -152,9 +176,10 @@ def supervised_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
 
 
 def generic_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Full-logits path for methods that change the forward (prompt learning): padded rows only."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    logits = out.logits
+    """Full-logits path: methods that change the forward (prompt learning, on padded rows) and
+    architectures whose logits Tunery's head does not reproduce (see `split_lm`)."""
+    # forward_kwargs keeps a packed row's boundaries: without them its examples would attend to each other.
+    logits = model(**forward_kwargs(batch)).logits
     labels = batch["labels"]
     if logits.shape[1] != labels.shape[1]:  # virtual tokens prepended by prompt-learning methods
         logits = logits[:, -labels.shape[1] :]
