@@ -228,6 +228,7 @@ def _mount() -> None:
     from tunery.objectives import cli as objectives_cli
     from tunery.serve.cli import jobs_app, serve_command
     from tunery.serve.keys_cli import keys_app
+    from tunery.serve.logs_cli import logs_app
 
     evaluate_cli.register(app)
     workflows_cli.register(app, data_app)
@@ -240,6 +241,7 @@ def _mount() -> None:
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")
     app.add_typer(jobs_app, name="jobs")
+    app.add_typer(logs_app, name="logs")
     app.add_typer(data_app, name="data", help="Validate, inspect and judge training data.")
 
 

@@ -81,6 +81,20 @@ def serve_command(
         "--worker-env",
         help="A variable workers may see beyond the allowlist, e.g. HF_TOKEN (repeatable).",
     ),
+    store_mode: str = typer.Option(
+        "request",
+        "--store",
+        help="Keep chat completions for `tunery logs` and the stored-completions API: off, "
+        "request (those sent with store: true) or always.",
+    ),
+    store_max_age_days: int = typer.Option(
+        30, min=0, help="Delete stored chat completions older than this (0: keep them)."
+    ),
+    store_max_rows: int = typer.Option(
+        100_000,
+        min=0,
+        help="Keep at most this many stored chat completions, oldest deleted first (0: no cap).",
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the OpenAI-compatible fine-tuning and inference API."""

@@ -58,6 +58,10 @@ class Settings:
     max_storage_mb_per_key: int = 10240  # bytes of stored files (uploads and result files)
     requests_per_minute: int = 600  # authenticated API requests, over a sliding minute
     max_eval_export_params: int = 8_000_000_000  # models one evaluate/export call loads (0: no cap)
+    # Stored chat completions (serve/stored.py): off, request (`store: true`) or always; retention.
+    store_mode: str = "request"
+    store_max_age_days: int = 30  # older stored completions are deleted (0: kept)
+    store_max_rows: int = 100_000  # beyond this many, the oldest are deleted (0: no cap)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -68,6 +72,10 @@ class Settings:
             raise TuneryError(
                 f"--judge-key-env names judge(s) not registered with --judge: {', '.join(unknown)}.",
                 code="invalid_config",
+            )
+        if self.store_mode not in ("off", "request", "always"):
+            raise TuneryError(
+                f"Unknown --store {self.store_mode!r}: use off, request or always.", code="invalid_config"
             )
         if self.executor not in ("local", "ray"):
             raise TuneryError(f"Unknown executor {self.executor!r}: use local or ray.", code="invalid_config")

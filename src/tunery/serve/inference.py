@@ -22,6 +22,7 @@ from tunery.errors import TuneryError
 from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, principal
 from tunery.serve.resolver import resolve_model_name
+from tunery.serve.stored import capture_for, tee_stream
 
 router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
@@ -152,6 +153,7 @@ async def chat_completions(
 
     messages = _messages(body)
     params = _params(body, chat=True)
+    capture = capture_for(request, who, body)  # checks `store` and `metadata` before any work
     engine, spec, adapter, tokenizer = await _prepare(request, who, body)
     prompt = await run_in_threadpool(chat_prompt, tokenizer, messages, body.get("tools"))
     await _check_logit_bias(body, engine, spec, adapter)
@@ -159,7 +161,18 @@ async def chat_completions(
     cid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), body["model"]
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return _sse(_chat_chunks(handle, cid, created, model, len(prompt), params.n, usage), handle)
+        chunks = _chat_chunks(handle, cid, created, model, len(prompt), params.n, usage)
+        if capture is not None:
+
+            def store(choices: list[dict[str, Any]], counted: dict[str, int] | None) -> None:
+                # Without include_usage no chunk counted the tokens; the finished handle has them.
+                tokens = sum(r.completion_tokens for r in handle.result())
+                capture.save(
+                    _chat_response(cid, created, model, choices, counted or _usage(len(prompt), tokens))
+                )
+
+            chunks = tee_stream(chunks, store)
+        return _sse(chunks, handle)
     results = await run_in_threadpool(handle.result)
     choices = [
         {
@@ -170,13 +183,23 @@ async def chat_completions(
         }
         for r in results
     ]
+    usage = _usage(len(prompt), sum(r.completion_tokens for r in results))
+    response = _chat_response(cid, created, model, choices, usage)
+    if capture is not None:
+        await run_in_threadpool(capture.save, response)
+    return response
+
+
+def _chat_response(
+    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, int]
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": _usage(len(prompt), sum(r.completion_tokens for r in results)),
+        "usage": usage,
         "system_fingerprint": None,
         "service_tier": None,
     }

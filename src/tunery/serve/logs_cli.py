@@ -1,0 +1,172 @@
+"""`tunery logs list|show|rate|export`: the stored chat completions, straight on the server's data
+dir/database (the operator's view: every key's rows, each shown with the key that made it).
+
+The server writes these rows (`store: true`, or `tunery serve --store always`); this command only
+reads them, records ratings and writes exports, so it is safe to run beside a live server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tunery.cli_common import console, user_errors
+from tunery.errors import TuneryError
+from tunery.serve.keys_cli import DatabaseUrl, DataDir
+
+logs_app = typer.Typer(help="Stored chat completions and their ratings.", no_args_is_help=True)
+
+Model = typer.Option(None, "--model", "-m", help="Only completions of this model.")
+Key = typer.Option(None, "--key", help="Only completions made with this key id (key_…).")
+Rated = typer.Option(
+    None, "--rated/--unrated", help="Only rated (or only unrated) completions.", show_default=False
+)
+
+
+def _open(data_dir: Path, database_url: str | None):
+    from tunery.jobs.store import Store
+    from tunery.serve.completions_store import CompletionLog
+
+    return CompletionLog(Store(data_dir, database_url))
+
+
+def _preview(text: Any, width: int = 48) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _last_user(row: Any) -> str:
+    for m in reversed(row.request.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            return str(content or "")
+    return ""
+
+
+@logs_app.command("list")
+@user_errors()
+def logs_list(
+    model: str | None = Model,
+    key: str | None = Key,
+    rated: bool | None = Rated,
+    limit: int = typer.Option(20, min=1, max=1000, help="How many, newest first."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """List stored chat completions, newest first, with their rating."""
+    from rich.table import Table
+
+    from tunery.serve.completions_store import Query, rating_value
+
+    logs = _open(data_dir, database_url)
+    try:
+        rows, more = logs.page(Query(key, model=model, rated=rated), limit=limit, order="desc")
+        feedback = logs.feedback([r.id for r in rows])
+        names = {k.id: k.name for k in logs.store.list_keys()}
+    finally:
+        logs.store.close()
+    if not rows:
+        console.print("No stored chat completions match.")
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True)  # copied into `show` and `rate`: never split or cut
+    for name in ("created", "key", "model", "rating", "prompt", "reply"):
+        table.add_column(name)
+    for r in rows:
+        fb = feedback.get(r.id)
+        reply = (r.response.get("choices") or [{}])[0].get("message", {}).get("content")
+        table.add_row(
+            r.id,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)),
+            names.get(r.owner, r.owner),
+            _preview(r.model, 32),
+            str(rating_value(fb.rating)) if fb else "",
+            _preview(_last_user(r)),
+            _preview(reply),
+        )
+    console.print(table)
+    if more:
+        console.print(f"[dim]More than {limit}; raise --limit or filter.[/]")
+
+
+@logs_app.command("show")
+@user_errors()
+def logs_show(
+    completion_id: str = typer.Argument(..., help="A stored completion's id (chatcmpl-…)."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Print one stored completion as JSON: request, response, metadata, latency and feedback."""
+    from tunery.serve.completions_store import record
+
+    logs = _open(data_dir, database_url)
+    try:
+        row = logs.get(None, completion_id)
+        out = record(row, logs.feedback([row.id]).get(row.id))
+    finally:
+        logs.store.close()
+    typer.echo(json.dumps(out, indent=2, ensure_ascii=False))  # plain JSON: for jq as much as for eyes
+
+
+def _parse_rating(value: str) -> str | int:
+    from tunery.serve.completions_store import RATINGS
+
+    rating: str | int = int(value) if value.isdigit() else value.lower()
+    if rating not in RATINGS:
+        raise TuneryError(f"--rating must be up, down or a score from 1 to 5, not {value!r}.")
+    return rating
+
+
+@logs_app.command("rate")
+@user_errors()
+def logs_rate(
+    completion_id: str = typer.Argument(..., help="A stored completion's id (chatcmpl-…)."),
+    rating: str = typer.Option(..., "--rating", "-r", help="up, down, or a score from 1 to 5."),
+    corrected: str | None = typer.Option(None, "--corrected", help="The reply it should have given."),
+    note: str | None = typer.Option(None, "--note", help="Why, for whoever reads the logs next."),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Rate a stored completion (replacing an earlier rating), optionally with a corrected reply."""
+    logs = _open(data_dir, database_url)
+    try:
+        logs.rate(None, completion_id, _parse_rating(rating), corrected, note)
+    finally:
+        logs.store.close()
+    console.print(f"Rated {completion_id}: {rating}", highlight=False)
+
+
+@logs_app.command("export")
+@user_errors()
+def logs_export(
+    out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write."),
+    model: str | None = Model,
+    key: str | None = Key,
+    rated: bool | None = Rated,
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Write stored completions as JSONL, oldest first: one line per completion, with its request,
+    response, metadata, latency and feedback."""
+    from tunery.serve.completions_store import Query, record
+
+    logs = _open(data_dir, database_url)
+    tmp = out.with_name(f".{out.name}.tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row, fb in logs.iterate(Query(key, model=model, rated=rated)):
+                f.write(json.dumps(record(row, fb), ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, out)  # a reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)
+        logs.store.close()
+    console.print(f"Exported {count} stored completion(s) to {out}", highlight=False)
