@@ -49,29 +49,47 @@ def _varied_chat(path, n, seed=0):
     return write_jsonl(path, [chat_row(text(2, 110), text(1, 30)) for _ in range(n)])
 
 
-STEPS = 150
+STEPS = {"fp32": 150, "bf16": 300}  # bf16 warms up over more steps: one per new shape bucket
 
 
-def test_training_rss_stays_flat(tmp_path):
+def _native_bf16() -> bool:
+    from tunery.models.placement import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        pytest.param(
+            "bf16",
+            marks=pytest.mark.skipif(not _native_bf16(), reason="bf16 is emulated (~100x slower) on this CPU"),
+        ),
+    ],
+)
+def test_training_rss_stays_flat(tmp_path, precision):
     """150 steps of varied shapes through the CLI (so the allocator re-exec applies, as for
     users): RSS must stop growing once warm. Issue #20: jemalloc told never to return freed pages
     (dirty_decay_ms:-1) grew without bound on varied shapes; a slope between the middle and the end
-    of the run above the bound fails here."""
+    of the run above the bound fails here. Under bf16 autocast oneDNN keeps memory for every new
+    input shape; the loop's shape buckets (train/shapes.py) bound the number of shapes, and the run
+    must level off once it has met them (here by about step 100 of 300). On this tiny model bf16
+    without buckets levels off within 300 steps as well, so this case guards growth in Tunery's own
+    code under bf16, not the buckets themselves (tests/test_shapes.py checks those are exact)."""
     model = make_tiny_model_dir(
         tmp_path / "m", hidden_size=128, intermediate_size=384, max_position_embeddings=2048
     )
-    data = _varied_chat(tmp_path / "train.jsonl", STEPS)
+    data = _varied_chat(tmp_path / "train.jsonl", STEPS[precision])
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "LD_PRELOAD", "_TUNERY_REEXEC")}
     out = tmp_path / "run"
     sets = [
         "hyperparameters.n_epochs=1",
         "hyperparameters.batch_size=1",
-        f"hyperparameters.max_steps={STEPS}",
+        f"hyperparameters.max_steps={STEPS[precision]}",
         "hyperparameters.max_length=2048",
         "hyperparameters.learning_rate_multiplier=1",
-        # fp32: under bf16 autocast RSS grows with each new input shape, even in plain torch (bounded by
-        # the number of shapes, but slow to fill; open, docs/performance.md), which this test would flag.
-        "hyperparameters.precision=fp32",
+        f"hyperparameters.precision={precision}",
     ]
     cmd = [
         sys.executable,
@@ -90,7 +108,7 @@ def test_training_rss_stays_flat(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rss = [(r["step"], r["rss_mb"]) for r in read_jsonl(out / "metrics.jsonl")]
-    assert len(rss) >= STEPS * 0.9 and all(mb > 0 for _, mb in rss)
+    assert len(rss) >= STEPS[precision] * 0.9 and all(mb > 0 for _, mb in rss)
     half = len(rss) // 2
     peak = max(mb for _, mb in rss)
     steps, mbs = zip(*rss[half:], strict=True)

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from tunery.data.types import IGNORE
+from tunery.train.shapes import bucket
+
 LOGIT_CHUNK = 1024
 # False applies the LM head at every position (prompt tokens too), as stock trainers do. Only the
 # benchmark turns it off, to measure what computing logits only where supervised saves.
@@ -171,8 +173,14 @@ def supervised_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     if not SUPERVISED_HEAD_ONLY:  # ignored targets add 0 to the loss and never count as correct
         loss, correct, _ = head_loss(parts[1], hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
         return loss, correct, int(sel.sum())
-    h = hidden[sel]
-    return head_loss(parts[1], h, labels[sel])
+    h, targets = hidden[sel], labels[sel]
+    n = targets.numel()
+    if batch.get("bucketed"):  # the head's rows vary per step too: pad them to a bucket (shapes.py)
+        extra = bucket(n) - n
+        h = torch.cat([h, h.new_zeros(extra, h.shape[-1])])
+        targets = torch.cat([targets, targets.new_full((extra,), IGNORE)])
+    loss, correct, _ = head_loss(parts[1], h, targets)  # IGNORE rows add 0 and are never correct
+    return loss, correct, n
 
 
 def generic_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:

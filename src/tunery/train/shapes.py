@@ -7,6 +7,9 @@ every step a new length, so a long run grew without bound. Rounding lengths to b
 number of shapes (about 40 up to 4,096 tokens) and the memory with it; measured the same way,
 bucketed lengths stayed within 60 MB.
 
+The supervised-only LM head sees only the labelled positions, another length that changes every
+step, so `supervised_loss` pads those rows to a bucket as well (zero rows with IGNORE targets).
+
 Only token-level objectives are bucketed (`Objective.token_level`): their loss sums over labelled
 tokens, so trailing positions labelled `IGNORE` change nothing. The pad tokens go at the end of
 the last row (packed) or of every row (padded): causal attention never lets an earlier token see
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tunery.train.forward import IGNORE
+from tunery.data.types import IGNORE
 
 
 def bucket(n: int) -> int:
@@ -32,9 +35,9 @@ def pad_to_bucket(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
     """The batch with its sequence dimension padded to `bucket(length)`; counts are unchanged."""
     ids = batch["input_ids"]
     extra = bucket(ids.shape[1]) - ids.shape[1]
+    out = {**batch, "bucketed": True}  # the supervised head buckets its rows too (forward.py)
     if extra == 0:
-        return batch
-    out = dict(batch)
+        return out
     out["input_ids"] = _extend(ids, extra, pad_id)
     if "labels" in batch:
         out["labels"] = _extend(batch["labels"], extra, IGNORE)
