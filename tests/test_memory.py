@@ -64,7 +64,7 @@ def _native_bf16() -> bool:
         "fp32",
         pytest.param(
             "bf16",
-            marks=pytest.mark.skipif(not _native_bf16(), reason="bf16 is emulated (~100x slower) on this CPU"),
+            marks=pytest.mark.skipif(not _native_bf16(), reason="bf16 is emulated here (~100x slower)"),
         ),
     ],
 )
