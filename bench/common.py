@@ -74,7 +74,9 @@ def param_counts(model: Any) -> dict[str, int]:
     but still costs a hidden-by-vocabulary matmul wherever logits are computed, so it is counted apart.
     Adapter (LoRA) weights are excluded: at r=16 they add under 2% and are not "the model".
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from tunery.models.unwrap import unwrap
+
+    base = unwrap(model)
     emb = base.get_input_embeddings()
     head = base.get_output_embeddings()
     skip = {id(emb.weight)}

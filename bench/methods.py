@@ -49,6 +49,7 @@ def child(args: argparse.Namespace) -> dict:
     from tunery.data import load_dataset
     from tunery.evaluate.run import classification_eval
     from tunery.methods import load_trained
+    from tunery.models.unwrap import unwrap
     from tunery.train import run
     from tunery.train.events import read_jsonl
 
@@ -81,7 +82,7 @@ def child(args: argparse.Namespace) -> dict:
     # Peak RSS includes the interpreter, the libraries and load-time transients (a 4-bit base is
     # quantized from full-precision tensors while loading); the loaded model's own bytes are the
     # steady-state difference between methods such as lora and qlora.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     footprint = base.get_memory_footprint() / 2**20
     test = load_dataset(ROOT / "datasets/sentiment/test.jsonl", kind="chat").examples[: args.test]
     scores = classification_eval(model, tokenizer, test, batch_size=8, max_new_tokens=4)

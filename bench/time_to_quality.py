@@ -270,7 +270,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from tunery.evaluate.run import load_conversations
-    from tunery.quickstart import _subset as subset  # the quickstart's --max-train cut: one copy of it
+    from tunery.resources import dataset_subset as subset  # the quickstart's --max-train cut: one copy of it
     from tunery.train.memory import active_allocator
 
     data = common.ROOT / "datasets" / args.task

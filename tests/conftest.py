@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tunery.models.unwrap import unwrap
 from tunery.serve.testing import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,7 +138,7 @@ def _check_4bit_nf4(model) -> None:
     import bitsandbytes as bnb
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     # transformers keeps the output head in full precision, and the adapter's own matrices train in it
     linears = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
     full = [n for n, m in linears if n.endswith("lm_head") or ".lora_" in n]

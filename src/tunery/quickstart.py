@@ -29,14 +29,6 @@ class QuickstartSettings:
     seed: int = 42
 
 
-def _subset(path: Path, limit: int | None, out: Path) -> Path:
-    if limit is None:
-        return path
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
-
-
 def _row(label: str, res: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {
         "label": label,
@@ -54,15 +46,15 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     from tunery.config import load_config
     from tunery.evaluate.run import build_few_shot, evaluate, load_conversations
     from tunery.methods import load_trained
-    from tunery.resources import dataset_file
+    from tunery.resources import dataset_file, dataset_subset
     from tunery.train import run
 
     t_start = time.perf_counter()
     out = Path(s.output)
     out.mkdir(parents=True, exist_ok=True)
-    train = _subset(dataset_file("sentiment", "train"), s.max_train, out / "train.jsonl")
+    train = dataset_subset(dataset_file("sentiment", "train"), s.max_train, out / "train.jsonl")
     valid = dataset_file("sentiment", "validation")
-    test = _subset(dataset_file("sentiment", "test"), s.max_test, out / "test.jsonl")
+    test = dataset_subset(dataset_file("sentiment", "test"), s.max_test, out / "test.jsonl")
 
     console.rule("[bold]1/4 Load the base model")
     t = time.perf_counter()

@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunery.data.types import IGNORE
 from tunery.errors import ConfigError
+from tunery.train.estimate import ModelShape, trainable_parameters
 
 GB = 1024**3
 RUNTIME_BYTES = 450 * 1024**2  # RSS of `import torch, transformers, peft, tunery.train` (measured)
@@ -119,7 +121,7 @@ def data_facts(path: str, tokenizer: Any, kind: str = "chat") -> DataFacts:
     if ds.kind == "chat":
         feats = [encode_chat(c, tokenizer, None) for c in ds.examples]
         lengths = [len(f["input_ids"]) for f in feats]
-        supervised = [sum(1 for x in f["labels"] if x != -100) for f in feats]
+        supervised = [sum(1 for x in f["labels"] if x != IGNORE) for f in feats]
     else:
         lengths, _ = token_lengths(ds.examples, tokenizer)
         supervised = lengths
@@ -144,9 +146,17 @@ class Estimate:
         return d
 
 
-def lora_params(m: ModelFacts, r: int) -> int:
-    per_layer = r * ((m.hidden + m.hidden) * 2 + (m.hidden + m.kv_dim) * 2 + (m.hidden + m.intermediate) * 3)
-    return m.n_layers * per_layer
+def model_shape(m: ModelFacts) -> ModelShape:
+    """The shape the methods count trainable parameters on; query width = hidden (Llama-style)."""
+    return ModelShape(
+        hidden=m.hidden,
+        layers=m.n_layers,
+        vocab=m.vocab,
+        q=m.hidden,
+        kv=m.kv_dim,
+        inter=m.intermediate,
+        n_params=m.n_params,
+    )
 
 
 def estimate(
@@ -178,7 +188,7 @@ def estimate(
         train_params = m.n_params
     else:
         parts["weights"] = int((0.5625 if method == "qlora" else 4) * m.n_params)
-        train_params = lora_params(m, lora_r)
+        train_params, _ = trainable_parameters(method, model_shape(m), {"r": lora_r})
         parts["adapter+grads+optimizer"] = 16 * train_params
     # Loading maps the safetensors file while the fp32 model is built, and saving serialises a copy:
     # one more fp32 copy of the weights at the peak (measured: the gap without it was ~4 x params).

@@ -23,3 +23,13 @@ def dataset_file(name: str, split: str) -> Path:
     if not path.exists():
         raise TuneryError(f"Bundled dataset {name}/{split}.jsonl is missing.")
     return path
+
+
+def dataset_subset(path: Path, limit: int | None, out: Path) -> Path:
+    """`path` itself, or its first `limit` records written to `out` (the quickstart's and the
+    classifier demo's `--max-train` / `--max-test` cuts, which keep tests and benchmarks short)."""
+    if limit is None:
+        return path
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out

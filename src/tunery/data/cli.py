@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import typer
 from rich.console import Console
 
 from tunery.errors import TuneryError
+from tunery.models import load_tokenizer
 
 data_app = typer.Typer(help="Check and inspect training data.", no_args_is_help=True)
 
@@ -17,22 +15,6 @@ data_app = typer.Typer(help="Check and inspect training data.", no_args_is_help=
 def _group() -> None:
     """Check and inspect training data."""
     # A callback keeps `data` a command group (`tunery data validate`) even with one command.
-
-
-def _load_tokenizer(spec: str) -> Any:
-    """The tokenizer of a model spec, through `tunery.models` when it is there; a local directory
-    otherwise (the models package may be absent in a partial install)."""
-    try:
-        from tunery.models import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(spec)
-    if not Path(spec).is_dir():
-        raise TuneryError(f"Cannot load the tokenizer of {spec!r}: not a local model directory.")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(spec)
 
 
 @data_app.command("validate")
@@ -57,7 +39,7 @@ def validate(
 
     console = Console()
     try:
-        tokenizer = _load_tokenizer(model) if model else None
+        tokenizer = load_tokenizer(model) if model else None
         report = validate_file(file, method=method, tokenizer=tokenizer, max_length=max_length)
     except TuneryError as err:
         console.print(f"[bold red]Error:[/] {err}", highlight=False)

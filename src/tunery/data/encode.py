@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tunery.data.types import Conversation, Message, PreferencePair
+from tunery.data.types import IGNORE, Conversation, Message, PreferencePair
 from tunery.errors import DataError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = IGNORE  # the public name `tunery.data` has always exported
 
 # For models that ship no chat template (base models): ChatML, as SmolLM2, Qwen and many others
 # use. Tools are listed in the system turn as JSON, and calls are written <tool_call>{...}</tool_call>.

@@ -35,7 +35,8 @@ def is_classifier(adapter: str | Path | None) -> bool:
 def load_classifier(model: str | None, adapter: str | Path | None = None, dtype: Any = None):
     """(classifier, tokenizer, info) from a saved `classify` model dir (adapter), or a plain
     sequence-classification model dir with id2label (model only). `info` has labels/multi_label/threshold."""
-    from tunery.methods import METHODS, read_info
+    from tunery.methods import read_info
+    from tunery.methods.loading import load_saved_method, saved_tokenizer
     from tunery.models import load_tokenizer
     from tunery.models.placement import place
     from tunery.objectives.classify import load_classification_model, scoring_only
@@ -57,23 +58,13 @@ def load_classifier(model: str | None, adapter: str | Path | None = None, dtype:
             param="adapter",
         )
     spec = model or info.get("base_model")
-    path = Path(info["path"])
-    if (path / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    tokenizer = saved_tokenizer(info, spec)
 
-        from tunery.models.load import ensure_pad_token
+    def build_base(**kwargs: Any) -> Any:
+        multi_label = bool(info.get("multi_label"))
+        return load_classification_model(spec, info["labels"], multi_label=multi_label, dtype=dtype, **kwargs)
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        ensure_pad_token(tokenizer, str(path))
-    else:
-        tokenizer = load_tokenizer(spec)
-    method = METHODS.get(info["method"])
-    opts = method.options.model_validate(info.get("method_options") or {})
-    kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
-    base = load_classification_model(
-        spec, info["labels"], multi_label=bool(info.get("multi_label")), dtype=dtype, **kwargs
-    )
-    clf = place(method.load(base, path, trainable=False).eval())
+    clf = place(load_saved_method(info, build_base).eval())
     return clf, tokenizer, {k: info.get(k) for k in ("labels", "multi_label", "threshold")}
 
 
@@ -333,14 +324,14 @@ def run_head_quickstart(
     from rich.table import Table
 
     from tunery.config import load_config
-    from tunery.resources import dataset_file
+    from tunery.resources import dataset_file, dataset_subset
     from tunery.train import run
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    train = _subset(dataset_file("sentiment", "train"), max_train, out / "train.jsonl")
+    train = dataset_subset(dataset_file("sentiment", "train"), max_train, out / "train.jsonl")
     valid = dataset_file("sentiment", "validation")
-    test = _subset(dataset_file("sentiment", "test"), max_test, out / "test.jsonl")
+    test = dataset_subset(dataset_file("sentiment", "test"), max_test, out / "test.jsonl")
     rows = []
     for spec in models:
         from tunery.objectives.classify import _is_encoder_spec
@@ -400,14 +391,6 @@ def run_head_quickstart(
     summary = {"rows": rows}
     (out / "quickstart-head.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _subset(path: Path, limit: int | None, out: Path) -> Path:
-    if limit is None:
-        return path
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
 
 
 def eval_classifier_command(

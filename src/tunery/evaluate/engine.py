@@ -35,6 +35,7 @@ from tunery.evaluate.generate import (
 from tunery.evaluate.loading import adapter_base, is_peft_adapter, load_for_inference, model_dir
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import place
+from tunery.models.resolve import resolve as resolve_model
 
 Loader = Callable[[str, str | None], tuple[Any, Any]]
 
@@ -205,12 +206,7 @@ class Engine:
         """Key bases by their resolved directory, so an alias and its path share one loaded model."""
         with self._load_lock:
             if spec not in self._resolved:
-                try:
-                    from tunery.models import resolve
-                except ImportError:  # model resolution not available: key by the spec as given
-                    self._resolved[spec] = spec
-                else:
-                    self._resolved[spec] = str(Path(resolve(spec).path).resolve())
+                self._resolved[spec] = str(Path(resolve_model(spec).path).resolve())
             return self._resolved[spec]
 
     def tokenizer(self, model_spec: str | None, adapter_dir: str | None = None) -> Any:

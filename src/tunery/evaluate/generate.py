@@ -20,6 +20,7 @@ from typing import Any
 
 from tunery.errors import TuneryError
 from tunery.models import placement
+from tunery.models.unwrap import unwrap
 
 
 class ContextLengthError(TuneryError):
@@ -312,7 +313,7 @@ def _entries(logp: Any, row: int, token_id: int, seq: _Seq, tokenizer: Any) -> d
 def _cache_arg(model: Any) -> str:
     """The forward's KV-cache argument: transformers 5.24 renamed `past_key_values` to `cache` (the old
     name warns, and goes in 5.40); older versions and remote-code models only take `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

@@ -13,6 +13,9 @@ import string
 from collections import Counter
 from typing import Any
 
+from tunery.data.types import IGNORE
+from tunery.models.unwrap import unwrap
+
 _TRAILING = string.punctuation + " \t\n\r"
 _WS = re.compile(r"\s+")
 
@@ -202,7 +205,7 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
 def sequence_nll(
     model: Any, sequences: list[dict[str, list[int]]], batch_size: int = 8, autocast: bool | None = None
 ) -> tuple[float, int]:
-    """(summed NLL, scored tokens) of `labels` (-100 = not scored) given `input_ids`, teacher-forced.
+    """(summed NLL, scored tokens) of `labels` (IGNORE = not scored) given `input_ids`, teacher-forced.
 
     Only positions with a label reach the LM head, so long prompts cost no vocabulary projection.
     """
@@ -216,7 +219,7 @@ def sequence_nll(
     ).dtype == torch.float32
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]["input_ids"]))
     total, count = 0.0, 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     # The decoder's last hidden state (after the final norm) and the LM head, applied by hand so
     # only scored positions are projected onto the vocabulary. A peft model's layers are injected
     # in place, so its adapters take part.
@@ -224,7 +227,7 @@ def sequence_nll(
     for start in range(0, len(order), batch_size):
         ids, labels, mask = _right_padded([sequences[i] for i in order[start : start + batch_size]], device)
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = targets != IGNORE
         if not keep.any():
             continue
         with torch.inference_mode(), placement.autocast(device, use_bf16):
@@ -241,7 +244,7 @@ def _right_padded(chunk: list[dict[str, list[int]]], device: Any) -> tuple[Any, 
 
     width = max(len(s["input_ids"]) for s in chunk)
     ids = torch.zeros((len(chunk), width), dtype=torch.long)
-    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(chunk), width), dtype=torch.long)
     for row, s in enumerate(chunk):
         n = len(s["input_ids"])
@@ -268,7 +271,7 @@ def text_perplexity(
         piece = ids[start:end]
         # Score only tokens not scored by an earlier window; the rest are context.
         first_new = max(scored_upto - start, 1)
-        labels = [-100] * first_new + piece[first_new:]
+        labels = [IGNORE] * first_new + piece[first_new:]
         seqs.append({"input_ids": piece, "labels": labels[: len(piece)]})
         scored_upto = end
         if end == len(ids):

@@ -185,37 +185,26 @@ def load_merged(source: Source, trust_remote_code: bool = False) -> tuple[Any, A
     import torch
 
     from tunery.methods import METHODS
+    from tunery.methods.loading import load_saved_method, saved_tokenizer
     from tunery.models import load_model
 
-    tokenizer = _tokenizer(source, trust_remote_code)
+    tokenizer = saved_tokenizer(source.info, source.base, trust_remote_code)
+
+    def build_base(**kwargs: Any) -> Any:
+        # The f32 load keeps the merge itself lossless.
+        return load_model(source.base, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
+
     if source.model_dir is None:
-        return load_model(source.base, dtype=torch.float32, trust_remote_code=trust_remote_code), tokenizer
+        return build_base(), tokenizer
     method = METHODS.get(source.method)
-    opts = method.options.model_validate(source.info.get("method_options") or {})
     # The base loads as the method trained on it (qlora: 4-bit), so the merged model equals what
     # `tunery chat --adapter` serves; each method's merge returns full-precision plain weights
-    # (qlora dequantizes first). The f32 load keeps the merge itself lossless.
-    kwargs = dict(method.load_kwargs(opts)) if method.load_kwargs else {}
-    base = load_model(source.base, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
-    merged = method.merge(method.load(base, source.model_dir, trainable=False))
+    # (qlora dequantizes first).
+    merged = method.merge(load_saved_method(source.info, build_base))
     if hasattr(merged, "peft_config") and hasattr(merged, "base_model"):
         raise RuntimeError(f"method {method.name!r} merge returned a PEFT wrapper, not a plain model")
     merged.eval()
     return merged, tokenizer
-
-
-def _tokenizer(source: Source, trust_remote_code: bool) -> Any:
-    """The tokenizer the model was trained with: the saved model dir carries it (and its chat
-    template); an adapter dir is not a model spec, so it is read directly rather than resolved."""
-    from transformers import AutoTokenizer
-
-    from tunery.models import ensure_pad_token, load_tokenizer
-
-    if source.model_dir and (source.model_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(source.model_dir, trust_remote_code=trust_remote_code)
-        ensure_pad_token(tokenizer, str(source.model_dir))
-        return tokenizer
-    return load_tokenizer(source.base, trust_remote_code=trust_remote_code)
 
 
 def _fix_tokenizer_limits(model: Any, tokenizer: Any) -> None:

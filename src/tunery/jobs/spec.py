@@ -20,9 +20,13 @@ from typing import Any
 
 from tunery.config import REQUEST_RANGES, check_request_hyperparameters
 from tunery.errors import TuneryError
+from tunery.objectives import OPENAI_METHOD_TYPES
 
-# OpenAI's method types and the objective each one trains with.
-OBJECTIVE_FOR_TYPE = {"supervised": "sft", "dpo": "dpo"}
+# OpenAI's `reinforcement` type carries a `grader`, which the server does not turn into GRPO rewards
+# yet: it is refused by name rather than trained without its grader (`tunery.objective: grpo` works).
+_UNSERVED_TYPES = frozenset({"reinforcement"})
+# The OpenAI method types the server accepts, and the objective each one trains with.
+OBJECTIVE_FOR_TYPE = {t: o for t, o in OPENAI_METHOD_TYPES.items() if t not in _UNSERVED_TYPES}
 OPENAI_HPARAMS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 _RANGES = REQUEST_RANGES  # one table for every block hyperparameters come in (config.py)
 _EXT_FIELDS = ("method", "objective", "options", "hyperparameters", "resources")  # the rest: option blocks

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
 from tunery.methods.base import Method
+from tunery.models.shape import ModelShape
 
 PLACEHOLDER_STEPS = 1_000_000  # peft needs a total at creation; the real one is set on the first step
 
@@ -106,6 +107,14 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
     return None if total is None else weight * total / count
 
 
+def trainable_parameters(shape: ModelShape, options: AdaLoraOptions) -> tuple[int, str]:
+    # A, B and the singular values E of each adapted matrix, at the initial rank (pruning masks,
+    # it does not free)
+    r = options.init_r
+    singular = shape.layers * len(shape.linears()) * r
+    return shape.low_rank_parameters(r) + singular, f"rank-{r} SVD adapters on every linear layer"
+
+
 register(
     Method(
         name="adalora",
@@ -116,6 +125,7 @@ register(
         load=load,
         merge=peft_common.merge,
         after_step=after_step,
+        trainable_parameters=trainable_parameters,
         aux_loss=aux_loss,
         base_learning_rate=5e-4,
         scale="~0.5-2%",

@@ -25,6 +25,7 @@ from tunery.errors import ConfigError
 from tunery.methods import native, register
 from tunery.methods.base import Method
 from tunery.methods.freeze import decoder_layers
+from tunery.models.shape import ModelShape
 
 MARK = "tunery_adapter"
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
@@ -112,6 +113,13 @@ def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn
     return native.load_native(base, path, AdapterOptions, apply, trainable)
 
 
+def trainable_parameters(shape: ModelShape, options: AdapterOptions) -> tuple[int, str]:
+    size = max(1, shape.hidden // options.reduction_factor)
+    per_adapter = 2 * shape.hidden * size + size + shape.hidden  # down and up projections with biases
+    places = 2 if options.style == "houlsby" else 1
+    return shape.layers * places * per_adapter, f"size-{size} bottleneck adapters ({options.style})"
+
+
 register(
     Method(
         name="adapter",
@@ -121,6 +129,7 @@ register(
         save=save,
         load=load,
         merge_note="the nonlinearity between the projections cannot fold into the base weights",
+        trainable_parameters=trainable_parameters,
         base_learning_rate=1e-3,
         scale="~0.5-3%",
     )

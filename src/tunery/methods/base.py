@@ -7,7 +7,7 @@ A method module defines an options model (pydantic), builds a `Method`, and regi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not to import the registry
     import torch
+
+    from tunery.models.shape import ModelShape
 
 
 class NoOptions(BaseModel):
@@ -51,7 +53,9 @@ class Method:
     after_step: Callable[[torch.nn.Module, int, int], None] | None = None
     # metrics(model) -> extra values merged into each logged step row (expert utilisation)
     metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # trainable_parameters(shape, options) -> (count, what trains), from the model's shape alone: what
+    # cost estimates count (train/estimate.py); None is estimated as about 1% of the weights
+    trainable_parameters: Callable[[ModelShape, Any], tuple[int, str]] | None = None
 
     @property
     def can_merge(self) -> bool:

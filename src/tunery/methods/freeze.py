@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunery.errors import ConfigError
 from tunery.methods import native, register
 from tunery.methods.base import Method
+from tunery.models.shape import ModelShape
 
 
 class FreezeOptions(BaseModel):
@@ -86,6 +87,14 @@ def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn
     return native.load_native(base, path, FreezeOptions, apply, trainable)
 
 
+def trainable_parameters(shape: ModelShape, options: FreezeOptions) -> tuple[int, str]:
+    n = min(options.layers, shape.layers)
+    # the head and the embedding are vocabulary-by-hidden matrices; other named modules (norms) are small
+    extra = sum(shape.vocab * shape.hidden for m in options.modules if m in ("lm_head", "embed_tokens"))
+    per_layer = shape.layer_parameters() + 2 * shape.hidden  # its linears and two norm weight vectors
+    return n * per_layer + extra, f"the last {n} decoder layers train"
+
+
 register(
     Method(
         name="freeze",
@@ -98,5 +107,6 @@ register(
         scale="~5-20% (last layers)",
         merge=lambda model: model,
         merge_note="the trained tensors are the model's own; nothing to fold",
+        trainable_parameters=trainable_parameters,
     )
 )

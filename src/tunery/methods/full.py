@@ -65,5 +65,6 @@ register(
         scale="100%",
         merge=lambda model: model,
         merge_note="already a plain model",
+        trainable_parameters=lambda shape, _: (shape.n_params, "all parameters train"),
     )
 )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
 from tunery.methods.base import Method
+from tunery.models.shape import ModelShape
 
 
 class IA3Options(BaseModel):
@@ -46,6 +47,11 @@ def apply(model: torch.nn.Module, options: IA3Options) -> torch.nn.Module:
     return peft_common.apply_config(model, peft_config(options, model))
 
 
+def trainable_parameters(shape: ModelShape, options: IA3Options) -> tuple[int, str]:
+    # one scale per key and value output, and per input feature of the MLP's down projection
+    return shape.layers * (2 * shape.kv + shape.inter * shape.experts), "scaling vectors on k, v and the FFN"
+
+
 register(
     Method(
         name="ia3",
@@ -55,6 +61,7 @@ register(
         save=peft_common.save,
         load=peft_common.load,
         merge=peft_common.merge,
+        trainable_parameters=trainable_parameters,
         base_learning_rate=3e-3,
         scale="~0.01%",
     )

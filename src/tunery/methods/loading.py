@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,37 @@ def read_info(adapter: str | Path) -> dict[str, Any]:
     return info
 
 
+def saved_tokenizer(info: dict[str, Any] | None, spec: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer a model was trained with: the saved dir's own (its chat template) when the run
+    saved one there, else the base spec's. The saved dir is not a model spec, so it is read as it is,
+    not resolved."""
+    from tunery.models import load_tokenizer
+
+    if info and (Path(info["path"]) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        from tunery.models.load import ensure_pad_token
+
+        tokenizer = AutoTokenizer.from_pretrained(info["path"], trust_remote_code=trust_remote_code)
+        ensure_pad_token(tokenizer, info["path"])
+        return tokenizer
+    return load_tokenizer(spec, trust_remote_code=trust_remote_code)
+
+
+def load_saved_method(
+    info: dict[str, Any], build_base: Callable[..., torch.nn.Module], trainable: bool = False
+) -> torch.nn.Module:
+    """The saved method of `info` (`read_info`) restored onto the base `build_base(**load_kwargs)`
+    returns. The caller builds the base for its task (causal LM, reward or class head, f32 for
+    export); the method adds what it needs to load as it trained (qlora: the 4-bit config)."""
+    from tunery.methods import METHODS
+
+    method = METHODS.get(info["method"])
+    opts = method.options.model_validate(info.get("method_options") or {})
+    kwargs = dict(method.load_kwargs(opts)) if method.load_kwargs else {}
+    return method.load(build_base(**kwargs), Path(info["path"]), trainable=trainable)
+
+
 def load_trained(
     model: str | None,
     adapter: str | None = None,
@@ -42,32 +74,22 @@ def load_trained(
     """(model, tokenizer): the base `model` spec, with the saved `adapter` dir applied when given.
 
     Models loaded for inference are placed where inference runs (`models.placement.place`)."""
-    from tunery.methods import METHODS
-    from tunery.models import load_model, load_tokenizer
+    from tunery.models import load_model
     from tunery.models.placement import place
 
     info = read_info(adapter) if adapter else None
     spec = model or (info or {}).get("base_model")
     if not spec:
         raise ModelError("No base model given and the adapter does not name one.", hint="Pass --model.")
-    if info and (Path(info["path"]) / "tokenizer_config.json").exists():
-        # The saved dir's tokenizer (chat template) wins; it is not a model dir, so skip resolve().
-        from transformers import AutoTokenizer
+    tokenizer = saved_tokenizer(info, spec, trust_remote_code)
 
-        from tunery.models.load import ensure_pad_token
+    def build_base(**kwargs: Any) -> torch.nn.Module:
+        return load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
-        tokenizer = AutoTokenizer.from_pretrained(info["path"], trust_remote_code=trust_remote_code)
-        ensure_pad_token(tokenizer, info["path"])
-    else:
-        tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     if info is None:
-        base = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        base = build_base()
         return (base if for_training else place(base)), tokenizer
-    method = METHODS.get(info["method"])
-    opts = method.options.model_validate(info.get("method_options") or {})
-    kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
-    base = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    loaded = method.load(base, Path(info["path"]), trainable=for_training)
+    loaded = load_saved_method(info, build_base, trainable=for_training)
     if not for_training:
         loaded = place(loaded.eval())
     return loaded, tokenizer

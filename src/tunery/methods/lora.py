@@ -6,15 +6,14 @@ initialisation. `qlora` reuses this module's functions on a 4-bit base.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunery.methods import register
+from tunery.methods import peft_common, register
 from tunery.methods.base import Method
-from tunery.models.load_lock import LOAD_LOCK
+from tunery.models.shape import ModelShape
 
 
 class LoraOptions(BaseModel):
@@ -59,24 +58,7 @@ def peft_config(options: LoraOptions, task_type: str = "CAUSAL_LM"):
 
 
 def apply(model: torch.nn.Module, options: LoraOptions) -> torch.nn.Module:
-    from peft import get_peft_model
-
-    return get_peft_model(model, peft_config(options))
-
-
-def save(model: torch.nn.Module, out: Path) -> None:
-    model.save_pretrained(out, safe_serialization=True)
-
-
-def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
-    from peft import PeftModel
-
-    with LOAD_LOCK:
-        return PeftModel.from_pretrained(base, path, is_trainable=trainable)
-
-
-def merge(model: torch.nn.Module) -> torch.nn.Module:
-    return model.merge_and_unload()
+    return peft_common.apply_config(model, peft_config(options))
 
 
 def param_groups(model: torch.nn.Module, options: LoraOptions, lr: float) -> list[dict[str, Any]]:
@@ -88,16 +70,21 @@ def param_groups(model: torch.nn.Module, options: LoraOptions, lr: float) -> lis
     return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * options.loraplus_lr_ratio}]
 
 
+def trainable_parameters(shape: ModelShape, options: LoraOptions) -> tuple[int, str]:
+    return shape.low_rank_parameters(options.r), f"rank-{options.r} adapters on every linear layer"
+
+
 register(
     Method(
         name="lora",
         description="Low-rank adapters on the linear layers (rsLoRA, DoRA, LoRA+, PiSSA/OLoRA init).",
         options=LoraOptions,
         apply=apply,
-        save=save,
-        load=load,
-        merge=merge,
+        save=peft_common.save,
+        load=peft_common.load,
+        merge=peft_common.merge,
         param_groups=param_groups,
+        trainable_parameters=trainable_parameters,
         base_learning_rate=2e-4,
         scale="~0.5-2%",
     )

@@ -25,6 +25,7 @@ from tunery.methods import native, register
 from tunery.methods.adapter import float_dtype
 from tunery.methods.base import Method
 from tunery.methods.freeze import decoder_layers
+from tunery.models.shape import ModelShape
 
 MARK = "tunery_moe_lora"
 
@@ -148,6 +149,12 @@ def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn
     return native.load_native(base, path, MoELoraOptions, apply, trainable)
 
 
+def trainable_parameters(shape: ModelShape, options: MoELoraOptions) -> tuple[int, str]:
+    experts = options.experts * shape.low_rank_parameters(options.r)
+    routers = shape.layers * sum(a for a, _ in shape.linears()) * options.experts  # in -> expert logits
+    return experts + routers, f"{options.experts} rank-{options.r} experts on every linear layer"
+
+
 register(
     Method(
         name="moe_lora",
@@ -158,6 +165,7 @@ register(
         load=load,
         aux_loss=aux_loss,
         metrics=metrics,
+        trainable_parameters=trainable_parameters,
         merge_note="routing differs per token, so there is no single weight update to fold in",
         base_learning_rate=3e-4,
         scale="~E x LoRA (2-8%)",

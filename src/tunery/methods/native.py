@@ -3,7 +3,7 @@
 Each such method saves only the tensors it trains, keyed by their parameter names in the applied
 model, into `weights.safetensors`, plus its options in `method.json`. Loading rebuilds the structure
 with the saved options (`apply`) and copies the tensors in, so the files stay small and need no
-pickle. Switching between several saved adapters on one base is a tensor copy (`swap_weights`).
+pickle. Switching between several saved adapters on one base is a tensor copy (`WeightSwitcher`).
 """
 
 from __future__ import annotations
@@ -82,11 +82,6 @@ def load_native(
         for p in model.parameters():
             p.requires_grad_(False)
     return model
-
-
-def snapshot(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    return {n: state[n].detach().clone() for n in names}
 
 
 class WeightSwitcher:

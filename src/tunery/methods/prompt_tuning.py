@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunery.errors import ConfigError
 from tunery.methods import peft_common, register
 from tunery.methods.base import Method
+from tunery.models.shape import ModelShape
 
 
 class PromptTuningOptions(BaseModel):
@@ -42,6 +43,10 @@ def apply(model: torch.nn.Module, options: PromptTuningOptions) -> torch.nn.Modu
     return peft_common.apply_config(model, config)
 
 
+def trainable_parameters(shape: ModelShape, options: PromptTuningOptions) -> tuple[int, str]:
+    return options.num_virtual_tokens * shape.hidden, f"{options.num_virtual_tokens} virtual-token embeddings"
+
+
 register(
     Method(
         name="prompt_tuning",
@@ -54,5 +59,6 @@ register(
         base_learning_rate=3e-2,
         scale="~0.001-0.01%",
         supports_packing=False,  # the virtual tokens change the forward: rows are padded
+        trainable_parameters=trainable_parameters,
     )
 )

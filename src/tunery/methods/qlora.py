@@ -89,6 +89,7 @@ register(
         merge_note="merges into a dequantized full-precision copy of the base",
         load_kwargs=load_kwargs,
         param_groups=lora.param_groups,
+        trainable_parameters=lora.trainable_parameters,
         base_learning_rate=2e-4,
         scale="~0.5-2% (base in 4 bit)",
     )

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tunery.models.unwrap import unwrap
+
 DEVICE_ENV = "TUNERY_DEVICE"
 
 
@@ -58,7 +60,7 @@ def model_device(model: Any) -> torch.device:
 def _placed_by_loader(model: Any) -> bool:
     # bitsandbytes puts quantized weights on a GPU itself, and accelerate's device maps spread a
     # model over devices; moving either would break it.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return bool(
         getattr(base, "hf_device_map", None)
         or getattr(base, "is_loaded_in_4bit", False)

@@ -5,6 +5,11 @@ from tunery.registry import Registry
 
 OBJECTIVES: Registry[Objective] = Registry("objective", loader=lambda: _load_builtin())
 
+# OpenAI's fine-tuning `method.type` values and the objective each one trains with: the one table,
+# read by `dpo.openai_method_to_config` and the server's request parser (`jobs/spec.py`).
+# `reinforcement` (RFT, a policy sampled and scored by a grader) is on-policy RL, so GRPO.
+OPENAI_METHOD_TYPES = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
+
 
 def register(objective: Objective) -> Objective:
     return OBJECTIVES.register(objective.name, objective)
@@ -27,4 +32,4 @@ def _load_builtin() -> None:
     )
 
 
-__all__ = ["OBJECTIVES", "Context", "Objective", "StepOutput", "register"]
+__all__ = ["OBJECTIVES", "OPENAI_METHOD_TYPES", "Context", "Objective", "StepOutput", "register"]

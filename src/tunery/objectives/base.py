@@ -16,7 +16,7 @@ completions or their tokens) exist only after generation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,8 +42,6 @@ class Context:
     tokenizer: Any
     # A context manager under which `model` behaves as the frozen reference (adapter disabled).
     reference: Callable[[], AbstractContextManager] = nullcontext
-    teacher: torch.nn.Module | None = None  # distillation / judges, when the objective asks
-    reward_fns: list[Callable[..., float]] = field(default_factory=list)
     step: int = 0
     total_steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,15 +58,11 @@ class Objective:
     # collate(features, pad_id, packed): packed=True lays examples end to end in one row
     collate: Callable[[list[dict[str, Any]], int, bool], dict[str, Any]]
     loss: Callable[[torch.nn.Module, dict[str, Any], Context], StepOutput]
-    # the metric names (averaged per unit) the loop logs next to the loss
-    metric_names: tuple[str, ...] = ()
     # tokens per feature row, for batching by token budget
     length: Callable[[dict[str, Any]], int] = lambda f: len(f["input_ids"])
     # the loss sums over labelled tokens only, so trailing positions labelled IGNORE change nothing
     # and the loop may pad lengths to shape buckets (train/shapes.py)
     token_level: bool = False
-    # Methods/objectives the objective needs: e.g. a reference model, a teacher.
-    needs_reference: bool = False
     # optional hook: setup(model, config, tokenizer) -> dict stored in ctx.extra (teacher, reward fns)
     setup: Callable[[torch.nn.Module, Any, Any], dict[str, Any]] | None = None
     # optional: objectives that change the model (reward head, classify head)
@@ -87,8 +81,3 @@ class Objective:
     head_modules: Callable[[torch.nn.Module], list[str]] | None = None
     # optional: save_info(model, config) -> extra keys for the saved tunery.json (classify: labels)
     save_info: Callable[[torch.nn.Module, Any], dict[str, Any]] | None = None
-
-
-def iter_chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

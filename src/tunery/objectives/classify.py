@@ -26,9 +26,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError, DataError, ModelError
+from tunery.models.unwrap import unwrap
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
-from tunery.objectives.common import run_decoder
+from tunery.objectives.common import last_token_hidden
 
 DECODER_HEAD = "score"  # transformers' head name on decoder-only sequence classifiers
 ENCODER_HEADS = ("classifier", "pre_classifier", "pooler")  # BERT-family heads (+ pooler)
@@ -147,12 +148,8 @@ def _is_encoder_spec(spec: str) -> bool:
 def is_encoder(model: torch.nn.Module) -> bool:
     from tunery.models.load import model_kind
 
-    cfg = _base(model).config
+    cfg = unwrap(model).config
     return model_kind(cfg.model_type, None) == "encoder"
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def scoring_only(model: torch.nn.Module) -> torch.nn.Module:
@@ -202,7 +199,7 @@ def load_for_training(config: Any, kwargs: dict[str, Any]) -> torch.nn.Module:
 
 def head_modules(model: torch.nn.Module) -> list[str]:
     """Names of the head modules (trained in full under any method)."""
-    base = _base(model)
+    base = unwrap(model)
     names = [n for n in (DECODER_HEAD, *ENCODER_HEADS) if isinstance(getattr(base, n, None), torch.nn.Module)]
     if is_encoder(base):  # the pooler sits inside the body (bert.pooler)
         body = getattr(base, base.base_model_prefix, None)
@@ -214,7 +211,7 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 
 
 def save_info(model: torch.nn.Module, config: Any) -> dict[str, Any]:
-    cfg = _base(model).config
+    cfg = unwrap(model).config
     opts: ClassifyOptions = config.objective_options
     return {
         "labels": [cfg.id2label[i] for i in range(cfg.num_labels)],
@@ -224,7 +221,7 @@ def save_info(model: torch.nn.Module, config: Any) -> dict[str, Any]:
 
 
 def setup(model: torch.nn.Module, config: Any, tokenizer: Any) -> dict[str, Any]:
-    cfg = _base(model).config
+    cfg = unwrap(model).config
     labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
     weights = class_weight_vector(config, labels)
     return {"label_index": {label: i for i, label in enumerate(labels)}, "class_weights": weights}
@@ -261,16 +258,11 @@ def collate(features: list[dict[str, Any]], pad_id: int, packed: bool) -> dict[s
 
 def class_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """`[n_rows, n_labels]` float32 logits of a packed or padded batch."""
-    base = _base(model)
+    base = unwrap(model)
     if is_encoder(base):
         out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits.float()
-    hidden = run_decoder(getattr(base, base.base_model_prefix), batch)
-    if "cu_seq_lens" in batch:
-        last = hidden[0, batch["cu_seq_lens"][1:].long() - 1]
-    else:
-        ends = batch["attention_mask"].sum(-1) - 1  # rows are right-padded
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
+    last = last_token_hidden(base, batch)
     head = getattr(base, DECODER_HEAD)
     return head(last.to(next(head.parameters()).dtype)).float()
 
@@ -321,7 +313,6 @@ register(
         encode=encode,
         collate=collate,
         loss=loss,
-        metric_names=("accuracy",),
         setup=setup,
         load_model=load_for_training,
         head_modules=head_modules,

@@ -18,7 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tunery.objectives.base import Context
-from tunery.train.forward import (  # noqa: F401 - run_decoder is re-exported for reward/classify
+from tunery.train.forward import (
     IGNORE,
     decoder_hidden,
     forward_kwargs,
@@ -46,6 +46,16 @@ def collate_rows(
     batch["n_rows"] = len(rows)
     batch["n_tokens"] = sum(len(r) for r in rows)
     return batch
+
+
+def last_token_hidden(base: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """`[n_rows, hidden]`: the decoder's hidden state at each row's last real token, the pooling of
+    the reward and classification heads (a causal decoder has seen the whole row only there)."""
+    hidden = run_decoder(getattr(base, base.base_model_prefix), batch)
+    if "cu_seq_lens" in batch:
+        return hidden[0, batch["cu_seq_lens"][1:].long() - 1]
+    ends = batch["attention_mask"].sum(-1) - 1  # rows are right-padded
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
 
 
 def encode_pair_features(example: Any, tokenizer: Any, config: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.checkpoint import checkpoint
 
 from tunery.errors import ConfigError
+from tunery.models.unwrap import unwrap
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.objectives.common import LOGIT_CHUNK, full_logits
@@ -83,7 +84,7 @@ def setup(model: torch.nn.Module, config: Any, tokenizer: Any) -> dict[str, Any]
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
+    base = unwrap(teacher)
     packed_ok = use_packed_attention(base)
     device = next(model.parameters()).device
     return {"teacher": teacher.to(device), "teacher_packed": packed_ok}
@@ -156,7 +157,6 @@ register(
         collate=collate,
         token_level=True,
         loss=loss,
-        metric_names=("divergence", "mean_token_accuracy"),
         setup=setup,
     )
 )

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError
-from tunery.objectives import register
+from tunery.objectives import OPENAI_METHOD_TYPES, register
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.objectives.common import (
     collate_pairs,
@@ -67,8 +67,6 @@ def loss(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> StepOut
     return StepOutput(losses.sum(), pair_metrics(chosen_r, rejected_r))
 
 
-# OpenAI method types and the Tunery objective each trains with.
-_OPENAI_TYPES = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 _OPENAI_HPARAMS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
@@ -81,14 +79,14 @@ def openai_method_to_config(method: dict[str, Any]) -> dict[str, Any]:
     reward callables refused (`allow_custom_rewards: false`): requests come from the network.
     """
     mtype = method.get("type", "supervised")
-    if mtype not in _OPENAI_TYPES:
+    if mtype not in OPENAI_METHOD_TYPES:
         raise ConfigError(
-            f"Unsupported method type {mtype!r}; expected one of {', '.join(_OPENAI_TYPES)}.",
+            f"Unsupported method type {mtype!r}; expected one of {', '.join(OPENAI_METHOD_TYPES)}.",
             param="method.type",
         )
     body = method.get(mtype) or {}
     hp = dict(body.get("hyperparameters") or {}) if isinstance(body, dict) else {}
-    objective = _OPENAI_TYPES[mtype]
+    objective = OPENAI_METHOD_TYPES[mtype]
     out: dict[str, Any] = {"objective": objective}
     hyper = {k: hp.pop(k) for k in _OPENAI_HPARAMS if k in hp and hp[k] != "auto"}
     for k in _OPENAI_HPARAMS:
@@ -118,9 +116,7 @@ register(
         encode=encode_pair_features,
         collate=collate_pairs,
         loss=loss,
-        metric_names=("accuracy", "margin", "chosen_reward", "rejected_reward"),
         length=pair_length,
-        needs_reference=True,
         setup=frozen_reference,
     )
 )

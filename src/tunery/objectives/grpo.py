@@ -233,8 +233,6 @@ GRPO = Objective(
     encode=encode,
     collate=collate,
     loss=loss,
-    metric_names=("reward", "kl", "completion_length"),
-    needs_reference=True,
     setup=setup,
     rollout=rollout,
 )

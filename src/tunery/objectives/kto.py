@@ -98,9 +98,7 @@ register(
         encode=encode,
         collate=collate,
         loss=loss,
-        metric_names=("margin", "kl"),
         length=length,
-        needs_reference=True,
         setup=frozen_reference,
     )
 )

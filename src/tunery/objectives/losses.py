@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunery.data.types import IGNORE as IGNORE_INDEX
 from tunery.errors import ConfigError
-
-IGNORE_INDEX = -100
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -109,7 +108,7 @@ def token_logps_from_hidden(
 
     `hidden` `[B, T, H]` and `labels` `[B, T]` are aligned like `token_logps` (pass `hidden[:, :-1]`
     and `labels[:, 1:]`); `weight` is the `[V, H]` LM head. Only labelled positions are projected
-    (prompt tokens cost nothing, see performance-notes.md), `chunk_size` of them at a time, and each
+    (prompt tokens cost nothing; docs/performance.md, "Levers"), `chunk_size` of them at a time, and each
     chunk runs under activation checkpointing so its `[chunk, V]` logits are rebuilt in backward
     instead of kept: peak memory is one chunk of logits. `logit_scale` and `softcap` reproduce the
     models that scale or soft-cap their logits (Cohere, Gemma 2); the default is a plain head.

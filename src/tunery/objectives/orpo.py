@@ -51,7 +51,6 @@ register(
         encode=encode_pair_features,
         collate=collate_pairs,
         loss=loss,
-        metric_names=("nll", "log_odds_ratio", "accuracy", "margin"),
         length=pair_length,
     )
 )

@@ -43,6 +43,5 @@ register(
         collate=collate,
         token_level=True,
         loss=loss,
-        metric_names=("mean_token_accuracy",),
     )
 )

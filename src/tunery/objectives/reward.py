@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunery.errors import ConfigError, DataError, ModelError
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import model_device, to_device
+from tunery.models.unwrap import unwrap
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
-from tunery.objectives.common import collate_rows, run_decoder
+from tunery.objectives.common import collate_rows, last_token_hidden
 from tunery.objectives.losses import bradley_terry_loss, preference_metrics
 
 HEAD = "score"  # transformers' name for the head of decoder-only sequence classifiers
@@ -111,13 +112,8 @@ def collate(features: list[dict[str, Any]], pad_id: int, packed: bool) -> dict[s
 
 def scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The reward of every row (`[n_rows]`, float32): the head at the row's last token."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = run_decoder(getattr(base, base.base_model_prefix), batch)
-    if "cu_seq_lens" in batch:
-        last = hidden[0, batch["cu_seq_lens"][1:].long() - 1]
-    else:
-        ends = batch["attention_mask"].sum(-1) - 1  # rows are right-padded
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), ends]
+    base = unwrap(model)
+    last = last_token_hidden(base, batch)
     head = getattr(base, HEAD)
     return head(last.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
@@ -132,8 +128,9 @@ def loss(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> StepOut
 
 def load_reward_model(adapter: str | Path, model: str | None = None, dtype: Any = None):
     """(reward model, tokenizer) from a saved model dir of a `reward` run (`model/`, a checkpoint)."""
-    from tunery.methods import METHODS, read_info
-    from tunery.models import load_model, load_tokenizer
+    from tunery.methods import read_info
+    from tunery.methods.loading import load_saved_method, saved_tokenizer
+    from tunery.models import load_model
 
     info = read_info(adapter)
     if info.get("objective") != "reward":
@@ -143,24 +140,16 @@ def load_reward_model(adapter: str | Path, model: str | None = None, dtype: Any 
             param="reward_model",
         )
     spec = model or info.get("base_model")
-    path = Path(info["path"])
-    if (path / "tokenizer_config.json").exists():  # the run saved its tokenizer (chat template) here
-        from transformers import AutoTokenizer
+    tokenizer = saved_tokenizer(info, spec)
 
-        from tunery.models.load import ensure_pad_token
+    def build_base(**kwargs: Any) -> torch.nn.Module:
+        # The base model with a fresh head; the trained head comes from the adapter (`method.load`).
+        base = load_model(
+            spec, dtype=dtype, task="sequence-classification", num_labels=1, new_head=True, **kwargs
+        )
+        return _scoring_only(base)
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        ensure_pad_token(tokenizer, str(path))
-    else:
-        tokenizer = load_tokenizer(spec)
-    method = METHODS.get(info["method"])
-    opts = method.options.model_validate(info.get("method_options") or {})
-    kwargs = method.load_kwargs(opts) if method.load_kwargs else {}
-    # The base model with a fresh head; the trained head comes from the adapter (`method.load`).
-    base = load_model(
-        spec, dtype=dtype, task="sequence-classification", num_labels=1, new_head=True, **kwargs
-    )
-    return method.load(_scoring_only(base), path, trainable=False).eval(), tokenizer
+    return load_saved_method(info, build_base).eval(), tokenizer
 
 
 @torch.no_grad()
@@ -196,7 +185,6 @@ register(
         encode=encode,
         collate=collate,
         loss=loss,
-        metric_names=("accuracy", "margin"),
         length=length,
         prepare_model=prepare_model,
         method_options=method_options,

@@ -210,8 +210,6 @@ register(
         encode=GRPO.encode,
         collate=GRPO.collate,
         loss=GRPO.loss,
-        metric_names=("reward", "kl", "completion_length"),
-        needs_reference=True,
         setup=GRPO.setup,
         rollout=GRPO.rollout,
     )

@@ -56,6 +56,5 @@ register(
         collate=collate,
         token_level=True,
         loss=loss,
-        metric_names=("mean_token_accuracy",),
     )
 )

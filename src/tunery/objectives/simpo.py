@@ -41,7 +41,6 @@ register(
         encode=encode_pair_features,
         collate=collate_pairs,
         loss=loss,
-        metric_names=("accuracy", "margin", "chosen_reward", "rejected_reward"),
         length=pair_length,
     )
 )

@@ -1,4 +1,4 @@
-"""CLI pieces the lead mounts in `tunery/cli.py`: `serve_command`, `jobs_app` (and `keys_app`, which
+"""CLI pieces mounted in `tunery/cli.py`: `serve_command`, `jobs_app` (and `keys_app`, which
 lives in keys_cli.py).
 
 `tunery jobs ...` talks to a running server through the official `openai` SDK, exactly as any

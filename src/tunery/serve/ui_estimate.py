@@ -4,58 +4,18 @@ loaded) and the training file's token counts. It is meant to tell "fits / takes 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from tunery.errors import TuneryError
+from tunery.models.shape import ModelShape
 
-# Methods that train low-rank adapters on every linear layer (parameter count ~ r * (in + out)).
 # Rough sustained training throughput: the time estimate's only calibration constant.
 GPU_FLOPS = 5.0e13
 CPU_FLOPS_PER_CORE = 2.0e10
 STARTUP_SECONDS = 20.0
 STEP_OVERHEAD_SECONDS = 0.05
-_LORA_LIKE = ("lora", "dora", "qlora", "rslora", "pissa", "olora", "loraplus", "lora_plus", "vera")
-
-
-def _shape(config: dict[str, Any]) -> dict[str, int]:
-    text = config.get("text_config") or config
-    hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
-    heads = int(text.get("num_attention_heads") or 1)
-    head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
-    kv = int(text.get("num_key_value_heads") or heads) * head_dim
-    inter = int(text.get("intermediate_size") or 4 * hidden)
-    experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)
-    return {
-        "hidden": hidden,
-        "layers": int(text.get("num_hidden_layers") or text.get("n_layer") or 0),
-        "vocab": int(text.get("vocab_size") or 0),
-        "q": heads * head_dim,
-        "kv": kv,
-        "inter": inter,
-        "experts": experts,
-    }
-
-
-def _params_from_shape(s: dict[str, int], tied: bool) -> int:
-    attn = s["hidden"] * (2 * s["q"] + 2 * s["kv"])
-    mlp = 3 * s["hidden"] * s["inter"] * s["experts"]
-    emb = s["vocab"] * s["hidden"] * (1 if tied else 2)
-    return s["layers"] * (attn + mlp) + emb
-
-
-def _trainable(method: str, s: dict[str, int], total: int, options: dict[str, Any]) -> tuple[int, str]:
-    if method in ("full", "freeze"):
-        return total, "all parameters train" if method == "full" else "upper layers train (counted as all)"
-    if method in _LORA_LIKE or "lora" in method:
-        r = int(options.get("r") or 16)
-        h, q, kv, i = s["hidden"], s["q"], s["kv"], s["inter"]
-        per_layer = r * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 2 * s["experts"] + (i + h) * s["experts"])
-        return s["layers"] * per_layer, f"rank-{r} adapters on every linear layer"
-    # Other adapters (prompt tuning, IA3, BitFit...) train well under 1% of the weights.
-    return max(1, total // 100), "about 1% of the weights (small adapter)"
 
 
 def _token_counts(base_spec: str, data_path: Path | None, objective: str) -> tuple[int | None, float | None]:
@@ -87,6 +47,28 @@ def _device() -> tuple[str, float, int | None]:
     return f"CPU ({os.cpu_count()} cores)", CPU_FLOPS_PER_CORE * (os.cpu_count() or 1), None
 
 
+def _memory(
+    method: str, shape: ModelShape, trainable: int, micro_tokens: int, on_gpu: bool
+) -> tuple[dict[str, int], float]:
+    """(bytes by part, bytes per weight) of training `trainable` of the model's parameters."""
+    weight_bytes = 2 if on_gpu else 4  # bf16 on a GPU, fp32 on CPU
+    if method == "qlora":
+        weight_bytes = 0.55  # 4-bit NF4 plus its quantization constants
+    act_bytes = 2 if on_gpu else 4
+    memory = {
+        "weights": int(shape.n_params * weight_bytes),
+        # fp32 gradient + AdamW's two moments for each trainable parameter
+        "gradients_and_optimizer": int(trainable * 12),
+        # per token and layer, about 18 hidden-size activations kept for backward; the LM head
+        # runs only at supervised positions (about half the tokens)
+        "activations": int(micro_tokens * shape.hidden * shape.layers * 18 * act_bytes)
+        + int(micro_tokens / 2 * shape.vocab * 4 * 2),
+    }
+    if method in ("full", "freeze") and weight_bytes < 4:
+        memory["gradients_and_optimizer"] += int(trainable * 4)  # fp32 master weights
+    return memory, weight_bytes
+
+
 def estimate_job(
     base_spec: str,
     *,
@@ -100,15 +82,13 @@ def estimate_job(
 ) -> dict[str, Any]:
     """Memory (bytes, by part) and wall time (seconds) of training `base_spec` with `method`."""
     from tunery.config import Hyperparameters
-    from tunery.models.load import model_info
+    from tunery.train.estimate import model_shape, trainable_parameters
     from tunery.train.hparams import auto_batch_size, auto_epochs
 
     hp = dict(hyperparameters or {})
-    info = model_info(base_spec)
-    config = json.loads((Path(info["path"]) / "config.json").read_text())
-    shape = _shape(config)
-    total = info.get("n_params") or _params_from_shape(shape, info.get("tie_word_embeddings", False))
-    trainable, what = _trainable(method, shape, total, options or {})
+    shape = model_shape(base_spec)
+    total = shape.n_params
+    trainable, what = trainable_parameters(method, shape, options)
 
     counted_n, counted_mean = _token_counts(base_spec, data_path, objective)
     n = int(n_examples or counted_n or 0)
@@ -126,21 +106,7 @@ def estimate_job(
     micro_tokens = max(min(micro_tokens, int(batch * mean_tokens)), int(mean_tokens))
 
     device, flops_per_s, device_memory = _device()
-    weight_bytes = 2 if device_memory else 4  # bf16 on a GPU, fp32 on CPU
-    if method == "qlora":
-        weight_bytes = 0.55  # 4-bit NF4 plus its quantization constants
-    act_bytes = 2 if device_memory else 4
-    memory = {
-        "weights": int(total * weight_bytes),
-        # fp32 gradient + AdamW's two moments for each trainable parameter
-        "gradients_and_optimizer": int(trainable * 12),
-        # per token and layer, about 18 hidden-size activations kept for backward; the LM head
-        # runs only at supervised positions (about half the tokens)
-        "activations": int(micro_tokens * shape["hidden"] * shape["layers"] * 18 * act_bytes)
-        + int(micro_tokens / 2 * shape["vocab"] * 4 * 2),
-    }
-    if method in ("full", "freeze") and weight_bytes < 4:
-        memory["gradients_and_optimizer"] += int(trainable * 4)  # fp32 master weights
+    memory, weight_bytes = _memory(method, shape, trainable, micro_tokens, on_gpu=device_memory is not None)
     total_memory = sum(memory.values())
     tokens = int(n * mean_tokens * epochs)
     # forward 2*P*T, backward through activations 2*P*T, weight gradients 2*P_trainable*T

@@ -1,6 +1,6 @@
 """Attention over packed rows: each example attends only to itself.
 
-Position ids alone do not isolate packed examples (see docs/performance-notes), and a dense 4D
+Position ids alone do not isolate packed examples (see docs/performance.md, "Levers"), and a dense 4D
 block mask makes SDPA pay for the whole packed length squared. Instead the loop passes the
 boundaries (`cu_seq_lens_q`, as flash-attention does) and this attention runs causal SDPA once per
 segment, so the cost is what the examples would cost unpacked, with no padding.

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from tunery.errors import ConfigError, TuneryError
+from tunery.models.unwrap import unwrap
 from tunery.train import checkpoint as ckpt
 from tunery.train.batching import Step, split_micro_batches
 
@@ -482,7 +483,7 @@ def _fully_shard(
     except ImportError as exc:  # torch < 2.6
         raise ConfigError("distributed.strategy=fsdp needs torch >= 2.6 (FSDP2).") from exc
     model = root.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     kwargs: dict[str, Any] = {"reshard_after_forward": settings.reshard_after_forward}
     if settings.cpu_offload and device.type == "cuda":

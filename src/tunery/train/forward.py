@@ -1,7 +1,7 @@
 """Forward passes shared by objectives.
 
 `packed_inputs` lays the micro-batch's examples end to end in one row (no padding) with per-example
-positions and boundaries for `tunery_packed` attention. `supervised_logits_loss` runs the decoder,
+positions and boundaries for `tunery_packed` attention. `supervised_loss` runs the decoder,
 then the LM head and cross-entropy only at supervised positions, in chunks, so the full
 sequence-by-vocabulary logits tensor is never built (prompt tokens need no logits).
 """
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tunery.data.types import IGNORE
+from tunery.models.unwrap import unwrap
 from tunery.train.shapes import bucket
 
 LOGIT_CHUNK = 1024
@@ -77,7 +78,7 @@ def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] 
     peft_cfg = getattr(model, "active_peft_config", None)
     if getattr(peft_cfg, "is_prompt_learning", False) or getattr(model, "tunery_full_forward", False):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if get_decoder is None or head is None:

@@ -14,6 +14,7 @@ from tunery.config import TuneryConfig
 from tunery.errors import ConfigError, TuneryError
 from tunery.methods import Method, count_parameters
 from tunery.models.placement import enable_tf32, load_dtype
+from tunery.models.unwrap import unwrap
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train import hparams
@@ -175,7 +176,7 @@ def _train(
         data={"trainable_parameters": trainable, "total_parameters": total, "allocator": active_allocator()},
     )
 
-    packed = hp.packing and method.supports_packing and use_packed_attention(_base(model))
+    packed = hp.packing and method.supports_packing and use_packed_attention(unwrap(model))
     fused = fuse_lora_layers(model) > 0  # one autograd node per LoRA layer, exact (train/lora_kernel.py)
     cpu = not torch.cuda.is_available()
     dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
@@ -297,10 +298,6 @@ def resume(loop: LoopSetup, events: EventLog) -> LoopState:
     events.truncate_after(state.step)
     events.emit(f"Resumed from checkpoint at step {state.step}", data={"step": state.step})
     return state
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _reference(model: torch.nn.Module):
