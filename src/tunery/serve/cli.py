@@ -277,6 +277,41 @@ def jobs_list(
         typer.echo(f"{job.id}\t{job.status}\t{job.model}\t{job.fine_tuned_model or ''}")
 
 
+@jobs_app.command("get")
+@_api_errors
+def jobs_get(
+    job_id: str,
+    as_json: bool = typer.Option(False, "--json", help="Print the job object exactly as the API returns it."),
+    base_url: str | None = BaseUrl,
+    api_key: str | None = ApiKey,
+) -> None:
+    """Show one job: status, model, fine-tuned model, hyperparameters and error."""
+    import json
+
+    import httpx
+
+    # The raw body, not the SDK's model of it: `--json` shows Tunery's extension fields too.
+    job = _client(base_url, api_key).get(f"/fine_tuning/jobs/{job_id}", cast_to=httpx.Response).json()
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+        return
+    error = job.get("error") or {}
+    rows = {
+        "id": job.get("id"),
+        "status": job.get("status"),
+        "model": job.get("model"),
+        "fine_tuned_model": job.get("fine_tuned_model"),
+        "method": (job.get("method") or {}).get("type"),
+        "training_file": job.get("training_file"),
+        "validation_file": job.get("validation_file"),
+        "hyperparameters": json.dumps(job.get("hyperparameters") or {}),
+        "trained_tokens": job.get("trained_tokens"),
+        "error": f"{error.get('code')}: {error.get('message')}" if error.get("message") else None,
+    }
+    for name, value in rows.items():
+        typer.echo(f"{name + ':':<18}{'' if value is None else value}")
+
+
 @jobs_app.command("follow")
 @_api_errors
 def jobs_follow(job_id: str, base_url: str | None = BaseUrl, api_key: str | None = ApiKey) -> None:
