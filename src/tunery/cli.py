@@ -228,7 +228,7 @@ def _mount() -> None:
     from tunery.objectives import cli as objectives_cli
     from tunery.serve.cli import jobs_app, serve_command
     from tunery.serve.keys_cli import keys_app
-    from tunery.serve.logs_cli import logs_app
+    from tunery.serve.logs_cli import from_logs_command, logs_app
 
     evaluate_cli.register(app)
     workflows_cli.register(app, data_app)
@@ -237,6 +237,7 @@ def _mount() -> None:
     classify_eval.register(app)
     objectives_cli.register(app)
     objectives_cli.register_data(data_app)
+    data_app.command("from-logs")(from_logs_command)
     export_cli.register(app)
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")

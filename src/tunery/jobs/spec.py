@@ -29,7 +29,13 @@ _UNSERVED_TYPES = frozenset({"reinforcement"})
 OBJECTIVE_FOR_TYPE = {t: o for t, o in OPENAI_METHOD_TYPES.items() if t not in _UNSERVED_TYPES}
 OPENAI_HPARAMS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 _RANGES = REQUEST_RANGES  # one table for every block hyperparameters come in (config.py)
-_EXT_FIELDS = ("method", "objective", "options", "hyperparameters", "resources")  # the rest: option blocks
+# OpenAI's legacy fine-tunes fields, spelled as the run config spells them (config.py).
+CLASSIFICATION_FIELDS = (
+    "compute_classification_metrics",
+    "classification_positive_class",
+    "classification_betas",
+)
+_EXT_FIELDS = ("method", "objective", "options", "hyperparameters", "resources", *CLASSIFICATION_FIELDS)
 
 
 class InvalidRequest(TuneryError):
@@ -147,12 +153,36 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     ext_out = {"method": tuning, "objective": objective, "options": options, "hyperparameters": extra_hp}
     if ext.get("resources") is not None:
         ext_out["resources"] = _resources(ext["resources"])
+    # Top level, as OpenAI's legacy API took them, or under `tunery`; `tunery` wins.
+    ext_out.update(_classification({**{k: body[k] for k in CLASSIFICATION_FIELDS if k in body}, **ext}))
     echo = {"type": mtype, mtype: {"hyperparameters": dict(hp)}} if mtype in OBJECTIVE_FOR_TYPE else method
     return {
         "hyperparameters": hp,
         "method": echo,
         "tunery": ext_out,
     }
+
+
+def _classification(given: dict[str, Any]) -> dict[str, Any]:
+    """The classification-metrics fields a request set, type-checked (so the error names the field)."""
+    out = {k: given[k] for k in CLASSIFICATION_FIELDS if given.get(k) is not None}
+    checks = {
+        "compute_classification_metrics": (lambda v: isinstance(v, bool), "true or false"),
+        "classification_positive_class": (lambda v: isinstance(v, str) and 0 < len(v) <= 256, "a label"),
+        "classification_betas": (
+            lambda v: (
+                isinstance(v, list)
+                and 0 < len(v) <= 16
+                and all(isinstance(b, int | float) and not isinstance(b, bool) and b > 0 for b in v)
+            ),
+            "a list of up to 16 positive numbers",
+        ),
+    }
+    for name, value in out.items():
+        ok, expected = checks[name]
+        if not ok(value):
+            raise InvalidRequest(f"Invalid {name} {value!r}: expected {expected}.", param=name)
+    return out
 
 
 def _resources(value: Any) -> dict[str, float]:
@@ -208,6 +238,7 @@ def build_config(job: Any, data_dir: str | Path, training_path: Path, validation
     }
     if ext.get("adapter"):
         raw["init_from"] = str(data_dir / ext["adapter"])
+    raw.update({k: ext[k] for k in CLASSIFICATION_FIELDS if k in ext})
     hp = {k: v for k, v in (job.hyperparameters or {}).items() if k in OPENAI_HPARAMS}
     hp.update(ext.get("hyperparameters") or {})
     raw["hyperparameters"] = hp

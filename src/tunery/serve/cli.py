@@ -229,6 +229,14 @@ def jobs_create(
     ),
     objective: str | None = typer.Option(None, help="Tunery objective (overrides --method)."),
     seed: int | None = typer.Option(None),
+    classification_metrics: bool = typer.Option(
+        False,
+        "--compute-classification-metrics",
+        help="Score the validation file as classification every evaluation (results.csv columns).",
+    ),
+    positive_class: str | None = typer.Option(
+        None, "--classification-positive-class", help="The positive label, for binary metrics."
+    ),
     follow: bool = typer.Option(False, "--follow", "-f", help="Then follow the job's events."),
     base_url: str | None = BaseUrl,
     api_key: str | None = ApiKey,
@@ -250,6 +258,10 @@ def jobs_create(
     extra: dict[str, Any] = {}
     if tuning_method or objective:
         extra["tunery"] = {k: v for k, v in (("method", tuning_method), ("objective", objective)) if v}
+    if classification_metrics:
+        extra.setdefault("tunery", {})["compute_classification_metrics"] = True
+    if positive_class:
+        extra.setdefault("tunery", {})["classification_positive_class"] = positive_class
     kwargs: dict[str, Any] = {
         "model": model,
         "training_file": _file_id(client, training_file),

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tunery.errors import NotFoundError
+from tunery.errors import NotFoundError, TuneryError
 from tunery.jobs.store import Base, Store, now
 
 RATINGS = ("up", "down", 1, 2, 3, 4, 5)
@@ -92,6 +92,8 @@ class Query:
     model: str | None = None
     metadata: dict[str, str] | None = None
     rated: bool | None = None  # True: only rated ones; False: only unrated ones
+    since: int | None = None  # created at or after (unix seconds)
+    until: int | None = None  # created before (unix seconds)
 
 
 def rating_value(stored: str) -> str | int:
@@ -161,6 +163,20 @@ class CompletionLog:
             if not more:
                 return
             after = rows[-1].id
+
+    def records(self, query: Query, max_rows: int) -> list[dict[str, Any]]:
+        """Every matching row as a plain `record`, oldest first, for building datasets; more than
+        `max_rows` is refused rather than read into memory."""
+        out: list[dict[str, Any]] = []
+        for row, fb in self.iterate(query):
+            if len(out) >= max_rows:
+                raise TuneryError(
+                    f"More than {max_rows} stored completions match; narrow the selection "
+                    "(model, metadata, since/until).",
+                    code="too_many_completions",
+                )
+            out.append(record(row, fb))
+        return out
 
     def count(self, owner: str | None = None) -> int:
         with self.store.tx() as s:
@@ -270,6 +286,10 @@ def _filters(query: Query) -> list[Any]:
                 CompletionMetadata.value == value,
             )
         )
+    if query.since is not None:
+        where.append(StoredCompletion.created_at >= query.since)
+    if query.until is not None:
+        where.append(StoredCompletion.created_at < query.until)
     if query.rated is not None:
         rated = exists().where(Feedback.completion_id == StoredCompletion.id)
         where.append(rated if query.rated else ~rated)

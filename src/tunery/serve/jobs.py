@@ -52,6 +52,7 @@ def job_object(job: Job) -> dict[str, Any]:
             "objective": ext.get("objective"),
             "options": ext.get("options") or {},
             "resources": ext.get("resources") or {},  # asked for on a Ray cluster; {} = server defaults
+            **{k: ext[k] for k in spec.CLASSIFICATION_FIELDS if k in ext},
         },
     }
 

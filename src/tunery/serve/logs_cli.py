@@ -170,3 +170,63 @@ def logs_export(
         tmp.unlink(missing_ok=True)
         logs.store.close()
     console.print(f"Exported {count} stored completion(s) to {out}", highlight=False)
+
+
+MAX_DATASET_ROWS = 200_000  # stored completions one build reads into memory
+
+
+def metadata_pairs(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise TuneryError(f"--metadata takes KEY=VALUE, not {value!r}.")
+        pairs[key] = val
+    return pairs
+
+
+@user_errors()
+def from_logs_command(
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="The train .jsonl; the test slice goes beside it."
+    ),
+    shape: str = typer.Option("sft", "--shape", help="sft, dpo or kto."),
+    rating: str = typer.Option(
+        "rated", "--rating", help="up (accepted or corrected), down, rated, or any (unrated too)."
+    ),
+    model: str | None = Model,
+    metadata: list[str] = typer.Option([], "--metadata", help="KEY=VALUE; repeat to require several."),
+    since: str | None = typer.Option(None, "--since", help="Created on or after (ISO date, UTC)."),
+    until: str | None = typer.Option(None, "--until", help="Created up to (ISO date: that whole day)."),
+    key: str | None = Key,
+    test_fraction: float = typer.Option(
+        0.1, "--test-fraction", help="The most recent share of examples, held out as the test slice."
+    ),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Build a validated training file from stored chat completions and their ratings.
+
+    Writes OUTPUT (train) and OUTPUT with `.test` before the suffix (the most recent examples), and
+    reports what it kept and dropped."""
+    from tunery.data import from_logs
+    from tunery.serve.completions_store import Query
+
+    from_logs.check_options(shape, rating, test_fraction)
+    query = Query(
+        key,
+        model=model,
+        metadata=metadata_pairs(metadata) or None,
+        since=from_logs.parse_time(since, "--since"),
+        until=from_logs.parse_time(until, "--until", end=True),
+    )
+    logs = _open(data_dir, database_url)
+    try:
+        records = logs.records(query, MAX_DATASET_ROWS)
+    finally:
+        logs.store.close()
+    built = from_logs.build(records, shape, rating, test_fraction)
+    for line in from_logs.report_lines(built.report):
+        console.print(line, highlight=False)
+    for path in from_logs.write(built, output):
+        console.print(f"Wrote {path}", highlight=False)
