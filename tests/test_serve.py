@@ -401,7 +401,8 @@ def test_jobs_cli_create_list_follow_cancel(env, trained, tmp_path):
     assert followed.stdout.strip().endswith(f"Fine-tuned model: {job.fine_tuned_model}")
 
     data = write_jsonl(tmp_path / "cli.jsonl", chat_rows(10))
-    created = _jobs_cli("create", "-m", env["model"], "-t", str(data), "--n-epochs", "1", *conn)
+    # 50 epochs (500 steps): a 1-epoch job on the tiny model can finish before the cancel below arrives.
+    created = _jobs_cli("create", "-m", env["model"], "-t", str(data), "--n-epochs", "50", *conn)
     assert created.returncode == 0, created.stderr
     new_id = created.stdout.strip().splitlines()[-1]
     assert new_id.startswith("ftjob-") and "Uploaded cli.jsonl as file-" in created.stderr

@@ -3,16 +3,20 @@ body limit and the loopback guard of `--no-auth`."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import ipaddress
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from tunery.errors import TuneryError
@@ -409,3 +413,55 @@ async def _send_error(send, status: int, message: str, code: str) -> None:
     resp = error_response(status, message, code=code)
     await send({"type": "http.response.start", "status": status, "headers": resp.raw_headers})
     await send({"type": "http.response.body", "body": resp.body})
+
+
+def check_metadata(meta: Any) -> dict[str, str] | None:
+    """OpenAI's `metadata`: at most 16 string pairs, keys up to 64 characters, values up to 512; and
+    no NUL character: PostgreSQL cannot store one in a text column (a 500 would be the only sign)."""
+    if meta is None:
+        return None
+    if (
+        not isinstance(meta, dict)
+        or len(meta) > 16
+        or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in meta.items()
+        )
+    ):
+        raise ApiError(
+            400,
+            "metadata must be at most 16 string pairs (keys up to 64 characters, values up to 512).",
+            param="metadata",
+        )
+    if any("\x00" in k or "\x00" in v for k, v in meta.items()):
+        raise ApiError(400, "metadata keys and values must not contain NUL characters.", param="metadata")
+    return meta
+
+
+def metadata_filter(request: Request) -> dict[str, str]:
+    """The `metadata[KEY]=VALUE` query parameters of a list request, as OpenAI's lists take them."""
+    return {
+        k[len("metadata[") : -1]: v
+        for k, v in request.query_params.items()
+        if k.startswith("metadata[") and k.endswith("]")
+    }
+
+
+@contextlib.asynccontextmanager
+async def every(seconds: float, fn: Callable[..., Any], *args: Any) -> AsyncIterator[None]:
+    """Run the blocking `fn(*args)` now and then every `seconds` in a worker thread, for as long as
+    the block lasts (a router's lifespan): the server's sweepers."""
+    await run_in_threadpool(fn, *args)
+
+    async def periodically() -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await run_in_threadpool(fn, *args)
+
+    task = asyncio.create_task(periodically())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -28,7 +28,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from tunery.jobs.store import FileRow, Store, new_id, now
-from tunery.serve.common import MIB, ApiError, Principal, check_limit, check_storage_quota, page, principal
+from tunery.serve.common import (
+    MIB,
+    ApiError,
+    Principal,
+    check_limit,
+    check_storage_quota,
+    every,
+    page,
+    principal,
+)
 
 log = logging.getLogger("tunery.serve")
 PURPOSES = {"fine-tune", "batch", "user_data", "evals", "assistants", "vision"}
@@ -53,14 +62,10 @@ SWEEP_EVERY_S = 600
 async def _housekeeping(app: Any):
     """Sweep at startup, then every `SWEEP_EVERY_S`, for as long as the server runs."""
     store: Store = app.state.store
-    await run_in_threadpool(sweep, store)
-    task = asyncio.create_task(_sweep_periodically(store))
     try:
-        yield
+        async with every(SWEEP_EVERY_S, sweep, store):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         pool = getattr(app.state, "validation_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -407,12 +412,6 @@ def _newest_mtime(entry: Path) -> float:
                 with contextlib.suppress(FileNotFoundError):
                     newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
     return newest
-
-
-async def _sweep_periodically(store: Store) -> None:
-    while True:
-        await asyncio.sleep(SWEEP_EVERY_S)
-        await run_in_threadpool(sweep, store)
 
 
 # ---------------------------------------------------------------------------------------------

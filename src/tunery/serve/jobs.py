@@ -15,7 +15,16 @@ from fastapi.responses import StreamingResponse
 
 from tunery.jobs import spec
 from tunery.jobs.store import ACTIVE_STATUSES, CheckpointRow, EventRow, Job, new_id, now
-from tunery.serve.common import ApiError, Principal, check_job_quota, check_limit, page, principal
+from tunery.serve.common import (
+    ApiError,
+    Principal,
+    check_job_quota,
+    check_limit,
+    check_metadata,
+    metadata_filter,
+    page,
+    principal,
+)
 from tunery.serve.resolver import get_resolver
 
 router = APIRouter(prefix="/v1/fine_tuning")
@@ -133,25 +142,6 @@ def _resolve_names(request: Request, who: Principal, model: str, ext: dict[str, 
     return named.spec
 
 
-def _check_metadata(meta: Any) -> dict[str, str] | None:
-    if meta is None:
-        return None
-    if (
-        not isinstance(meta, dict)
-        or len(meta) > 16
-        or not all(
-            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-            for k, v in meta.items()
-        )
-    ):
-        raise ApiError(
-            400,
-            "metadata must be at most 16 string pairs (keys up to 64 characters, values up to 512).",
-            param="metadata",
-        )
-    return meta
-
-
 @router.post("/jobs")
 def create_job(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
@@ -173,7 +163,7 @@ def create_job(
     fields = spec.parse_request(body)
     suffix = _check_suffix(body.get("suffix"))
     seed = _check_seed(body.get("seed"))
-    meta = _check_metadata(body.get("metadata"))
+    meta = check_metadata(body.get("metadata"))
     ext = fields["tunery"]
     base_spec = _resolve_names(request, who, model, ext)
     job_id = new_id("ftjob-")
@@ -233,11 +223,7 @@ def list_jobs(
     request: Request, after: str | None = None, limit: int = 20, who: Principal = Depends(principal)
 ) -> dict[str, Any]:
     check_limit(limit, 100)
-    wanted = {
-        k[len("metadata[") : -1]: v
-        for k, v in request.query_params.items()
-        if k.startswith("metadata[") and k.endswith("]")
-    }
+    wanted = metadata_filter(request)
     jobs = request.app.state.store.list_jobs(who.id)
     if wanted:
         jobs = [j for j in jobs if all((j.meta or {}).get(k) == v for k, v in wanted.items())]

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -23,9 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
-from tunery.serve.common import ApiError, Principal, check_limit, principal
+from tunery.serve.common import (
+    ApiError,
+    Principal,
+    check_limit,
+    check_metadata,
+    every,
+    metadata_filter,
+    principal,
+)
 from tunery.serve.completions_store import (
     RATINGS,
     CompletionLog,
@@ -34,7 +40,6 @@ from tunery.serve.completions_store import (
     StoredCompletion,
     feedback_object,
 )
-from tunery.serve.jobs import _check_metadata
 
 log = logging.getLogger("tunery.serve")
 SWEEP_EVERY_S = 300
@@ -56,15 +61,6 @@ KEPT_FIELDS = (
     "user",
 )
 _LOG_LOCK = threading.Lock()
-
-
-def check_metadata(meta: Any) -> dict[str, str] | None:
-    """OpenAI's metadata limits (shared with jobs), and no NUL character: PostgreSQL cannot store
-    one in a text column, and a 500 there would be the only sign of it."""
-    meta = _check_metadata(meta)
-    if meta and any("\x00" in k or "\x00" in v for k, v in meta.items()):
-        raise ApiError(400, "metadata keys and values must not contain NUL characters.", param="metadata")
-    return meta
 
 
 def completion_log(state: Any) -> CompletionLog:
@@ -173,21 +169,8 @@ async def _retention(app: Any):
     """Sweep at startup, then every `SWEEP_EVERY_S`, for as long as the server runs."""
     settings = app.state.settings
     logs = completion_log(app.state)
-    limits = (logs, settings.store_max_age_days, settings.store_max_rows)
-    await run_in_threadpool(sweep, *limits)
-
-    async def periodically() -> None:
-        while True:
-            await asyncio.sleep(SWEEP_EVERY_S)
-            await run_in_threadpool(sweep, *limits)
-
-    task = asyncio.create_task(periodically())
-    try:
+    async with every(SWEEP_EVERY_S, sweep, logs, settings.store_max_age_days, settings.store_max_rows):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 router = APIRouter(prefix="/v1", lifespan=_retention)
@@ -236,11 +219,7 @@ def list_completions(
     who: Principal = Depends(principal),
 ) -> dict[str, Any]:
     check_limit(limit, 100)
-    wanted = {
-        k[len("metadata[") : -1]: v
-        for k, v in request.query_params.items()
-        if k.startswith("metadata[") and k.endswith("]")
-    }
+    wanted = metadata_filter(request)
     logs = completion_log(request.app.state)
     rows, more = logs.page(Query(who.id, model=model, metadata=wanted), after, limit, _order(order))
     feedback = logs.feedback([r.id for r in rows])
