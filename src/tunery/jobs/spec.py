@@ -75,9 +75,6 @@ def _check_hparam(name: str, value: Any, param: str) -> Any:
 def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     """Validate the training fields of a create request. Returns job-row fields: hyperparameters,
     method (OpenAI shape, echoed back), tunery (method, objective, options, extra hyperparameters)."""
-    from tunery.methods import METHODS
-    from tunery.objectives import OBJECTIVES
-
     method = body.get("method") or {"type": "supervised"}
     if not isinstance(method, dict) or not isinstance(method.get("type", "supervised"), str):
         raise InvalidRequest('method must be an object like {"type": "supervised"}.', param="method")
@@ -85,55 +82,9 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     ext = body.get("tunery") or {}
     if not isinstance(ext, dict):
         raise InvalidRequest("tunery must be an object.", param="tunery")
-    objective = ext.get("objective") or body.get("objective")
-    if objective is None:
-        if mtype not in OBJECTIVE_FOR_TYPE:
-            raise InvalidRequest(
-                f"Method type {mtype!r} is not supported; use supervised or dpo, or name a "
-                "Tunery objective in `tunery.objective`.",
-                param="method.type",
-            )
-        objective = OBJECTIVE_FOR_TYPE[mtype]
-    if not isinstance(objective, str) or objective not in OBJECTIVES:
-        raise InvalidRequest(
-            f"Unknown objective {objective!r}. Available: {', '.join(OBJECTIVES.names())}.",
-            param="tunery.objective",
-        )
-    tuning = ext.get("method") or body.get("method_name") or "lora"
-    if not isinstance(tuning, str) or tuning not in METHODS:
-        raise InvalidRequest(
-            f"Unknown method {tuning!r}. Available: {', '.join(METHODS.names())}.", param="tunery.method"
-        )
-
-    # The new API nests hyperparameters under the method type; the deprecated top-level field wins
-    # only where the nested one is silent.
-    sub = method.get(mtype) or {}
-    nested = (sub.get("hyperparameters") if isinstance(sub, dict) else None) or {}
-    top = body.get("hyperparameters") or {}
-    if not isinstance(top, dict) or not isinstance(nested, dict):
-        raise InvalidRequest("hyperparameters must be an object.", param="hyperparameters")
-    hp: dict[str, Any] = {}
-    for name in OPENAI_HPARAMS:
-        value = nested.get(name, top.get(name, "auto"))
-        hp[name] = _check_hparam(name, value, f"hyperparameters.{name}")
-    unknown = (set(top) | set(nested)) - set(OPENAI_HPARAMS) - {"beta"}
-    if unknown:
-        raise InvalidRequest(
-            f"Unknown hyperparameter(s): {', '.join(sorted(unknown))}.", param="hyperparameters"
-        )
-
-    options: dict[str, dict[str, Any]] = {}
-    given = ext.get("options") or {}
-    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
-        raise InvalidRequest(
-            'tunery.options must be an object of option blocks, like {"lora": {"r": 8}}.',
-            param="tunery.options",
-        )
-    for key, value in given.items():
-        options[key] = dict(value)
-    for key, value in ext.items():
-        if key not in _EXT_FIELDS and isinstance(value, dict):
-            options[key] = dict(value)
+    objective, tuning = _names(body, ext, mtype)
+    hp, nested = _openai_hyperparameters(body, method, mtype)
+    options = _options(ext)
     if mtype == "dpo" or "beta" in nested:
         beta = _check_hparam("beta", nested.get("beta", "auto"), "method.dpo.hyperparameters.beta")
         hp["beta"] = beta
@@ -161,6 +112,70 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
         "method": echo,
         "tunery": ext_out,
     }
+
+
+def _names(body: dict[str, Any], ext: dict[str, Any], mtype: str) -> tuple[str, str]:
+    """(objective, method) of a request: named under `tunery`, or the objective from OpenAI's type."""
+    from tunery.methods import METHODS
+    from tunery.objectives import OBJECTIVES
+
+    objective = ext.get("objective") or body.get("objective")
+    if objective is None:
+        if mtype not in OBJECTIVE_FOR_TYPE:
+            raise InvalidRequest(
+                f"Method type {mtype!r} is not supported; use supervised or dpo, or name a "
+                "Tunery objective in `tunery.objective`.",
+                param="method.type",
+            )
+        objective = OBJECTIVE_FOR_TYPE[mtype]
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise InvalidRequest(
+            f"Unknown objective {objective!r}. Available: {', '.join(OBJECTIVES.names())}.",
+            param="tunery.objective",
+        )
+    tuning = ext.get("method") or body.get("method_name") or "lora"
+    if not isinstance(tuning, str) or tuning not in METHODS:
+        raise InvalidRequest(
+            f"Unknown method {tuning!r}. Available: {', '.join(METHODS.names())}.", param="tunery.method"
+        )
+    return objective, tuning
+
+
+def _openai_hyperparameters(
+    body: dict[str, Any], method: dict[str, Any], mtype: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(OpenAI's hyperparameters, checked; the nested block they came from). The new API nests them
+    under the method type; the deprecated top-level field wins only where the nested one is silent."""
+    sub = method.get(mtype) or {}
+    nested = (sub.get("hyperparameters") if isinstance(sub, dict) else None) or {}
+    top = body.get("hyperparameters") or {}
+    if not isinstance(top, dict) or not isinstance(nested, dict):
+        raise InvalidRequest("hyperparameters must be an object.", param="hyperparameters")
+    hp: dict[str, Any] = {}
+    for name in OPENAI_HPARAMS:
+        value = nested.get(name, top.get(name, "auto"))
+        hp[name] = _check_hparam(name, value, f"hyperparameters.{name}")
+    unknown = (set(top) | set(nested)) - set(OPENAI_HPARAMS) - {"beta"}
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown hyperparameter(s): {', '.join(sorted(unknown))}.", param="hyperparameters"
+        )
+    return hp, nested
+
+
+def _options(ext: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Option blocks: `tunery.options`, and any other object under `tunery` named like a block."""
+    given = ext.get("options") or {}
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise InvalidRequest(
+            'tunery.options must be an object of option blocks, like {"lora": {"r": 8}}.',
+            param="tunery.options",
+        )
+    options = {key: dict(value) for key, value in given.items()}
+    for key, value in ext.items():
+        if key not in _EXT_FIELDS and isinstance(value, dict):
+            options[key] = dict(value)
+    return options
 
 
 def _classification(given: dict[str, Any]) -> dict[str, Any]:
