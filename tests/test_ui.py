@@ -323,3 +323,47 @@ def test_dashboard_in_chromium(env, browser, tmp_path, shots):
     assert {p.stem for p in shots.glob("*.png") if p.stat().st_size > 1000} >= pages
     print("seconds since start:", marks)
     d.set_window_size(1280, 1000)
+
+
+def test_logs_page_rates_corrects_and_sets_an_alias(env, browser, shots):
+    """The Logs page: a stored completion is listed; thumbs down and "Edit reply" reach the feedback
+    endpoint; the aliases card creates an alias."""
+    d, base = browser, env["base"]
+
+    def chat(text: str, **extra) -> dict:
+        body = {"model": env["model"], "messages": [{"role": "user", "content": text}], "max_tokens": 3}
+        made = httpx.post(base + "/v1/chat/completions", headers=AUTH, json={**body, **extra}, timeout=300)
+        assert made.status_code == 200, made.text
+        return made.json()
+
+    chat("not stored")
+    stored = chat("rate me", store=True)["id"]
+
+    def feedback():
+        got = httpx.get(f"{base}/v1/chat/completions/{stored}", headers=AUTH).json()
+        return got["tunery"]["feedback"] or {}
+
+    d.get(base + "/#/logs")
+    key = css(d, "#api-key")
+    key.clear()
+    key.send_keys(KEY)
+    css(d, "#key-form button").click()
+    wait(d, lambda d: css(d, f"[data-id='{stored}']"), 60, "the stored completion's row")
+    assert "rate me" in css(d, "#logs-rows").text and "not stored" not in css(d, "#logs-rows").text
+    css(d, f"[aria-label='Thumbs down {stored}']").click()
+    wait(d, lambda d: feedback().get("rating") == "down", 20, "the thumbs down to be saved")
+    wait(d, lambda d: css(d, f"[data-id='{stored}']").text.find("rated down") >= 0, 20, "the row to show it")
+    row = css(d, f"[data-id='{stored}']")
+    next(b for b in row.find_elements("css selector", "button") if b.text == "Edit reply").click()
+    editor = css(d, f"[aria-label='Corrected reply for {stored}']")
+    editor.clear()
+    editor.send_keys("The corrected reply")
+    next(b for b in row.find_elements("css selector", "button") if b.text == "Save correction").click()
+    wait(d, lambda d: feedback().get("corrected") == "The corrected reply", 20, "the correction")
+    shot(d, shots, "logs")
+
+    css(d, "#alias-name").send_keys("ui-router")
+    css(d, "#alias-form button[type=submit]").click()
+    wait(d, lambda d: "ui-router" in css(d, "[aria-labelledby=aliases-title]").text, 20, "the alias row")
+    alias = httpx.get(base + "/v1/tunery/aliases/ui-router", headers=AUTH).json()
+    assert alias["model"] == css(d, "#alias-model").get_attribute("value")

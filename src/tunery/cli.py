@@ -226,6 +226,7 @@ def _mount() -> None:
     from tunery.evaluate import cli as evaluate_cli
     from tunery.export import cli as export_cli
     from tunery.objectives import cli as objectives_cli
+    from tunery.serve.aliases_cli import aliases_app
     from tunery.serve.cli import jobs_app, serve_command
     from tunery.serve.keys_cli import keys_app
     from tunery.serve.logs_cli import from_logs_command, logs_app
@@ -243,6 +244,7 @@ def _mount() -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(logs_app, name="logs")
+    app.add_typer(aliases_app, name="aliases")
     app.add_typer(data_app, name="data", help="Validate, inspect and judge training data.")
 
 

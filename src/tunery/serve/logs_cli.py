@@ -230,3 +230,91 @@ def from_logs_command(
         console.print(line, highlight=False)
     for path in from_logs.write(built, output):
         console.print(f"Wrote {path}", highlight=False)
+
+
+def _ft_owner(store: Any, name: str) -> str | None:
+    """The key that owns the fine-tuned model or checkpoint `name` (the operator names it without one)."""
+    from sqlalchemy import select
+
+    from tunery.jobs.store import CheckpointRow, ModelRow
+
+    with store.tx() as s:
+        row = s.get(ModelRow, name)
+        if row is not None:
+            return row.owner
+        return s.scalar(select(CheckpointRow.owner).where(CheckpointRow.model_name == name).limit(1))
+
+
+def _contender(name: str, key: str | None, data_dir: Path, database_url: str | None) -> Any:
+    """What `name` loads: an `ft:` model (of `--key`, else of whichever key owns it), or anything
+    `tunery compare` takes (an alias, a path, M:ADAPTER_DIR, a run or model dir)."""
+    from tunery.evaluate.cli import _parse_model_arg
+    from tunery.evaluate.heldout import Contender
+    from tunery.jobs.store import Store
+
+    if not name.startswith("ft:"):
+        return Contender(name, *_parse_model_arg(name))
+    store = Store(data_dir, database_url)
+    try:
+        owner = key or _ft_owner(store, name)
+        found = store.find_model(owner, name) if owner else None
+        if found is None:
+            raise TuneryError(
+                f"No fine-tuned model {name!r} in {data_dir}" + (f" for key {key}." if key else "."),
+                hint="List them with `GET /v1/models`; pass --data-dir (or --database-url) of the server.",
+            )
+        return Contender(name, found[0], str(store.path(found[1])))
+    finally:
+        store.close()
+
+
+@logs_app.command("compare")
+@user_errors()
+def logs_compare(
+    old: str = typer.Argument(..., help="The model serving now: an alias, ft: name, path or run dir."),
+    new: str = typer.Argument(..., help="The model to compare it with (same forms)."),
+    data: Path = typer.Option(
+        ..., "--data", help="The held-out slice: the OUTPUT.test.jsonl `tunery data from-logs` wrote."
+    ),
+    key: str | None = typer.Option(None, "--key", help="The key id (key_…) owning the ft: models."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="Default: from the references."
+    ),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Comma-separated label set (default: detected)."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", help="Also write the comparison as JSON to this file ('-': stdout, no table)."
+    ),
+    data_dir: Path = DataDir,
+    database_url: str | None = DatabaseUrl,
+) -> None:
+    """Old model against new on the held-out slice of the logs: exact match, classification
+    metrics when the replies are labels, latency and prompt tokens per model."""
+    from tunery.evaluate.engine import Engine
+    from tunery.evaluate.heldout import compare_on_heldout, load_heldout, render_heldout
+
+    examples, skipped = load_heldout(data)
+    contenders = [_contender(n, key, data_dir, database_url) for n in (old, new)]
+    if contenders[0].label == contenders[1].label:
+        raise TuneryError("OLD and NEW are the same model; name two different ones.")
+    wanted = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    engine = Engine()
+    try:
+        with console.status(f"Generating {len(examples)} replies per model…"):
+            result = compare_on_heldout(
+                engine, contenders, examples, max_new_tokens=max_new_tokens, labels=wanted
+            )
+    finally:
+        engine.close()
+    result["skipped"] = skipped
+    text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    if output is not None and str(output) == "-":
+        typer.echo(text, nl=False)
+        return
+    console.print(render_heldout(result))
+    if skipped:
+        console.print(f"[dim]{skipped} example(s) without a reference reply were skipped.[/]")
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        console.print(f"Wrote {output}", highlight=False)

@@ -3,6 +3,8 @@ adapter, teacher, judge, reward model and template in a job's option blocks.
 
 A request comes from a key holder, not from the operator, so a name is accepted only as:
 - a builtin alias (`tunery.models.ALIASES`, chat models);
+- in an inference request (`resolve_model_name`), one of the calling key's own model aliases
+  (`serve/alias_store.py`), resolved to its target by the rules below, as if the key had named it;
 - an `ft:` model or checkpoint the calling key owns (its directory inside the data dir);
 - a file id (`file-...`) the key owns, where a field names a file (a judge template);
 - a judge endpoint the operator registered (`tunery serve --judge NAME=URL`);
@@ -35,6 +37,7 @@ from tunery.errors import NotFoundError
 from tunery.models.aliases import ALIASES, Alias
 from tunery.models.resolve import is_model_path
 from tunery.plugins import option_schema
+from tunery.serve.alias_store import AliasTable, alias_table, is_alias_name
 from tunery.serve.common import ApiError, Principal
 
 # Keys that would make the server send something somewhere or read its own environment. Refused in
@@ -81,9 +84,10 @@ def _shown(name: str) -> str:
 class Resolver:
     """Resolves names for one server: its settings (local models, judges) and its store (owners)."""
 
-    def __init__(self, settings: Any, store: Any):
+    def __init__(self, settings: Any, store: Any, aliases: AliasTable | None = None):
         self.settings = settings
         self.store = store
+        self.aliases = aliases  # None: names are never looked up as aliases (job option blocks)
 
     # ---- single names
     def model(self, who: Principal, name: Any, param: str = "model") -> Named:
@@ -100,6 +104,28 @@ class Resolver:
         if path is not None and _probe(is_model_path, path):
             return Named(str(path))
         raise model_not_found(name, param)
+
+    def served(self, who: Principal, name: Any, param: str = "model") -> Named:
+        """What an inference request's `model` loads: a name `model` takes, or one of the key's own
+        aliases. Builtin names win over an alias (one added by an upgrade cannot be shadowed)."""
+        found = None
+        if self.aliases is not None and is_alias_name(name) and name not in chat_aliases():
+            found = self.aliases.find(who.id, name)
+        if found is None:
+            return self.model(who, name, param)
+        try:
+            return self.model(who, found.model, param)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise ApiError(
+                404,
+                f"The alias `{name}` points to `{_shown(found.model)}`, which does not exist any more "
+                f"or you do not have access to it. Point it at another model "
+                f"(POST /v1/tunery/aliases/{name}).",
+                code="model_not_found",
+                param=param,
+            ) from None
 
     def saved_dir(self, who: Principal, name: str, param: str) -> tuple[str, str]:
         """A saved model/adapter dir (adapters, reward models): an owned ft: model, or a local dir."""
@@ -247,6 +273,8 @@ def get_resolver(request: Request) -> Resolver:
 
 
 def resolve_model_name(request: Request, who: Principal, name: Any) -> tuple[str, str | None]:
-    """(base spec, model dir relative to the data dir or None) of the `model` a request names."""
-    named = get_resolver(request).model(who, name)
+    """(base spec, model dir relative to the data dir or None) of the `model` a request names; the
+    calling key's aliases count (chat, completions, classifications, the dashboard's calls)."""
+    state = request.app.state
+    named = Resolver(state.settings, state.store, alias_table(state)).served(who, name)
     return named.spec, named.adapter

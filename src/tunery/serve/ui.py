@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 
 from tunery.jobs.store import new_id
+from tunery.serve.app import get_engine
 from tunery.serve.bounds import check_eval_size, check_model_size, export_workdir, heavy_slot
 from tunery.serve.common import ApiError, Principal, principal
 from tunery.serve.resolver import chat_aliases, resolve_model_name
@@ -291,6 +292,51 @@ async def evaluate_models(
     limit = request.app.state.settings.max_eval_export_params
     with heavy_slot(request, who, "an evaluation"):
         return await run_in_threadpool(_run_eval, rows, store.path(row.path), max_new, limit)
+
+
+def _compare_heldout(engine: Any, rows: list[Any], data: Path, filename: str, body: dict) -> dict:
+    from tunery.errors import DataError
+    from tunery.evaluate.heldout import compare_on_heldout, load_heldout
+
+    try:
+        examples, skipped = load_heldout(data)
+    except DataError as exc:  # it names the stored file; the caller knows it by its upload name
+        raise DataError(exc.message.replace(str(data), filename), exc.hint, param="file") from None
+    check_eval_size(len(examples), body.get("max_new_tokens"))
+    result = compare_on_heldout(engine, rows, examples, max_new_tokens=body.get("max_new_tokens"))
+    return {**result, "skipped": skipped}
+
+
+@api.post("/compare", summary="Old model against new on the held-out slice of the logs")
+async def compare_heldout(
+    request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
+) -> dict[str, Any]:
+    """Body: {file: the test file of `POST /v1/tunery/datasets` (its `tunery.test_file`), models:
+    [old, new], max_new_tokens?}. Both answer through the server's engine; the result has each
+    model's exact match (classification metrics when the replies are labels), latency and tokens."""
+    from tunery.evaluate.heldout import Contender
+
+    store = request.app.state.store
+    names = body.get("models")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != 2:
+        raise ApiError(400, "models must be two different model names: [old, new].", param="models")
+    file_id = body.get("file")
+    if not isinstance(file_id, str) or not file_id:
+        raise ApiError(400, "Missing required parameter: 'file'.", param="file")
+    row = store.get_file(who.id, file_id)
+    max_new = body.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+        raise ApiError(400, "max_new_tokens must be a positive integer.", param="max_new_tokens")
+    check_eval_size(0, max_new)
+    rows = []
+    for name in names:
+        base, rel = resolve_model_name(request, who, name)
+        rows.append(Contender(name, base, str(store.path(rel)) if rel else None))
+    engine = get_engine(request.app.state)
+    with heavy_slot(request, who, "a comparison"):
+        return await run_in_threadpool(
+            _compare_heldout, engine, rows, store.path(row.path), row.filename, body
+        )
 
 
 # ---------------------------------------------------------------------------------------------

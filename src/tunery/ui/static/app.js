@@ -1,11 +1,12 @@
 // The dashboard shell: a hash router (#/jobs, #/new, #/jobs/<id>, #/playground, #/evaluate,
-// #/models), the API-key form and one alert area for API errors in plain words.
+// #/models, #/logs), the API-key form and one alert area for API errors in plain words.
 import { apiKey, setApiKey } from "./api.js";
 import { jobsPage, jobPage } from "./jobs.js";
 import { newJobPage } from "./newjob.js";
 import { playgroundPage } from "./playground.js";
 import { evaluatePage } from "./evaluate.js";
 import { modelsPage } from "./models.js";
+import { logsPage } from "./logs.js";
 
 const main = document.getElementById("main");
 const alertBox = document.getElementById("alert");
@@ -26,6 +27,7 @@ const ROUTES = [
   [/^#\/playground(?:\?(.*))?$/, (m) => playgroundPage(new URLSearchParams(m[1] || "")), "playground"],
   [/^#\/evaluate$/, () => evaluatePage(), "evaluate"],
   [/^#\/models$/, () => modelsPage(), "models"],
+  [/^#\/logs$/, () => logsPage(), "logs"],
   [/^(#\/jobs)?$|^#\/?$/, () => jobsPage(), "jobs"],
 ];
 
