@@ -156,6 +156,39 @@ def check_token_ids(prompt_ids: list[Any], vocab: int, param: str = "prompt") ->
             )
 
 
+def request_key(
+    model_spec: str | None, adapter_dir: str | None, resolved: dict[str, str]
+) -> tuple[str, str | None]:
+    """(base key, shared-adapter dir) of a request. Bases are keyed by their resolved directory, so an
+    alias and its path share one loaded model (`resolved` caches the lookups); a full fine-tuned model
+    dir becomes a base of its own, "base dir::model dir"."""
+    if adapter_dir is not None:
+        adapter_dir = str(model_dir(adapter_dir).resolve())
+    spec = model_spec or (adapter_base(adapter_dir) if adapter_dir else None)
+    if spec is None:
+        from tunery.errors import ModelError
+
+        raise ModelError("No model given, and the adapter does not name its base model.", param="model")
+    if spec not in resolved:
+        resolved[spec] = str(Path(resolve_model(spec).path).resolve())
+    spec = resolved[spec]
+    if adapter_dir is not None and not is_peft_adapter(adapter_dir):
+        return f"{spec}::{adapter_dir}", None
+    return spec, adapter_dir
+
+
+def emit(req: _Request, seq: _Seq) -> None:
+    """Hand a sequence's new text and logprobs (and its finish) to its request's handle."""
+    if getattr(seq, "_closed", False):
+        return
+    delta, logprobs = seq.take_delta()
+    if delta or logprobs or seq.done:
+        req.emitted = True
+        req.handle._push(StreamEvent(seq.index, delta, logprobs, seq.finish_reason))
+    if seq.done:
+        seq._closed = True  # type: ignore[attr-defined]
+
+
 class Engine:
     """Thread-safe generation over several bases and adapters; see the module docstring."""
 
@@ -190,24 +223,8 @@ class Engine:
     # ----- public API -----
     def resolve(self, model_spec: str | None, adapter_dir: str | None) -> tuple[str, str | None]:
         """(base key, shared-adapter dir): full fine-tuned model dirs become bases of their own."""
-        if adapter_dir is not None:
-            adapter_dir = str(model_dir(adapter_dir).resolve())
-        spec = model_spec or (adapter_base(adapter_dir) if adapter_dir else None)
-        if spec is None:
-            from tunery.errors import ModelError
-
-            raise ModelError("No model given, and the adapter does not name its base model.", param="model")
-        spec = self._resolve_spec(spec)
-        if adapter_dir is not None and not is_peft_adapter(adapter_dir):
-            return f"{spec}::{adapter_dir}", None
-        return spec, adapter_dir
-
-    def _resolve_spec(self, spec: str) -> str:
-        """Key bases by their resolved directory, so an alias and its path share one loaded model."""
         with self._load_lock:
-            if spec not in self._resolved:
-                self._resolved[spec] = str(Path(resolve_model(spec).path).resolve())
-            return self._resolved[spec]
+            return request_key(model_spec, adapter_dir, self._resolved)
 
     def tokenizer(self, model_spec: str | None, adapter_dir: str | None = None) -> Any:
         """The tokenizer of the base a request would run on (loads the base if needed)."""
@@ -385,18 +402,8 @@ class Engine:
                     req = owner[id(seq)]
                     if req.handle.cancelled and not seq.done:
                         seq.finish_reason = "stop"
-                    self._emit(req, seq)
+                    emit(req, seq)
                 for req in batch:
                     if not req.handle._done.is_set() and all(s.done for s in req.seqs):
                         req.handle._finish([s.result() for s in req.seqs])
 
-    @staticmethod
-    def _emit(req: _Request, seq: _Seq) -> None:
-        if getattr(seq, "_closed", False):
-            return
-        delta, logprobs = seq.take_delta()
-        if delta or logprobs or seq.done:
-            req.emitted = True
-            req.handle._push(StreamEvent(seq.index, delta, logprobs, seq.finish_reason))
-        if seq.done:
-            seq._closed = True  # type: ignore[attr-defined]

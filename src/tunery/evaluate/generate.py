@@ -262,7 +262,11 @@ def _context_limit(model: Any) -> int | None:
 
 
 def _check_context(model: Any, prompt: list[int], params: GenerationParams) -> GenerationParams:
-    limit = _context_limit(model)
+    return check_context(_context_limit(model), prompt, params)
+
+
+def check_context(limit: int | None, prompt: list[int], params: GenerationParams) -> GenerationParams:
+    """Refuse an empty prompt or one that fills the `limit`-token context; clip max_new_tokens to it."""
     if not prompt:
         raise TuneryError("The prompt is empty.", code="invalid_request_error", param="messages")
     if limit is None:

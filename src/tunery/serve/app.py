@@ -40,7 +40,7 @@ log = logging.getLogger("tunery.serve")
 
 def create_app(settings: Settings) -> FastAPI:
     from tunery.jobs.store import Store
-    from tunery.serve import classify, datasets, files, inference, jobs, keys, models, stored, ui
+    from tunery.serve import aliases, classify, datasets, files, inference, jobs, keys, models, stored, ui
 
     store = Store(settings.data_dir, settings.database_url)
     if settings.api_key and store.ensure_key(settings.api_key, name="admin", admin=True) is None:
@@ -92,7 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
         # Open to anyone (load balancers, start scripts): it says that the server answers, nothing more.
         return {"status": "ok"}
 
-    for module in (files, jobs, models, inference, stored, datasets, classify, ui, keys):
+    for module in (files, jobs, models, inference, stored, datasets, classify, ui, keys, aliases):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * (1 << 20))
     if settings.no_auth:  # added last, so it runs first: a foreign Host or Origin gets nowhere
@@ -193,9 +193,12 @@ def get_engine(state: Any):
     """The app's generation engine; made on first use so a training-only server loads no model code."""
     with state.engine_lock:
         if state._engine is None:
-            from tunery.evaluate.engine import Engine
+            from tunery.serve.engines import EngineRouter
 
-            state._engine = Engine(max_adapters=state.settings.adapter_cache)
+            settings = state.settings
+            state._engine = EngineRouter(
+                settings.engine, adapter_cache=settings.adapter_cache, gguf_type=settings.gguf_type
+            )
         return state._engine
 
 

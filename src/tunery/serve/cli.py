@@ -95,6 +95,14 @@ def serve_command(
         min=0,
         help="Keep at most this many stored chat completions, oldest deleted first (0: no cap).",
     ),
+    engine: str = typer.Option(
+        "auto",
+        help="Inference engine: auto (llama.cpp on a CPU for every model it can run, else torch), "
+        "torch, llamacpp or vllm. /v1/models says which engine serves each model.",
+    ),
+    gguf_type: str = typer.Option(
+        "q8_0", help="Tensor type of the GGUF form llama.cpp serves: f32 (exact), f16, bf16 or q8_0."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the OpenAI-compatible fine-tuning and inference API."""

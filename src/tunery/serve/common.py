@@ -45,6 +45,8 @@ class Settings:
     max_files_per_key: int = 1000
     cancel_grace_s: float = 30.0  # SIGTERM -> SIGKILL
     adapter_cache: int = 8  # adapters kept loaded per base model (LRU)
+    engine: str = "auto"  # serving engine: auto, torch, llamacpp or vllm (serve/engines)
+    gguf_type: str = "q8_0"  # tensor type of the GGUF forms llama.cpp serves
     # Requests may name absolute paths on the server (models, adapters, templates). None: on only for
     # --no-auth (one local user), off when keys share the server (see serve/resolver.py).
     allow_local_models: bool | None = None
@@ -80,6 +82,17 @@ class Settings:
         if self.store_mode not in ("off", "request", "always"):
             raise TuneryError(
                 f"Unknown --store {self.store_mode!r}: use off, request or always.", code="invalid_config"
+            )
+        from tunery.export.gguf_file import GGUF_TYPES
+        from tunery.serve.engines import ENGINES
+
+        if self.engine not in ENGINES:
+            raise TuneryError(
+                f"Unknown --engine {self.engine!r}: use {', '.join(ENGINES)}.", code="invalid_config"
+            )
+        if self.gguf_type not in GGUF_TYPES:
+            raise TuneryError(
+                f"Unknown --gguf-type {self.gguf_type!r}: use {', '.join(GGUF_TYPES)}.", code="invalid_config"
             )
         if self.executor not in ("local", "ray"):
             raise TuneryError(f"Unknown executor {self.executor!r}: use local or ray.", code="invalid_config")

@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from tunery.errors import TuneryError
+from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, principal
-from tunery.serve.resolver import chat_aliases, model_not_found
+from tunery.serve.resolver import chat_aliases, model_not_found, resolve_model_name
 
 router = APIRouter(prefix="/v1")
 
@@ -27,19 +29,36 @@ def _owned(request: Request, who: Principal) -> list[dict[str, Any]]:
     return out
 
 
+def _with_engine(request: Request, who: Principal, model: dict[str, Any]) -> dict[str, Any]:
+    """The model entry plus Tunery's `tunery.engine`: which serving engine answers for it, and why
+    not llama.cpp where it is not (serve/engines). Deciding reads configs only; a model that cannot be
+    resolved now says null."""
+    from tunery.serve.app import get_engine
+
+    engine, why = None, None
+    try:
+        spec, rel = resolve_model_name(request, who, model["id"])
+        adapter = str(request.app.state.store.path(rel)) if rel else None
+        engine, why = get_engine(request.app.state).engine_name(spec, adapter)
+    except TuneryError as exc:
+        why = scrub_paths(exc.message)
+    return {**model, "tunery": {"engine": engine, "reason": why}}
+
+
 @router.get("/models")
 def list_models(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
     bases = [_model(name, 0, "tunery") for name in chat_aliases()]
-    return {"object": "list", "data": bases + _owned(request, who)}
+    data = [_with_engine(request, who, m) for m in bases + _owned(request, who)]
+    return {"object": "list", "data": data}
 
 
 @router.get("/models/{model_id:path}")
 def retrieve_model(model_id: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
     if model_id in chat_aliases():
-        return _model(model_id, 0, "tunery")
+        return _with_engine(request, who, _model(model_id, 0, "tunery"))
     for m in _owned(request, who):
         if m["id"] == model_id:
-            return m
+            return _with_engine(request, who, m)
     raise model_not_found(model_id)
 
 

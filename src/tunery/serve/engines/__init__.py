@@ -1,0 +1,159 @@
+"""Serving engines behind `/v1/chat/completions` and `/v1/completions`, and the choice between them.
+
+- `torch`: Tunery's own decode loop (`evaluate/engine.py`). It runs every method Tunery trains.
+- `llamacpp`: llama.cpp through llama-cpp-python (`llamacpp.py`), for base models, fully fine-tuned
+  models and plain LoRA adapters whose architecture has a GGUF form. Two to five times faster on a CPU.
+- `vllm`: vLLM on a GPU (`vllm.py`); its request translation is tested, the engine needs vLLM installed.
+
+`tunery serve --engine auto` (the default) serves each model with llama.cpp where llama.cpp can run
+it and the machine has no GPU, and with torch otherwise; `/v1/models` says which engine serves what.
+All engines share the request semantics: the same tokenizer, sampler, stop strings, `n`, logprobs,
+seeds, usage counts and finish reasons, because only the forward pass differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from tunery.errors import ConfigError, ModelError
+from tunery.evaluate.engine import Engine, request_key
+from tunery.evaluate.generate import GenerationParams
+
+log = logging.getLogger("tunery.serve")
+ENGINES = ("auto", "torch", "llamacpp", "vllm")
+
+
+class EngineRouter:
+    """The engine API (`tokenizer`, `vocab_size`, `check`, `submit`) over several engines: each request
+    goes to the engine chosen for its model and adapter, decided once per pair and remembered."""
+
+    def __init__(self, kind: str = "auto", *, adapter_cache: int = 8, gguf_type: str = "f32", **cpp: Any):
+        if kind not in ENGINES:
+            raise ConfigError(f"Unknown --engine {kind!r}: use {', '.join(ENGINES)}.", param="engine")
+        self.kind = kind
+        self.notice: str | None = None  # why `auto` serves everything with torch, shown once
+        self._torch: Engine | None = None
+        self._cpp: Any = None
+        self._adapter_cache = adapter_cache
+        self._lock = threading.RLock()
+        self._resolved: dict[str, str] = {}
+        self._choice: dict[tuple[str, str | None], tuple[str, str | None]] = {}
+        if kind == "vllm":
+            from tunery.serve.engines.vllm import VllmEngine
+
+            self._vllm = VllmEngine()  # refuses clearly where vLLM or a GPU is missing
+        elif kind in ("auto", "llamacpp"):
+            self._cpp = self._make_cpp(kind, gguf_type, cpp)
+
+    def _make_cpp(self, kind: str, gguf_type: str, options: dict[str, Any]) -> Any:
+        from tunery.models.placement import inference_device
+        from tunery.serve.engines.llamacpp import LlamaCppEngine, available
+
+        why = available()
+        if why is None and kind == "auto" and inference_device().type != "cpu":
+            why = "a GPU is present, and llama.cpp here is built for CPUs"
+        if why is not None:
+            if kind == "llamacpp":
+                raise ConfigError(
+                    f"--engine llamacpp: {why}.",
+                    hint="Install it with `pip install llama-cpp-python` (it builds llama.cpp; minutes), "
+                    "or serve with --engine torch.",
+                    param="engine",
+                )
+            self.notice = f"serving with the torch engine: {why}"
+            return None
+        return LlamaCppEngine(gguf_type=gguf_type, max_adapters=self._adapter_cache, **options)
+
+    @property
+    def torch(self) -> Engine:
+        with self._lock:
+            if self._torch is None:
+                self._torch = Engine(max_adapters=self._adapter_cache)
+            return self._torch
+
+    # ----- which engine -----
+    def engine_name(self, model_spec: str | None, adapter_dir: str | None) -> tuple[str, str | None]:
+        """("llamacpp" | "torch" | "vllm", why not llama.cpp or None) for a model and adapter."""
+        if self.kind == "vllm":
+            return "vllm", None
+        if self._cpp is None:
+            return "torch", self.notice
+        with self._lock:
+            key, adapter = request_key(model_spec, adapter_dir, self._resolved)
+            if (key, adapter) not in self._choice:
+                self._choice[(key, adapter)] = self._decide(key, adapter)
+            return self._choice[(key, adapter)]
+
+    def _decide(self, key: str, adapter: str | None) -> tuple[str, str | None]:
+        from tunery.serve.engines.gguf_forms import adapter_refusal, base_refusal
+
+        why = base_refusal(key) or (adapter_refusal(adapter) if adapter else None)
+        return ("torch", f"llama.cpp cannot run it: {why}") if why else ("llamacpp", None)
+
+    def _engine(self, model_spec: str | None, adapter_dir: str | None) -> Any:
+        name, _ = self.engine_name(model_spec, adapter_dir)
+        if name == "vllm":
+            return self._vllm
+        return self._cpp if name == "llamacpp" else self.torch
+
+    def _fall_back(self, model_spec: str | None, adapter_dir: str | None, exc: ModelError) -> Engine:
+        """llama.cpp failed to take a model it looked able to run (a conversion it refused): serve
+        that model with torch from now on, and say why once."""
+        with self._lock:
+            key = request_key(model_spec, adapter_dir, self._resolved)
+            self._choice[key] = ("torch", f"llama.cpp could not load it: {exc.message}")
+        log.warning("serving %s with the torch engine: %s", key[0], exc.message)
+        return self.torch
+
+    def _call(self, method: str, model_spec: str | None, adapter_dir: str | None, *args: Any) -> Any:
+        engine = self._engine(model_spec, adapter_dir)
+        try:
+            return getattr(engine, method)(model_spec, adapter_dir, *args)
+        except ModelError as exc:
+            if engine is not self._cpp or engine is None:
+                raise
+            torch = self._fall_back(model_spec, adapter_dir, exc)
+            return getattr(torch, method)(model_spec, adapter_dir, *args)
+
+    # ----- the engine API -----
+    def tokenizer(self, model_spec: str | None, adapter_dir: str | None = None) -> Any:
+        return self._call("tokenizer", model_spec, adapter_dir)
+
+    def vocab_size(self, model_spec: str | None, adapter_dir: str | None = None) -> int:
+        return self._call("vocab_size", model_spec, adapter_dir)
+
+    def check(
+        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+    ) -> GenerationParams:
+        return self._target(model_spec, adapter_dir, prompt_ids, params).check(
+            model_spec, adapter_dir, prompt_ids, params
+        )
+
+    def submit(
+        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+    ) -> Any:
+        return self._target(model_spec, adapter_dir, prompt_ids, params).submit(
+            model_spec, adapter_dir, prompt_ids, params
+        )
+
+    def _target(
+        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+    ) -> Any:
+        """The engine for one request: llama.cpp keeps a fixed KV size per sequence, so a request that
+        needs more context than it has goes to torch, which decodes up to the model's own limit."""
+        engine = self._engine(model_spec, adapter_dir)
+        if engine is not self._cpp or engine is None:
+            return engine
+        try:
+            limit = engine.context(model_spec, adapter_dir)
+        except ModelError as exc:
+            return self._fall_back(model_spec, adapter_dir, exc)
+        # torch clips the reply to, or refuses the prompt at, the model's own context length
+        return engine if len(prompt_ids) + params.max_new_tokens <= limit else self.torch
+
+    def close(self) -> None:
+        for engine in (self._cpp, self._torch, getattr(self, "_vllm", None)):
+            if engine is not None:
+                engine.close()
