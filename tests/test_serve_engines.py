@@ -388,3 +388,20 @@ def test_engines_are_thread_safe_under_many_submitters(engines, models):
         t.join()
     alone = [engines.torch.generate(model, None, p, GREEDY)[0].token_ids for p in prompts]
     assert sum(results[i] == alone[i] for i in range(len(prompts))) >= len(prompts) - 1
+
+
+def test_prepare_writes_the_serving_forms_before_the_first_request(tmp_path, monkeypatch):
+    """What a finished job triggers (jobs/executor.on_model -> EngineRouter.prepare): the base's GGUF
+    and the adapter's GGUF LoRA are written ahead, and the first request writes nothing more."""
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model_dir(tmp_path / "base", "llama")
+    adapter = make_lora_adapter(model, tmp_path / "adapter", seed=2)
+    router = EngineRouter("auto", gguf_type="f32")
+    try:
+        assert router.prepare(str(model), str(adapter)) == "llamacpp"
+        forms = sorted(p.name for p in (tmp_path / "cache" / "serve-gguf").glob("*.gguf"))
+        assert len(forms) == 2 and any(f.startswith("lora-") for f in forms)
+        router.submit(str(model), str(adapter), [1, 2, 3], GREEDY).result(60)
+        assert sorted(p.name for p in (tmp_path / "cache" / "serve-gguf").glob("*.gguf")) == forms
+    finally:
+        router.close()

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -141,6 +142,9 @@ class Executor:
         self.concurrency = max(1, concurrency)
         self.grace = grace
         self.poll = poll
+        # Called as (base spec, model dir) once a job's model is recorded: the server prepares what
+        # serving it needs (its llama.cpp GGUF forms) before the first request asks.
+        self.on_model: Callable[[str, Path], None] | None = None
         self.database_url = database_url
         self.env_allow = tuple(env_allow)  # variables workers may see beyond the allowlist (worker_env.py)
         self._running: dict[str, _Running] = {}
@@ -535,6 +539,11 @@ class Executor:
         finally:
             if done is None and result_file is not None:  # not recorded: no orphan file either
                 self.store.path(result_file.path).unlink(missing_ok=True)
+        if done is not None and self.on_model is not None:
+            try:
+                self.on_model(model.base, self.store.path(model_rel))
+            except Exception:  # noqa: BLE001 - serving prepares lazily anyway; the job succeeded
+                log.exception("preparing %s for serving failed", job.output_name)
 
 
 class LocalExecutor(Executor):

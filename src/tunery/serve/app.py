@@ -83,6 +83,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings.requests_per_minute)
     app.state._engine = None  # created by the first inference request (see get_engine)
     app.state.engine_lock = threading.Lock()
+    if executor is not None and settings.engine != "torch":
+        executor.on_model = lambda base, path: _prepare_soon(app.state, base, path)
 
     _install_handlers(app)
     _install_docs(app)
@@ -200,6 +202,19 @@ def get_engine(state: Any):
                 settings.engine, adapter_cache=settings.adapter_cache, gguf_type=settings.gguf_type
             )
         return state._engine
+
+
+def _prepare_soon(state: Any, base: str, model_dir: Any) -> None:
+    """A job's new model gets its serving form (llama.cpp's GGUF files) in the background, so its
+    first request does not wait for the conversion."""
+
+    def work() -> None:
+        try:
+            get_engine(state).prepare(base, str(model_dir))
+        except Exception as exc:  # noqa: BLE001 - the first request prepares it, and says why if it fails
+            log.info("could not prepare %s for serving ahead of time: %s", model_dir, exc)
+
+    threading.Thread(target=work, name="tunery-prepare", daemon=True).start()
 
 
 def _version() -> str:

@@ -111,12 +111,15 @@ def serve_command(
 
     from tunery.serve.app import create_app
     from tunery.serve.common import Settings
+    from tunery.serve.engines import startup_line
 
     try:
         settings = Settings(**_settings_fields(flags))
+        engine_line = startup_line(settings.engine)
         app = create_app(settings)
     except TuneryError as exc:
         _fail(str(exc))
+    typer.echo(engine_line, err=True)
     for name, var in settings.judge_key_envs.items():
         if var not in os.environ:
             typer.secho(f"warning: judge {name!r}: ${var} is not set; it gets no key.", fg="yellow", err=True)

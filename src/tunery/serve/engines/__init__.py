@@ -25,6 +25,51 @@ log = logging.getLogger("tunery.serve")
 ENGINES = ("auto", "torch", "llamacpp", "vllm")
 
 
+def startup_line(kind: str) -> str:
+    """What `tunery serve` prints about its engine before serving; a ConfigError where the named
+    engine cannot run here."""
+    if kind == "torch":
+        return "engine: torch (Tunery's decode loop)"
+    if kind == "vllm":
+        from tunery.serve.engines.vllm import VllmEngine
+
+        VllmEngine.check_available()
+        return "engine: vLLM"
+    from tunery.models.gguf import cache_root
+    from tunery.serve.engines.llamacpp import available
+
+    why = available()
+    if why is None:
+        from importlib.metadata import version
+
+        return (
+            f"engine: llama.cpp (llama-cpp-python {version('llama-cpp-python')}) for every model it can "
+            "run, torch for the rest; GET /v1/models says which serves what"
+        )
+    if kind == "llamacpp":
+        EngineRouter("llamacpp")  # raises the ConfigError that says how to install it
+    pid = cache_root() / "llamacpp-build.pid"
+    if _running(pid):
+        return (
+            "engine: torch for now: llama.cpp is still building in the background (log: "
+            f"{pid.with_suffix('.log')}); restart `tunery serve` once it has finished"
+        )
+    return (
+        "engine: torch: llama-cpp-python is not installed; `pip install 'tunery[llamacpp]'` builds "
+        "llama.cpp (minutes) for two to five times faster replies on a CPU"
+    )
+
+
+def _running(pidfile: Any) -> bool:
+    import os
+
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class EngineRouter:
     """The engine API (`tokenizer`, `vocab_size`, `check`, `submit`) over several engines: each request
     goes to the engine chosen for its model and adapter, decided once per pair and remembered."""
@@ -116,6 +161,17 @@ class EngineRouter:
                 raise
             torch = self._fall_back(model_spec, adapter_dir, exc)
             return getattr(torch, method)(model_spec, adapter_dir, *args)
+
+    def prepare(self, model_spec: str | None, adapter_dir: str | None) -> str:
+        """Write the serving form of a model ahead of its first request; returns its engine's name."""
+        name, _ = self.engine_name(model_spec, adapter_dir)
+        if name == "llamacpp":
+            try:
+                self._cpp.prepare(model_spec, adapter_dir)
+            except ModelError as exc:
+                self._fall_back(model_spec, adapter_dir, exc)
+                return "torch"
+        return name
 
     # ----- the engine API -----
     def tokenizer(self, model_spec: str | None, adapter_dir: str | None = None) -> Any:

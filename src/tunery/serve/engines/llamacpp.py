@@ -206,6 +206,13 @@ class LlamaCppEngine:
         """The longest prompt plus reply this engine decodes for the model."""
         return self._base(self.resolve(model_spec, adapter_dir)[0]).context
 
+    def prepare(self, model_spec: str | None, adapter_dir: str | None) -> None:
+        """Write the GGUF forms a model needs (base, adapter) without loading them."""
+        key, adapter = self.resolve(model_spec, adapter_dir)
+        ensure_base(key, self.gguf_type)
+        if adapter is not None:
+            self._adapter_form(key, adapter)
+
     def check(
         self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
     ) -> GenerationParams:

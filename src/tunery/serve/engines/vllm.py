@@ -84,7 +84,8 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, *, max_loras: int = 8, max_lora_rank: int = 64):
+    @staticmethod
+    def check_available() -> None:
         try:
             import torch
             import vllm  # noqa: F401
@@ -96,6 +97,9 @@ class VllmEngine:
             ) from exc
         if not torch.cuda.is_available():
             raise ConfigError("--engine vllm needs a CUDA GPU; none is visible.", param="engine")
+
+    def __init__(self, *, max_loras: int = 8, max_lora_rank: int = 64):
+        self.check_available()
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self._resolved: dict[str, str] = {}
         self._engine: Any = None
