@@ -114,7 +114,7 @@ class Resolver:
         if found is None:
             return self.model(who, name, param)
         try:
-            return self.model(who, found.previous_model or found.model, param)  # PLANTED
+            return self.model(who, found.model, param)
         except ApiError as exc:
             if exc.status != 404:
                 raise
