@@ -405,3 +405,20 @@ def test_prepare_writes_the_serving_forms_before_the_first_request(tmp_path, mon
         assert sorted(p.name for p in (tmp_path / "cache" / "serve-gguf").glob("*.gguf")) == forms
     finally:
         router.close()
+
+
+def test_bases_beyond_the_cache_are_dropped_only_when_idle(models):
+    """Two bases through an engine that keeps one: each switch drops the idle base and loads the other,
+    requests of both, in flight together, all finish, and replies are the same as before the switches."""
+    llama, qwen = str(models["llama"]), str(models["qwen2"])
+    engine = LlamaCppEngine(gguf_type="f32", max_batch=2, max_bases=1)
+    try:
+        first = engine.generate(llama, None, [1, 2, 3], GREEDY, 60)[0].token_ids
+        mixed = [engine.submit(m, None, [1, 2, 3], GREEDY) for m in (qwen, llama, qwen, llama)]
+        results = [h.result(120)[0].token_ids for h in mixed]
+        assert results[1] == results[3] == first and results[0] == results[2]
+        engine.generate(qwen, None, [1, 2, 3], GREEDY, 60)
+        engine.generate(llama, None, [1, 2, 3], GREEDY, 60)  # qwen is idle now: dropped
+        assert list(engine._bases) == [engine.resolve(llama, None)[0]]
+    finally:
+        engine.close()

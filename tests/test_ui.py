@@ -6,6 +6,7 @@ $TUNERY_SCREENSHOTS names (`TUNERY_SCREENSHOTS=docs/screenshots` refreshes the d
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -309,6 +310,9 @@ def test_dashboard_in_chromium(env, browser, tmp_path, shots):
 
     d.get(base + "/#/models")
     wait(d, lambda d: fine_tuned in css(d, "main").text, 20, "the models table")
+    # The "Served by" column names the engine of each model (a tiny Llama LoRA: llama.cpp if installed).
+    engine = "llama.cpp" if importlib.util.find_spec("llama_cpp") else "torch"
+    assert "Served by" in css(d, "main").text and engine in css(d, "main").text
     shot(d, shots, "models")
     marks["models"] = round(time.time() - t0)
 

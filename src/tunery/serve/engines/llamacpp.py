@@ -256,20 +256,31 @@ class LlamaCppEngine:
         with self._load_lock:
             if key in self._bases:
                 self._bases.move_to_end(key)
-                return self._bases[key]
-            from tunery.methods.loading import read_info, saved_tokenizer
+            else:
+                from tunery.methods.loading import read_info, saved_tokenizer
 
-            spec, _, full_dir = key.partition("::")
-            form = ensure_base(key, self.gguf_type)
-            tokenizer = saved_tokenizer(read_info(full_dir) if full_dir else None, spec)
-            native = _Native(
-                form, tokenizer, slots=self.slots, ctx_per_seq=self.ctx_per_seq, threads=self.threads
-            )
-            self._bases[key] = native
-            idle = [k for k, n in self._bases.items() if k != key and len(n.free) == self.slots]
+                spec, _, full_dir = key.partition("::")
+                form = ensure_base(key, self.gguf_type)
+                tokenizer = saved_tokenizer(read_info(full_dir) if full_dir else None, spec)
+                self._bases[key] = _Native(
+                    form, tokenizer, slots=self.slots, ctx_per_seq=self.ctx_per_seq, threads=self.threads
+                )
+            self._drop_idle(keep=key)
+            return self._bases[key]
+
+    def _drop_idle(self, keep: str) -> None:
+        """Close bases beyond `max_bases`, least recently used first, among those with no sequence
+        decoding or waiting: a busy base stays, so for a while there can be more than max_bases. The
+        worker admits sequences under the condition lock, so none is given a slot of a closing base."""
+        with self._cv:
+            waiting = {w.key for w in self._waiting}
+            idle = [
+                k
+                for k, n in self._bases.items()
+                if k != keep and len(n.free) == self.slots and k not in waiting
+            ]
             for old in idle[: max(0, len(self._bases) - self.max_bases)]:
-                self._bases.pop(old).close()  # only bases with no sequence decoding are dropped
-            return native
+                self._bases.pop(old).close()
 
     def _adapter_form(self, key: str, adapter: str) -> str:
         from transformers import AutoConfig
@@ -289,6 +300,14 @@ class LlamaCppEngine:
                             live.req.handle._fail(RuntimeError("engine is closed"))
                     return
                 admitted = self._admit()
+                # A base dropped while its requests waited is loaded again, outside the condition lock
+                # (`_base` takes the load lock, then this one: never the other way round).
+                orphan = self._waiting[0] if not self._live and self._waiting else None
+            if orphan is not None:
+                try:
+                    self._base(orphan.key)
+                except BaseException as exc:  # noqa: BLE001 - that request's error
+                    self._fail([orphan], exc)
             for group in self._groups(admitted):
                 self._guarded(group, self._prefill)
             for group in self._groups([lv for lv in self._live if lv.fed and not lv.seq.done]):
@@ -307,11 +326,6 @@ class LlamaCppEngine:
             admitted.append(live)
             self._live.append(live)
         self._waiting = kept
-        if not self._live and kept:  # a base was evicted while its requests waited: load it again
-            try:
-                self._base(kept[0].key)
-            except BaseException as exc:  # noqa: BLE001 - that request's error
-                self._fail([kept.popleft()], exc)
         return admitted
 
     def _groups(self, lives: list[_Live]) -> list[_Group]:

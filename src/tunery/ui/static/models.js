@@ -9,7 +9,7 @@ export async function modelsPage() {
   const status = h("p", { class: "help", "aria-live": "polite" });
   async function refresh() {
     const models = (await get("/v1/models")).data;
-    body.replaceChildren(table(["Model", "Owner", "Created", "Actions"], models.map((m, i) => {
+    body.replaceChildren(table(["Model", "Owner", "Created", "Served by", "Actions"], models.map((m, i) => {
       const base = m.owned_by === "tunery";
       const format = h("select", { "aria-label": `Export format for ${m.id}`, id: `fmt-${i}` },
         h("option", { value: "adapter" }, "PEFT adapter"), h("option", { value: "hf" }, "merged HF"),
@@ -31,7 +31,10 @@ export async function modelsPage() {
             catch (err) { showError(err); }
           } }, "Delete"));
       }
-      return [m.id, base ? "builtin" : m.owned_by, base ? "—" : when(m.created), actions];
+      // Which serving engine answers for the model (docs/serving.md), and why not llama.cpp where not.
+      const engine = (m.tunery || {}).engine;
+      const served = h("span", { title: (m.tunery || {}).reason || "" }, engine === "llamacpp" ? "llama.cpp" : (engine || "—"));
+      return [m.id, base ? "builtin" : m.owned_by, base ? "—" : when(m.created), served, actions];
     })));
   }
   await refresh();
