@@ -230,6 +230,7 @@ def _mount() -> None:
     from tunery.serve.cli import jobs_app, serve_command
     from tunery.serve.keys_cli import keys_app
     from tunery.serve.logs_cli import from_logs_command, logs_app
+    from tunery.serve.models_cli import models_app
 
     evaluate_cli.register(app)
     workflows_cli.register(app, data_app)
@@ -245,6 +246,7 @@ def _mount() -> None:
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(logs_app, name="logs")
     app.add_typer(aliases_app, name="aliases")
+    app.add_typer(models_app, name="models")
     app.add_typer(data_app, name="data", help="Validate, inspect and judge training data.")
 
 

@@ -406,4 +406,3 @@ class Engine:
                 for req in batch:
                     if not req.handle._done.is_set() and all(s.done for s in req.seqs):
                         req.handle._finish([s.result() for s in req.seqs])
-

@@ -28,10 +28,11 @@ router = APIRouter(prefix="/v1/tunery/aliases", tags=["tunery aliases"])
 def check_alias(resolver: Resolver, who: Principal, name: str, target: Any) -> str:
     """The target of a new or switched alias, refused unless `who` may call it by its own name."""
     check_name(name)
-    if name in chat_aliases():
+    if name in chat_aliases() or resolver.registered(name) is not None:
         raise ApiError(
             400,
-            f"`{name}` is a builtin model's name; an alias may not shadow it. Pick another name.",
+            f"`{name}` is a builtin or registered model's name; an alias may not shadow it. "
+            "Pick another name.",
             code="invalid_alias",
             param="name",
         )

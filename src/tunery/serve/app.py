@@ -191,25 +191,14 @@ def make_executor(settings: Settings, store: Store) -> Executor:
     return LocalExecutor(store, gpus_per_job=settings.gpus_per_job, **common)
 
 
-def get_engine(state: Any):
-    """The app's generation engine; made on first use so a training-only server loads no model code."""
-    with state.engine_lock:
-        if state._engine is None:
-            from tunery.serve.engines import EngineRouter
-
-            settings = state.settings
-            state._engine = EngineRouter(
-                settings.engine, adapter_cache=settings.adapter_cache, gguf_type=settings.gguf_type
-            )
-        return state._engine
-
-
 def _prepare_soon(state: Any, base: str, model_dir: Any) -> None:
     """A job's new model gets its serving form (llama.cpp's GGUF files) in the background, so its
     first request does not wait for the conversion."""
 
     def work() -> None:
         try:
+            from tunery.serve.engines import get_engine
+
             get_engine(state).prepare(base, str(model_dir))
         except Exception as exc:  # noqa: BLE001 - the first request prepares it, and says why if it fails
             log.info("could not prepare %s for serving ahead of time: %s", model_dir, exc)

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from tunery.errors import TuneryError
 from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, principal
+from tunery.serve.engines import serving_engine
 from tunery.serve.resolver import resolve_model_name
 from tunery.serve.stored import capture_for, tee_stream
 
@@ -123,16 +124,13 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def _prepare(
-    request: Request, who: Principal, body: dict[str, Any]
+    request: Request, who: Principal, body: dict[str, Any], engine: Any
 ) -> tuple[Any, str, str | None, str]:
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "Missing required parameter: 'model'.", param="model")
     spec, rel = resolve_model_name(request, who, name)
     adapter = str(request.app.state.store.path(rel)) if rel else None
-    from tunery.serve.app import get_engine
-
-    engine = get_engine(request.app.state)
     tokenizer = await run_in_threadpool(engine.tokenizer, spec, adapter)
     return engine, spec, adapter, tokenizer
 
@@ -147,14 +145,17 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
+    request: Request,
+    body: dict[str, Any] = Body(...),
+    who: Principal = Depends(principal),
+    served_by: Any = Depends(serving_engine),
 ) -> dict[str, Any] | StreamingResponse:
     from tunery.evaluate.generate import chat_prompt
 
     messages = _messages(body)
     params = _params(body, chat=True)
     capture = capture_for(request, who, body)  # checks `store` and `metadata` before any work
-    engine, spec, adapter, tokenizer = await _prepare(request, who, body)
+    engine, spec, adapter, tokenizer = await _prepare(request, who, body, served_by)
     prompt = await run_in_threadpool(chat_prompt, tokenizer, messages, body.get("tools"))
     await _check_logit_bias(body, engine, spec, adapter)
     handle = await run_in_threadpool(engine.submit, spec, adapter, prompt, params)
@@ -325,10 +326,13 @@ def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | N
 
 @router.post("/completions", response_model=None)
 async def completions(
-    request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
+    request: Request,
+    body: dict[str, Any] = Body(...),
+    who: Principal = Depends(principal),
+    served_by: Any = Depends(serving_engine),
 ) -> dict[str, Any] | StreamingResponse:
     params = _params(body, chat=False)
-    engine, spec, adapter, tokenizer = await _prepare(request, who, body)
+    engine, spec, adapter, tokenizer = await _prepare(request, who, body, served_by)
     prompts = _prompts(body, tokenizer)
     if len(prompts) * params.n > MAX_CHOICES:
         raise ApiError(400, f"At most {MAX_CHOICES} choices per request (prompts times n).", param="prompt")

@@ -3,6 +3,9 @@ adapter, teacher, judge, reward model and template in a job's option blocks.
 
 A request comes from a key holder, not from the operator, so a name is accepted only as:
 - a builtin alias (`tunery.models.ALIASES`, chat models);
+- a model the operator registered (`tunery models add`, `serve/model_registry.py`), resolved to its
+  source (a server path or a hub id in the local cache) whether or not local models are allowed:
+  the operator chose it;
 - in an inference request (`resolve_model_name`), one of the calling key's own model aliases
   (`serve/alias_store.py`), resolved to its target by the rules below, as if the key had named it;
 - an `ft:` model or checkpoint the calling key owns (its directory inside the data dir);
@@ -39,6 +42,7 @@ from tunery.models.resolve import is_model_path
 from tunery.plugins import option_schema
 from tunery.serve.alias_store import AliasTable, alias_table, is_alias_name
 from tunery.serve.common import ApiError, Principal
+from tunery.serve.model_registry import ModelRegistry
 
 # Keys that would make the server send something somewhere or read its own environment. Refused in
 # any option block even when no schema marks them, so a plug-in that forgets a mark is still safe.
@@ -100,6 +104,9 @@ class Resolver:
             return Named(found[0], found[1])
         if name in chat_aliases():
             return Named(name)
+        registered = self.registered(name)
+        if registered is not None:
+            return Named(registered)
         path = self._local(name)
         if path is not None and _probe(is_model_path, path):
             return Named(str(path))
@@ -107,9 +114,10 @@ class Resolver:
 
     def served(self, who: Principal, name: Any, param: str = "model") -> Named:
         """What an inference request's `model` loads: a name `model` takes, or one of the key's own
-        aliases. Builtin names win over an alias (one added by an upgrade cannot be shadowed)."""
+        aliases. Builtin and registered names win over an alias (one added by an upgrade or by the
+        operator cannot be shadowed)."""
         found = None
-        if self.aliases is not None and is_alias_name(name) and name not in chat_aliases():
+        if self.aliases is not None and is_alias_name(name) and not self._base_name(name):
             found = self.aliases.find(who.id, name)
         if found is None:
             return self.model(who, name, param)
@@ -126,6 +134,14 @@ class Resolver:
                 code="model_not_found",
                 param=param,
             ) from None
+
+    def _base_name(self, name: str) -> bool:
+        return name in chat_aliases() or self.registered(name) is not None
+
+    def registered(self, name: str) -> str | None:
+        """The source of a model the operator registered under `name`, or None."""
+        row = ModelRegistry(self.store).find(name)
+        return row.source if row is not None else None
 
     def saved_dir(self, who: Principal, name: str, param: str) -> tuple[str, str]:
         """A saved model/adapter dir (adapters, reward models): an owned ft: model, or a local dir."""

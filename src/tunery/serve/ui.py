@@ -18,9 +18,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 
 from tunery.jobs.store import new_id
-from tunery.serve.app import get_engine
 from tunery.serve.bounds import check_eval_size, check_model_size, export_workdir, heavy_slot
 from tunery.serve.common import ApiError, Principal, principal
+from tunery.serve.engines import get_engine
 from tunery.serve.resolver import chat_aliases, resolve_model_name
 
 STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"

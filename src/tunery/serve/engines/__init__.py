@@ -17,12 +17,30 @@ import logging
 import threading
 from typing import Any
 
+from fastapi import Request
+
 from tunery.errors import ConfigError, ModelError
 from tunery.evaluate.engine import Engine, request_key
 from tunery.evaluate.generate import GenerationParams
 
 log = logging.getLogger("tunery.serve")
 ENGINES = ("auto", "torch", "llamacpp", "vllm")
+
+
+def get_engine(state: Any) -> EngineRouter:
+    """The app's engine router; made on first use, so a training-only server loads no model code."""
+    with state.engine_lock:
+        if state._engine is None:
+            settings = state.settings
+            state._engine = EngineRouter(
+                settings.engine, adapter_cache=settings.adapter_cache, gguf_type=settings.gguf_type
+            )
+        return state._engine
+
+
+def serving_engine(request: Request) -> EngineRouter:
+    """FastAPI dependency: the engine router of the app handling `request`."""
+    return get_engine(request.app.state)
 
 
 def startup_line(kind: str) -> str:
@@ -58,6 +76,27 @@ def startup_line(kind: str) -> str:
         "engine: torch: llama-cpp-python is not installed; `pip install 'tunery[llamacpp]'` builds "
         "llama.cpp (minutes) for two to five times faster replies on a CPU"
     )
+
+
+def _unconverted_gguf_arch(spec: str | None) -> str | None:
+    """The llama.cpp architecture of a builtin GGUF model whose converted copy is not cached yet
+    (read from the GGUF's header, which is memory-mapped: instant); None for anything else."""
+    import gguf
+
+    from tunery.models.aliases import ALIASES
+    from tunery.models.gguf import MARKER, cached_dir_for
+
+    alias = ALIASES.get(spec) if spec else None
+    if alias is None or alias.fmt != "gguf":
+        return None
+    try:
+        where = alias.locate()
+    except Exception:  # noqa: BLE001 - not installed: the normal path reports it
+        return None
+    if (cached_dir_for(where, alias.name) / MARKER).is_file():
+        return None
+    field = gguf.GGUFReader(str(where)).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 def _running(pidfile: Any) -> bool:
@@ -119,12 +158,24 @@ class EngineRouter:
             return self._torch
 
     # ----- which engine -----
-    def engine_name(self, model_spec: str | None, adapter_dir: str | None) -> tuple[str, str | None]:
-        """("llamacpp" | "torch" | "vllm", why not llama.cpp or None) for a model and adapter."""
+    def engine_name(
+        self, model_spec: str | None, adapter_dir: str | None, *, cheap: bool = False
+    ) -> tuple[str, str | None]:
+        """("llamacpp" | "torch" | "vllm", why not llama.cpp or None) for a model and adapter. With
+        `cheap` (listing models), a builtin GGUF model not yet converted is judged by its GGUF's
+        architecture instead of converting it (seconds) first."""
         if self.kind == "vllm":
             return "vllm", None
         if self._cpp is None:
             return "torch", self.notice
+        arch = _unconverted_gguf_arch(model_spec) if cheap else None
+        if arch is not None:
+            from tunery.export.gguf_file import ARCHITECTURES
+            from tunery.serve.engines.gguf_forms import adapter_refusal
+
+            why = None if arch in ARCHITECTURES.values() else f"no GGUF layout for {arch!r}"
+            why = why or (adapter_refusal(adapter_dir) if adapter_dir else None)
+            return ("torch", f"llama.cpp cannot run it: {why}") if why else ("llamacpp", None)
         with self._lock:
             key, adapter = request_key(model_spec, adapter_dir, self._resolved)
             if (key, adapter) not in self._choice:
