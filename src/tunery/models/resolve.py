@@ -15,13 +15,14 @@ import difflib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from tunery.errors import ModelError
 from tunery.models.aliases import ALIASES, Alias, alias_list
-from tunery.models.gguf import ensure_converted, source_info
+from tunery.models.gguf import MARKER, cached_dir_for, ensure_converted, source_info
 
 SpecKind = Literal["alias", "local", "gguf", "hub"]
 
@@ -97,6 +98,8 @@ def is_model_path(path: Path) -> bool:
 def _resolve_alias(alias: Alias) -> ResolvedModel:
     where = alias.locate()
     if alias.fmt == "gguf":
+        if alias.terms and not (cached_dir_for(where, alias.name) / MARKER).is_file():
+            print(f"note: {alias.terms}", file=sys.stderr)  # once: on the use that converts it
         path = ensure_converted(where, alias.name)
         return ResolvedModel(alias.name, path, "alias", alias.name, alias.license, str(where))
     return ResolvedModel(alias.name, where, "alias", alias.name, alias.license)
