@@ -48,6 +48,11 @@ if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   while kill -0 "$(cat "$pidfile")" 2>/dev/null; do sleep 5; done
 fi
 $PIP install -e ".${extras}"
+if [ -n "$extras" ] && ! python -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "install: building llama.cpp (the CPU serving engine; about 7 minutes on 2 cores, once)"
+  $PIP install "llama-cpp-python==0.3.36" \
+    || echo "install: WARNING: llama.cpp did not build; tunery serve uses torch, and the llamacpp engine's tests are skipped"
+fi
 if [ -z "$extras" ] && ! python -c "import llama_cpp" >/dev/null 2>&1; then
   nohup nice -n 19 python -m pip --disable-pip-version-check -q install "llama-cpp-python==0.3.36" \
     >"$cache/llamacpp-build.log" 2>&1 </dev/null &
