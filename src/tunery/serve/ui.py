@@ -265,6 +265,19 @@ def _run_eval(
     return result
 
 
+def _data_file_and_length(store: Any, who: Principal, body: dict[str, Any]) -> tuple[Any, int | None]:
+    """The key's data file an evaluation names (`file`) and its `max_new_tokens`, both checked."""
+    file_id = body.get("file")
+    if not isinstance(file_id, str) or not file_id:
+        raise ApiError(400, "Missing required parameter: 'file'.", param="file")
+    row = store.get_file(who.id, file_id)
+    max_new = body.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+        raise ApiError(400, "max_new_tokens must be a positive integer.", param="max_new_tokens")
+    check_eval_size(0, max_new)
+    return row, max_new
+
+
 @api.post("/evaluate", summary="Evaluate and compare models on an uploaded test file")
 async def evaluate_models(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
@@ -277,14 +290,7 @@ async def evaluate_models(
         raise ApiError(400, "models must be a non-empty list of model names.", param="models")
     if len(names) > 4:
         raise ApiError(400, "Compare at most 4 models at once.", param="models")
-    file_id = body.get("file")
-    if not isinstance(file_id, str) or not file_id:
-        raise ApiError(400, "Missing required parameter: 'file'.", param="file")
-    row = store.get_file(who.id, file_id)
-    max_new = body.get("max_new_tokens")
-    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
-        raise ApiError(400, "max_new_tokens must be a positive integer.", param="max_new_tokens")
-    check_eval_size(0, max_new)
+    row, max_new = _data_file_and_length(store, who, body)
     rows = []
     for name in dict.fromkeys(names):
         base, rel = resolve_model_name(request, who, name)
@@ -320,14 +326,7 @@ async def compare_heldout(
     names = body.get("models")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != 2:
         raise ApiError(400, "models must be two different model names: [old, new].", param="models")
-    file_id = body.get("file")
-    if not isinstance(file_id, str) or not file_id:
-        raise ApiError(400, "Missing required parameter: 'file'.", param="file")
-    row = store.get_file(who.id, file_id)
-    max_new = body.get("max_new_tokens")
-    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
-        raise ApiError(400, "max_new_tokens must be a positive integer.", param="max_new_tokens")
-    check_eval_size(0, max_new)
+    row, max_new = _data_file_and_length(store, who, body)
     rows = []
     for name in names:
         base, rel = resolve_model_name(request, who, name)
