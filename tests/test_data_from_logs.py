@@ -136,6 +136,48 @@ def test_cli_writes_files_that_validate(logs, tmp_path, shape, fraction):
     assert len(test.read_text().splitlines()) == 1  # the newest of 4 (sft), 2 (dpo) or 6 (kto) examples
 
 
+def test_relabel_rewrites_uncorrected_train_replies_with_the_teacher(logs, tmp_path, tiny_llama):
+    """`--relabel-with`: the teacher's greedy reply replaces every train reply no reviewer wrote;
+    corrected replies and the held-out slice stay as reviewed."""
+    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
+    from tunery.evaluate.loading import load_for_inference
+
+    out = tmp_path / "sft.jsonl"
+    args = [
+        "data",
+        "from-logs",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--key",
+        OWNER,
+        "--test-fraction",
+        "0.25",
+    ]
+    teacher = ["--relabel-with", str(tiny_llama), "--relabel-max-tokens", "5"]
+    got = CliRunner().invoke(app, [*args, *teacher, "--output", str(out)])
+    assert got.exit_code == 0, got.output
+    train = [json.loads(line) for line in out.read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "sft.test.jsonl").read_text().splitlines()]
+    assert [r["messages"][-1]["content"] for r in test] == ["gato"]  # the newest, as reviewed
+    model, tok = load_for_inference(str(tiny_llama))
+    params = GenerationParams(max_new_tokens=5, temperature=0.0)
+    original = {"hello": "hey there", "Capital of France?": "Paris"}  # the accepted replies
+    rewritten = 0
+    for row in train:
+        prompt, reply = row["messages"][:-1], row["messages"][-1]["content"]
+        if prompt[-1]["content"] == "What is 2+2?":
+            assert reply == "4"  # the reviewer's correction is kept
+            continue
+        teacher_says = generate_batch(model, tok, [chat_prompt(tok, prompt)], params)[0].text
+        # A blank answer (a random tiny teacher gives some) keeps the accepted reply.
+        expected = teacher_says if teacher_says.strip() else original[prompt[-1]["content"].strip()]
+        assert reply == expected
+        rewritten += bool(teacher_says.strip())
+    assert len(train) == 3 and f"relabeled {rewritten} train" in got.output
+    bad = CliRunner().invoke(app, [*args, *teacher, "--shape", "dpo", "--output", str(tmp_path / "d.jsonl")])
+    assert bad.exit_code != 0 and "--relabel-with applies to --shape sft only" in bad.output
+
+
 def test_cli_errors_are_clear(logs, tmp_path):
     data = ["--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "x.jsonl")]
     bad = CliRunner().invoke(app, ["data", "from-logs", *data, "--shape", "rlhf"])

@@ -50,9 +50,10 @@ class Report:
     dropped: Counter = field(default_factory=Counter)  # why a completion was left out -> completions
     train: int = 0
     test: int = 0
+    relabeled: int | None = None  # train replies a stronger model rewrote (`relabel`); None: not asked
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "shape": self.shape,
             "completions": self.rows,
             "examples": self.train + self.test,
@@ -61,6 +62,9 @@ class Report:
             "kept": {k: n for k, n in sorted(self.kept.items()) if n},
             "dropped": {k: n for k, n in sorted(self.dropped.items()) if n},
         }
+        if self.relabeled is not None:
+            out["relabeled"] = self.relabeled
+        return out
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Built:
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
     report: Report
+    train_why: list[str] = field(default_factory=list)  # why each train row was kept, in order
 
 
 @dataclass
@@ -240,7 +245,24 @@ def build(
     n_test = int(len(kept) * test_fraction)
     train, test = kept[: len(kept) - n_test], kept[len(kept) - n_test :]
     report.train, report.test = len(train), len(test)
-    return Built([e.row for e in train], [e.row for e in test], report)
+    return Built([e.row for e in train], [e.row for e in test], report, [e.why for e in train])
+
+
+def relabel(built: Built, reply: Any) -> None:
+    """Replace the train replies no reviewer wrote with `reply(messages)`, a stronger model's answer
+    to the same conversation (distillation, seed 000). Corrected replies are a reviewer's own and
+    stay; the held-out slice stays as reviewed, so it still measures against human judgement."""
+    if built.report.shape != "sft":
+        raise TuneryError("--relabel-with applies to --shape sft only.", param="relabel_with")
+    built.report.relabeled = 0
+    todo = [i for i, why in enumerate(built.train_why) if why != "corrected"]
+    if not todo:
+        return
+    answers = reply([built.train[i]["messages"][:-1] for i in todo])
+    for i, text in zip(todo, answers, strict=True):
+        if text.strip():
+            built.train[i]["messages"][-1] = _assistant(text)
+            built.report.relabeled += 1
 
 
 def check_options(shape: str, rating: str, test_fraction: float) -> None:
@@ -350,4 +372,6 @@ def report_lines(report: Report) -> list[str]:
     ]
     lines += [f"  kept    {n:>6}  {why}" for why, n in sorted(report.kept.items())]
     lines += [f"  dropped {n:>6}  {why}" for why, n in sorted(report.dropped.items())]
+    if report.relabeled is not None:
+        lines.append(f"  relabeled {report.relabeled} train repl(ies) with the stronger model")
     return lines

@@ -202,6 +202,15 @@ def from_logs_command(
     test_fraction: float = typer.Option(
         0.1, "--test-fraction", help="The most recent share of examples, held out as the test slice."
     ),
+    relabel_with: str | None = typer.Option(
+        None,
+        "--relabel-with",
+        help="A stronger model (M, M:ADAPTER_DIR or a saved model dir) that rewrites the train "
+        "replies no reviewer corrected (SFT; the test slice stays as reviewed).",
+    ),
+    relabel_max_tokens: int = typer.Option(
+        256, "--relabel-max-tokens", min=1, help="Longest rewritten reply."
+    ),
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
 ) -> None:
@@ -226,10 +235,29 @@ def from_logs_command(
     finally:
         logs.store.close()
     built = from_logs.build(records, shape, rating, test_fraction)
+    if relabel_with:
+        from_logs.relabel(built, _teacher(relabel_with, relabel_max_tokens))
     for line in from_logs.report_lines(built.report):
         console.print(line, highlight=False)
     for path in from_logs.write(built, output):
         console.print(f"Wrote {path}", highlight=False)
+
+
+def _teacher(name: str, max_new_tokens: int) -> Any:
+    """`reply(conversations) -> replies`: greedy answers of a local model, in batches."""
+    from tunery.evaluate.cli import _parse_model_arg
+    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
+    from tunery.evaluate.loading import load_for_inference
+
+    spec, adapter = _parse_model_arg(name)
+    model, tok = load_for_inference(spec, adapter)
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    def reply(conversations: list[list[dict[str, Any]]]) -> list[str]:
+        prompts = [chat_prompt(tok, messages) for messages in conversations]
+        return [r.text for r in generate_batch(model, tok, prompts, params)]
+
+    return reply
 
 
 def _ft_owner(store: Any, name: str) -> str | None:
