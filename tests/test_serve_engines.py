@@ -422,3 +422,19 @@ def test_bases_beyond_the_cache_are_dropped_only_when_idle(models):
         assert list(engine._bases) == [engine.resolve(llama, None)[0]]
     finally:
         engine.close()
+
+
+def test_listing_reads_a_gguf_architecture_from_its_first_header_key(models):
+    """/v1/models judges an unconverted builtin by its GGUF's architecture (a full parse of the header
+    takes seconds); the quick read of the header's first key must agree with gguf's full parse."""
+    import gguf
+
+    from tunery.models.aliases import ALIASES
+    from tunery.serve.engines import _gguf_architecture
+    from tunery.serve.engines.gguf_forms import ensure_base
+
+    builtin = str(ALIASES["smollm2-135m"].locate())  # written by llama.cpp's converter
+    tiny = str(ensure_base(str(models["qwen2"].resolve()), "f32").gguf)  # written by Tunery's exporter
+    for path in (builtin, tiny):
+        field = gguf.GGUFReader(path).fields["general.architecture"]
+        assert _gguf_architecture(path) == bytes(field.parts[field.data[0]]).decode()

@@ -13,6 +13,7 @@ seeds, usage counts and finish reasons, because only the forward pass differs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -79,10 +80,8 @@ def startup_line(kind: str) -> str:
 
 
 def _unconverted_gguf_arch(spec: str | None) -> str | None:
-    """The llama.cpp architecture of a builtin GGUF model whose converted copy is not cached yet
-    (read from the GGUF's header, which is memory-mapped: instant); None for anything else."""
-    import gguf
-
+    """The llama.cpp architecture of a builtin GGUF model whose converted copy is not cached yet (read
+    from the GGUF's header); None for anything else."""
     from tunery.models.aliases import ALIASES
     from tunery.models.gguf import MARKER, cached_dir_for
 
@@ -95,7 +94,27 @@ def _unconverted_gguf_arch(spec: str | None) -> str | None:
         return None
     if (cached_dir_for(where, alias.name) / MARKER).is_file():
         return None
-    field = gguf.GGUFReader(str(where)).fields["general.architecture"]
+    return _gguf_architecture(str(where))
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_architecture(path: str) -> str:
+    """`general.architecture` of a GGUF file. It is the first key llama.cpp's and the `gguf` package's
+    writers put in the header, so reading that far is enough; gguf.GGUFReader parses the whole
+    header (the tokenizer's arrays too: seconds), which is the fallback."""
+    import struct
+
+    import gguf
+
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head[:4] == b"GGUF" and len(head) >= 32:
+        key_len = struct.unpack_from("<Q", head, 24)[0]
+        at = 32 + key_len
+        if head[32:at] == b"general.architecture" and struct.unpack_from("<I", head, at)[0] == 8:
+            size = struct.unpack_from("<Q", head, at + 4)[0]
+            return head[at + 12 : at + 12 + size].decode()
+    field = gguf.GGUFReader(path).fields["general.architecture"]
     return bytes(field.parts[field.data[0]]).decode()
 
 
