@@ -57,7 +57,6 @@ class Alias:
             param="model",
         )
 
-
     def _assembled(self) -> Path:
         """The GGUF reassembled from its chunk packages into the cache (once; checked by sha256)."""
         from tunery.models.gguf import cache_root
