@@ -114,9 +114,12 @@ def write_llama_gguf(model_dir: Path, out: Path) -> Path:
 
 
 def test_alias_table_and_locations():
-    assert set(ALIASES) >= {"smollm2-135m", "minilm-l6"}
+    assert set(ALIASES) >= {"smollm2-135m", "minilm-l6", "gemma3-270m"}
     for alias in ALIASES.values():
-        assert alias.description and alias.license == "Apache-2.0"
+        # Apache-2.0, except Gemma, whose own terms are its license and are printed on first use
+        gemma = alias.name == "gemma3-270m"
+        assert alias.description and alias.license.startswith("Gemma Terms" if gemma else "Apache-2.0")
+        assert bool(alias.terms) == gemma
     assert ALIASES["smollm2-135m"].kind == "causal-lm" and ALIASES["minilm-l6"].kind == "encoder"
     gguf_file = ALIASES["smollm2-135m"].locate()
     assert gguf_file.suffix == ".gguf" and gguf_file.stat().st_size > 50_000_000

@@ -354,15 +354,37 @@ def test_logs_page_rates_corrects_and_sets_an_alias(env, browser, shots):
     css(d, "#key-form button").click()
     wait(d, lambda d: css(d, f"[data-id='{stored}']"), 60, "the stored completion's row")
     assert "rate me" in css(d, "#logs-rows").text and "not stored" not in css(d, "#logs-rows").text
-    css(d, f"[aria-label='Thumbs down {stored}']").click()
+
+    # The page re-renders its rows when its data arrives (the key form, then each refresh), so an
+    # element found a moment earlier can be gone: each step finds its element afresh and retries.
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def act(what: str, step) -> None:
+        def attempt(d) -> bool:
+            try:
+                step(d)
+                return True
+            except (StaleElementReferenceException, NoSuchElementException, StopIteration):
+                return False
+
+        wait(d, attempt, 20, what)
+
+    def row_button(text: str):
+        row = css(d, f"[data-id='{stored}']")
+        return next(b for b in row.find_elements("css selector", "button") if b.text == text)
+
+    act("the thumbs down", lambda d: css(d, f"[aria-label='Thumbs down {stored}']").click())
     wait(d, lambda d: feedback().get("rating") == "down", 20, "the thumbs down to be saved")
     wait(d, lambda d: css(d, f"[data-id='{stored}']").text.find("rated down") >= 0, 20, "the row to show it")
-    row = css(d, f"[data-id='{stored}']")
-    next(b for b in row.find_elements("css selector", "button") if b.text == "Edit reply").click()
-    editor = css(d, f"[aria-label='Corrected reply for {stored}']")
-    editor.clear()
-    editor.send_keys("The corrected reply")
-    next(b for b in row.find_elements("css selector", "button") if b.text == "Save correction").click()
+    act("the edit button", lambda d: row_button("Edit reply").click())
+
+    def correct(d) -> None:
+        editor = css(d, f"[aria-label='Corrected reply for {stored}']")
+        editor.clear()
+        editor.send_keys("The corrected reply")
+        row_button("Save correction").click()
+
+    act("the correction form", correct)
     wait(d, lambda d: feedback().get("corrected") == "The corrected reply", 20, "the correction")
     shot(d, shots, "logs")
 
