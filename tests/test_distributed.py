@@ -261,7 +261,12 @@ def test_fsdp_sigterm_then_resume_matches_uninterrupted(tmp_path, data, tiny_lla
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # to `tunery train`: it reaches every rank through torchrun
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
+    # This has failed about once in four full runs: torchrun exited 1 after "Received 15 death
+    # signal" and rank 0 left no "interrupted" run.json (issue 23). The ranks' own lines come before
+    # torchrun's traceback, so both ends of stderr are kept for the next time it happens.
+    run_json = out / "run.json"
+    seen = run_json.read_text() if run_json.exists() else "no run.json"
+    assert proc.returncode == 130, f"{seen}\n{stderr[:4000]}\n...\n{stderr[-2000:]}"
     assert "--nproc 2" in " ".join(stdout.split())  # the resume hint keeps the launcher flags
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     ckpt = sorted((out / "checkpoints").iterdir())[-1]

@@ -375,7 +375,10 @@ def test_logs_page_rates_corrects_and_sets_an_alias(env, browser, shots):
 
     act("the thumbs down", lambda d: css(d, f"[aria-label='Thumbs down {stored}']").click())
     wait(d, lambda d: feedback().get("rating") == "down", 20, "the thumbs down to be saved")
-    wait(d, lambda d: css(d, f"[data-id='{stored}']").text.find("rated down") >= 0, 20, "the row to show it")
+    # The click may have reached the page's first render, which the key form replaced: its refresh
+    # then redraws a detached copy. A reload shows what the server has, rendered once.
+    d.refresh()
+    wait(d, lambda d: css(d, f"[data-id='{stored}']").text.find("rated down") >= 0, 30, "the row to show it")
     act("the edit button", lambda d: row_button("Edit reply").click())
 
     def correct(d) -> None:
