@@ -20,6 +20,7 @@ import os
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunery.errors import ModelError, TuneryError
@@ -182,6 +183,7 @@ class LlamaCppEngine:
         self.threads = threads or len(os.sched_getaffinity(0))
         self._bases: OrderedDict[str, _Native] = OrderedDict()
         self._resolved: dict[str, str] = {}
+        self._adapter_forms: dict[tuple, str] = {}  # (base key, adapter, weights size, mtime) -> GGUF
         self._load_lock = threading.RLock()
         self._cv = threading.Condition()
         self._waiting: deque[_Live] = deque()
@@ -283,10 +285,18 @@ class LlamaCppEngine:
                 self._bases.pop(old).close()
 
     def _adapter_form(self, key: str, adapter: str) -> str:
+        """The adapter's GGUF LoRA path. Finding it hashes the adapter's weights, so it is found once
+        per version of the weights file (its size and time), not on every request and decode step."""
         from transformers import AutoConfig
 
-        spec = key.partition("::")[0]
-        return str(ensure_adapter(key, adapter, AutoConfig.from_pretrained(spec, trust_remote_code=False)))
+        st = (Path(adapter) / "adapter_model.safetensors").stat()
+        version = (key, adapter, st.st_size, st.st_mtime_ns)
+        with self._load_lock:
+            if version not in self._adapter_forms:
+                spec = key.partition("::")[0]
+                config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
+                self._adapter_forms[version] = str(ensure_adapter(key, adapter, config))
+            return self._adapter_forms[version]
 
     # ----- the worker -----
     def _run(self) -> None:
