@@ -10,7 +10,7 @@ for the model with a rank-16 LoRA adapter on all linear layers (random non-zero 
 Throughput counts generated tokens up to and including each row's end-of-sequence token, so a stack
 that keeps decoding finished rows gets no credit for it. Adapter switch latency is measured in the
 Engine: `set_adapter` between two loaded rank-16 adapters (and, separately, the first load from disk).
-Tunery also runs once more with its skinny decode matmuls off (`evaluate/skinny.py`), to show that
+Tunery also runs once more with its skinny decode matmuls off (`generation/skinny.py`), to show that
 lever's share.
 
 Writes docs/bench/generate_throughput.{json,md}.
@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(ROOT))  # the test helpers (tests/helpers/): tiny models, a real server
 
 
 def load(spec: str | None, tmp: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec is None:
-        from tunery.testing import make_tiny_model_dir
+        from tests.helpers.tiny import make_tiny_model_dir
 
         path = make_tiny_model_dir(tmp / "tiny", "llama", initializer_range=0.3)
         return (
@@ -82,7 +83,8 @@ def counted(ids: list[int], eos: set[int]) -> int:
 
 
 def run_tunery(model, tok, prompts, batch: int, max_new: int) -> tuple[int, list[list[int]]]:
-    from tunery.evaluate.generate import GenerationParams, generate_batch
+    from tunery.generation.generate import generate_batch
+    from tunery.generation.sequence import GenerationParams
 
     res = generate_batch(model, tok, prompts, GenerationParams(max_new_tokens=max_new), batch_size=batch)
     return sum(r.completion_tokens for r in res), [r.token_ids for r in res]
@@ -126,7 +128,7 @@ def timed(fns: list, repeats: int) -> list[tuple[float, int, list[list[int]]]]:
 
 def without_skinny(fn):
     """`fn` with Tunery's skinny decode matmuls turned off (the lever's contribution)."""
-    from tunery.evaluate import skinny
+    from tunery.generation import skinny
 
     def run():
         skinny.ENABLED = False
@@ -139,8 +141,8 @@ def without_skinny(fn):
 
 
 def switch_latency(model_spec: str, adapters: list[str], prompt: list[int], rounds: int) -> dict:
-    from tunery.evaluate.engine import Engine
-    from tunery.evaluate.generate import GenerationParams
+    from tunery.generation.engine import Engine
+    from tunery.generation.sequence import GenerationParams
 
     engine = Engine(batch_wait=0)
     params = GenerationParams(max_new_tokens=1)
@@ -172,7 +174,8 @@ def main() -> None:
     args = ap.parse_args()
     from peft import PeftModel
 
-    from tunery.evaluate.generate import bf16_supported, eos_token_ids
+    from tunery.generation.generate import bf16_supported
+    from tunery.generation.sequence import eos_token_ids
 
     max_new = args.max_new_tokens or (64 if args.model else 32)
     with tempfile.TemporaryDirectory() as tmpdir:

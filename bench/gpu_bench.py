@@ -129,8 +129,8 @@ def build_model_dir(shape: str, root: Path, device: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tests.helpers.tiny import tiny_tokenizer
     from tunery.data import load_dataset
-    from tunery.testing import tiny_tokenizer
 
     path = root / shape
     convs = load_dataset(DATA, kind="chat").examples

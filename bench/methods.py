@@ -45,11 +45,11 @@ def child(args: argparse.Namespace) -> dict:
     """One method: train, evaluate, report. Runs in a fresh interpreter."""
     import torch
 
-    from tunery.config import load_config
     from tunery.data import load_dataset
     from tunery.evaluate.run import classification_eval
     from tunery.methods import load_trained
     from tunery.models.unwrap import unwrap
+    from tunery.plugins import load_config
     from tunery.train import run
     from tunery.train.events import read_jsonl
 
@@ -143,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from tunery.testing import make_tiny_model_dir
+            from tests.helpers.tiny import make_tiny_model_dir
 
             model = str(make_tiny_model_dir(Path(tmp) / "tiny", "llama"))
         results = []

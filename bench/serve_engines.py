@@ -107,7 +107,7 @@ def phase(client: Any, model: str, clients: int, rounds: int, max_tokens: int) -
 
 
 def run_engine(engine: str, tmp: Path, adapter: Path, base_dir: Path, max_tokens: int) -> dict[str, Any]:
-    from tunery.serve.testing import register_model, running_server
+    from tests.helpers.server import register_model, running_server
 
     kind, _, gguf = engine.partition(":")
     args = ["--engine", kind] + (["--gguf-type", gguf] if gguf else [])
@@ -187,8 +187,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = parser.parse_args()
+    from tests.helpers.server import make_lora_adapter
     from tunery.models.resolve import resolve
-    from tunery.serve.testing import make_lora_adapter
 
     report: dict[str, Any] = {
         "max_tokens": args.max_tokens,

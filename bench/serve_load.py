@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(ROOT))  # the test helpers (tests/helpers/): tiny models, a real server
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,8 +38,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(requests: int, concurrency: int, max_tokens: int) -> dict:
-    from tunery.serve.testing import make_lora_adapter, register_model, running_server
-    from tunery.testing import make_tiny_model_dir
+    from tests.helpers.server import make_lora_adapter, register_model, running_server
+    from tests.helpers.tiny import make_tiny_model_dir
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

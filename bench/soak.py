@@ -50,8 +50,8 @@ import common  # noqa: E402
 from rss_sampler import Sampler, psutil, tree_rss  # noqa: E402
 from time_to_quality import cpu_info  # noqa: E402  (one reader of the CPU flags)
 
-from tunery.serve.testing import running_server  # noqa: E402
-from tunery.testing import make_tiny_model_dir, write_jsonl  # noqa: E402
+from tests.helpers.server import running_server  # noqa: E402
+from tests.helpers.tiny import make_tiny_model_dir, write_jsonl  # noqa: E402
 
 ROOT = common.ROOT
 SOURCES = ("chat_bench", "sentiment", "routing", "qa", "extraction", "rewrite")

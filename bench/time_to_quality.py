@@ -156,7 +156,7 @@ def tunery_sets(variant: str, path: str, train_path: Path, args: argparse.Namesp
     if variant == "tunery-batch8":
         sets.append("hyperparameters.batch_size=8")
     if variant == "tunery-recommend":
-        from tunery.recommend import recommend
+        from tunery.workflows.recommend import recommend
 
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         chosen = recommend(path, str(train_path), memory).chosen
@@ -175,7 +175,7 @@ def tunery_sets(variant: str, path: str, train_path: Path, args: argparse.Namesp
 def run_tunery(
     variant: str, path: str, train_path: Path, clock: EpochClock, args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
-    from tunery.config import load_config
+    from tunery.plugins import load_config
     from tunery.train import run
 
     t0 = time.perf_counter()

@@ -62,7 +62,7 @@ ALL = [*BASELINES, "tunery", *LEVERS]
 
 def model_dir(spec: str, tmp: Path) -> str:
     if spec == "tiny":
-        from tunery.testing import make_tiny_model_dir
+        from tests.helpers.tiny import make_tiny_model_dir
 
         return str(make_tiny_model_dir(tmp / "tiny", "llama"))
     from tunery.models import resolve
@@ -135,21 +135,9 @@ def pad_collator(pad_id: int):
     return collate
 
 
-def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace, tmp: Path) -> dict:
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from datasets import Dataset
-    from tunery.train.precision import cpu_has_bf16
-
-    tok = AutoTokenizer.from_pretrained(path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ds = Dataset.from_list(train)
-    clock = StepClock()
-    tokens: list[int] = []
-    common_args = dict(
+def hf_common_args(args: argparse.Namespace, tmp: Path) -> dict:
+    """The training arguments both Hugging Face stacks share (see the module docstring)."""
+    return dict(
         output_dir=str(tmp / "out"),
         num_train_epochs=1,
         learning_rate=args.learning_rate,
@@ -164,6 +152,23 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
         seed=args.seed,
         dataloader_num_workers=0,
     )
+
+
+def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace, tmp: Path) -> dict:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datasets import Dataset
+    from tunery.train.precision import cpu_has_bf16
+
+    tok = AutoTokenizer.from_pretrained(path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ds = Dataset.from_list(train)
+    clock = StepClock()
+    tokens: list[int] = []
+    common_args = hf_common_args(args, tmp)
     if variant.startswith("trainer"):
         from transformers import Trainer, TrainingArguments
 
@@ -223,12 +228,14 @@ def run_tunery(
 ) -> dict:
     from tunery.config import TuneryConfig
     from tunery.methods import load_trained
-    from tunery.train import attention, forward, lora_kernel
+    from tunery.train.levers import Levers
     from tunery.train.precision import autocast_dtype
 
-    attention.MODE = "mask" if variant == "tunery-mask4d" else "auto"  # auto: varlen on a GPU
-    forward.SUPERVISED_HEAD_ONLY = variant != "tunery-full-head"
-    lora_kernel.ENABLED = variant != "tunery-unfused"
+    levers = Levers(
+        attention="mask" if variant == "tunery-mask4d" else "auto",  # auto: varlen on a GPU
+        supervised_head_only=variant != "tunery-full-head",
+        fused_lora=variant != "tunery-unfused",
+    )
     precision = "fp32" if variant == "tunery-fp32" else "auto"
     config = TuneryConfig.model_validate(
         {
@@ -256,7 +263,7 @@ def run_tunery(
     )
     from tunery.train import run
 
-    result = run(config)
+    result = run(config, levers=levers)
     rows = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
     # logging_steps=1, so each row's tokens_per_second covers exactly one step. The step's tokens come
     # from Tunery's own schedule (a pure function of lengths, seed and settings), replayed here.

@@ -12,11 +12,11 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers.server import make_lora_adapter, register_model
 from tunery.cli import app
 from tunery.jobs.store import Store
 from tunery.serve.alias_store import AliasTable
 from tunery.serve.common import Settings
-from tunery.serve.testing import make_lora_adapter, register_model
 
 ASK = [{"role": "user", "content": "Say hi"}]
 ALICE_FT, BOB_FT = "ft:tiny:alice::a1", "ft:tiny:bob::b1"

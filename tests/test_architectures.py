@@ -1,6 +1,6 @@
 """Every decoder architecture Tunery trains, proven on tiny random models where Tunery does its own work.
 
-Each architecture of `tunery.testing.DECODER_ARCHS` is built with its distinguishing feature switched
+Each architecture of `tests.helpers.tiny.DECODER_ARCHS` is built with its distinguishing feature switched
 on and reachable by the test sequences (sliding windows of 8 tokens against examples of up to 37,
 Gemma 2's attention and final-logit soft-capping at values the random scores reach, Phi-3's fused
 projections, Qwen3's and OLMo 2's q/k norms, MoE routing). For each one:
@@ -26,10 +26,10 @@ import pytest
 import torch
 import transformers as tf
 
+from tests.helpers.tiny import DECODER_ARCHS, TINY_WINDOW, make_tiny_model_dir, tiny_tokenizer
 from tunery.errors import ConfigError, ModelError
 from tunery.export import export
 from tunery.export.gguf_file import gguf_refusal
-from tunery.testing import DECODER_ARCHS, TINY_WINDOW, make_tiny_model_dir, tiny_tokenizer
 from tunery.train import attention
 from tunery.train.forward import (
     IGNORE,
@@ -106,12 +106,12 @@ def test_packed_logits_equal_unpacked(arch, model_dirs, monkeypatch):
         assert attention.use_packed_attention(model), arch
         batch = packed_inputs(rows)
         for mode in ("segments", "mask", "varlen"):  # varlen: the CPU reference of the GPU kernels' layout
-            monkeypatch.setattr(attention, "MODE", mode)
+            attention.use_packed_attention(model, mode)
             got = _per_example(model(**forward_kwargs(batch)).logits, rows)
             for k, (g, e) in enumerate(zip(got, expected, strict=True)):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=f"{arch} {mode} example {k}")
         # padded rows after the switch (evaluation batches) still take the model's masks
-        monkeypatch.setattr(attention, "MODE", "auto")
+        attention.use_packed_attention(model, "auto")
         padded = model(input_ids=torch.tensor([rows[2]])).logits[0]
     torch.testing.assert_close(padded, expected[2], rtol=1e-4, atol=1e-5)
 
@@ -280,13 +280,13 @@ def test_mistral_without_a_window_exports_as_llama(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
-    from tunery.testing import write_chat_jsonl
+    from tests.helpers.tiny import write_chat_jsonl
 
     return write_chat_jsonl(tmp_path_factory.mktemp("arch-data") / "train.jsonl", n=10)
 
 
 def _method_cases():
-    from test_methods import CASES  # the one method matrix (tests/test_methods.py)
+    from tests.test_methods import CASES  # the one method matrix (tests/test_methods.py)
 
     return CASES
 
@@ -302,7 +302,7 @@ REFUSED_METHODS = {("phi3", "unipelt"): "no q_proj linear layer"}
 def test_every_method_trains(arch, method, model_dirs, train_file, tmp_path):
     import json
 
-    from tunery.testing import quick_run_config
+    from tests.helpers.tiny import quick_run_config
     from tunery.train import run
     from tunery.train.events import read_jsonl
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunery.config import load_config
+from tests.helpers.tiny import quick_run_config, write_jsonl
 from tunery.errors import DataError
-from tunery.testing import quick_run_config, write_jsonl
+from tunery.plugins import load_config
 from tunery.train import run
 
 POS = ["wonderful", "I loved this movie", "great story", "the acting was wonderful", "great"]
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
-    from tunery.testing import make_tiny_model_dir
+    from tests.helpers.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"), "bert")
 

@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tunery.cli import app
-from tunery.config import load_config
 from tunery.errors import ConfigError
+from tunery.plugins import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -35,7 +35,7 @@ def test_precedence_yaml_then_set_then_flags(tmp_path):
 
 
 def test_config_and_sweep_files_share_one_yaml_reader(tmp_path):
-    from tunery.sweep import load_spec
+    from tunery.workflows.sweep import load_spec
 
     cases = {
         "list.yaml": ("- a\n- b\n", "top level must be a mapping of keys, not a list"),
@@ -90,7 +90,7 @@ def test_train_refuses_bad_data_before_loading_a_model(tmp_path):
 
 
 def test_unknown_model_lists_aliases(tmp_path):
-    from tunery.testing import write_chat_jsonl
+    from tests.helpers.tiny import write_chat_jsonl
 
     data = write_chat_jsonl(tmp_path / "t.jsonl", 12)
     result = runner.invoke(

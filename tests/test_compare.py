@@ -12,14 +12,15 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers.server import make_lora_adapter, register_model
+from tests.helpers.tiny import tiny_tokenizer
 from tunery.cli import app
 from tunery.data import from_logs
-from tunery.evaluate.generate import GenerationResult, chat_prompt
 from tunery.evaluate.heldout import Contender, compare_on_heldout, load_heldout
+from tunery.generation.generate import chat_prompt
+from tunery.generation.sequence import GenerationResult
 from tunery.jobs.store import Store
 from tunery.serve.common import Settings
-from tunery.serve.testing import make_lora_adapter, register_model
-from tunery.testing import tiny_tokenizer
 
 
 def _rec(i: int, prompt: str, reply: str, rating=None, corrected=None) -> dict:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.helpers.tiny import tiny_tokenizer
 from tunery.data import (
     IGNORE_INDEX,
     cached_encode,
@@ -16,7 +17,6 @@ from tunery.data import (
     load_dataset,
 )
 from tunery.data.types import Conversation, Dataset, PreferencePair
-from tunery.testing import tiny_tokenizer
 
 # SmolLM2-style: a default system message is inserted when the conversation has none.
 SMOL_TEMPLATE = (

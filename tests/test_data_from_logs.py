@@ -14,13 +14,14 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers.server import running_server
 from tunery.cli import app
 from tunery.data import from_logs
 from tunery.data.validate import validate_file
 from tunery.errors import TuneryError
 from tunery.jobs.store import Store
+from tunery.objectives import validation_kind
 from tunery.serve.completions_store import CompletionLog, Query, StoredCompletion
-from tunery.serve.testing import running_server
 
 OWNER, OTHER = "key_alice", "key_bob"
 
@@ -131,7 +132,7 @@ def test_cli_writes_files_that_validate(logs, tmp_path, shape, fraction):
     test = tmp_path / f"{shape}.test.jsonl"
     method = from_logs.VALIDATE_AS[shape]
     for path in (out, test):
-        report = validate_file(path, method=method, min_examples=1)
+        report = validate_file(path, method=method, kind=validation_kind(method), min_examples=1)
         assert report.ok, report.errors
     assert len(test.read_text().splitlines()) == 1  # the newest of 4 (sft), 2 (dpo) or 6 (kto) examples
 
@@ -139,8 +140,9 @@ def test_cli_writes_files_that_validate(logs, tmp_path, shape, fraction):
 def test_relabel_rewrites_uncorrected_train_replies_with_the_teacher(logs, tmp_path, tiny_llama):
     """`--relabel-with`: the teacher's greedy reply replaces every train reply no reviewer wrote;
     corrected replies and the held-out slice stay as reviewed."""
-    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
-    from tunery.evaluate.loading import load_for_inference
+    from tunery.generation.generate import chat_prompt, generate_batch
+    from tunery.generation.loading import load_for_inference
+    from tunery.generation.sequence import GenerationParams
 
     out = tmp_path / "sft.jsonl"
     args = [

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from tunery.data import load_dataset, validate_file
 from tunery.data.formats import KINDS
-from tunery.data.validate import METHOD_KINDS
+from tunery.data.validate import OPENAI_FORMATS
 from tunery.errors import DataError, TuneryError
+from tunery.objectives import OBJECTIVES, validation_kind
 
 FUZZ = settings(
     max_examples=200,
@@ -189,13 +190,13 @@ def _write(tmp_path: Path, data: bytes, suffix: str) -> Path:
 @FUZZ
 @given(
     data=data_files(),
-    method=st.sampled_from(sorted(METHOD_KINDS)),
+    method=st.sampled_from(sorted([*OPENAI_FORMATS, *OBJECTIVES.names()])),
     suffix=st.sampled_from([".jsonl", ".jsonl", ".jsonl", ".json", ".csv"]),
 )
 def test_validate_file_reports_every_problem_with_its_line(tmp_path, data, method, suffix):
     path = _write(tmp_path, data, suffix)
     note(f"{suffix} {method} {data!r}")
-    report = validate_file(path, method=method, min_examples=1)
+    report = validate_file(path, method=method, kind=validation_kind(method), min_examples=1)
     for issue in report.errors:
         _check_located(issue.line, issue.code, suffix, data, issue.message)
     if report.ok:
@@ -230,7 +231,7 @@ def test_load_dataset_raises_only_located_data_errors(tmp_path, data, kind):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tunery.testing import tiny_tokenizer
+    from tests.helpers.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -238,7 +239,7 @@ def tokenizer():
 @settings(FUZZ, max_examples=100)
 @given(
     records=st.lists(st.one_of(st.sampled_from(VALID), mutated_record()), min_size=1, max_size=6),
-    method=st.sampled_from(sorted(METHOD_KINDS)),
+    method=st.sampled_from(sorted([*OPENAI_FORMATS, *OBJECTIVES.names()])),
     max_length=st.integers(1, 64),
 )
 def test_token_statistics_of_mutated_records(tmp_path, tokenizer, records, method, max_length):
@@ -247,7 +248,8 @@ def test_token_statistics_of_mutated_records(tmp_path, tokenizer, records, metho
     data = b"\n".join(map(_dumps, records))
     path = _write(tmp_path, data, ".jsonl")
     note(f"{method} {data!r}")
-    report = validate_file(path, method=method, tokenizer=tokenizer, max_length=max_length, min_examples=1)
+    kind = validation_kind(method)
+    report = validate_file(path, method, tokenizer, max_length, kind=kind, min_examples=1)
     for issue in report.errors:
         _check_located(issue.line, issue.code, ".jsonl", data, issue.message)
     json.dumps(report.to_dict())

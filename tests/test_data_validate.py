@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tunery.cli.data import data_app
 from tunery.data import validate_file
-from tunery.data.cli import data_app
 from tunery.data.validate import MAX_KEPT_ISSUES
+from tunery.objectives import validation_kind
 
 
 def chat(i: int) -> dict:
@@ -154,10 +155,14 @@ def test_format_must_match_method(tmp_path, rows, method, expected):
 
 def test_tunery_objective_names_allow_conversions(tmp_path):
     path = write(tmp_path / "p.jsonl", [pref(i) for i in range(10)])
-    report = validate_file(path, method="sft")
+    report = validate_file(path, method="sft", kind=validation_kind("sft"))
     assert report.ok and [w.code for w in report.warnings] == ["converted"]
-    assert validate_file(path, method="dpo").ok and validate_file(path, method="kto").ok
-    assert validate_file(write(tmp_path / "c.jsonl", [chat(i) for i in range(10)]), method="pretrain").ok
+    assert (
+        validate_file(path, method="dpo").ok
+        and validate_file(path, method="kto", kind=validation_kind("kto")).ok
+    )
+    chats = write(tmp_path / "c.jsonl", [chat(i) for i in range(10)])
+    assert validate_file(chats, method="pretrain", kind=validation_kind("pretrain")).ok
 
 
 def test_file_level_errors_are_reported(tmp_path):
@@ -180,7 +185,7 @@ def test_errors_are_capped_but_counted(tmp_path):
 
 
 def test_duplicates_and_token_stats(tmp_path):
-    from tunery.testing import tiny_tokenizer
+    from tests.helpers.tiny import tiny_tokenizer
 
     rows = [chat(i) for i in range(10)] + [chat(3), chat(4)]
     rows[5] = {"messages": rows[5]["messages"][:2] + [{"role": "assistant", "content": "long " * 200}]}
@@ -229,7 +234,7 @@ def test_cli_exit_codes(tmp_path):
 
 
 def test_cli_with_model_counts_tokens_and_prints_json(tmp_path):
-    from tunery.testing import tiny_tokenizer
+    from tests.helpers.tiny import tiny_tokenizer
 
     # A model directory without weights (config written by hand: building a transformers config
     # imports torch): `--model` must load only the tokenizer.

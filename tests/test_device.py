@@ -21,7 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from tunery.testing import chat_row, make_tiny_model_dir
+from tests.helpers.tiny import chat_row, make_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,7 +148,7 @@ def device(monkeypatch):
     if REAL:
         yield torch.device("cuda")
         return
-    from tunery.evaluate.engine import Engine
+    from tunery.generation.engine import Engine
 
     run = Engine._run
 
@@ -196,7 +196,8 @@ def test_the_harness_catches_a_cpu_tensor(device, lm):
 
 
 def test_greedy_and_sampled_generation_on_the_device(device, lm):
-    from tunery.evaluate.generate import GenerationParams, generate_batch, stream
+    from tunery.generation.generate import generate_batch, stream
+    from tunery.generation.sequence import GenerationParams
 
     _, model, tok = lm
     moved = on(device, model)
@@ -223,8 +224,8 @@ def _cpu():
 
 
 def test_eval_and_classification_metrics_on_the_device(device, lm, tmp_path):
+    from tests.helpers.tiny import write_jsonl
     from tunery.evaluate.run import classification_eval, evaluate, load_conversations
-    from tunery.testing import write_jsonl
 
     _, model, tok = lm
     moved = on(device, model)
@@ -239,9 +240,9 @@ def test_eval_and_classification_metrics_on_the_device(device, lm, tmp_path):
 def test_grpo_rollout_on_the_device(device, lm, tmp_path):
     from peft import LoraConfig, get_peft_model
 
+    from tests.helpers.tiny import quick_run_config
     from tunery.objectives.base import Context
     from tunery.objectives.grpo import GRPOOptions, collate, rollout, scorers
-    from tunery.testing import quick_run_config
 
     path, model, tok = lm
     peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -261,8 +262,8 @@ def test_grpo_rollout_on_the_device(device, lm, tmp_path):
 def test_classifier_head_on_the_device(device, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
+    from tests.helpers.tiny import tiny_config, tiny_tokenizer
     from tunery.evaluate.classify import predict_proba
-    from tunery.testing import tiny_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = tiny_config("llama", vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id)
@@ -273,8 +274,8 @@ def test_classifier_head_on_the_device(device, tmp_path):
 
 
 def test_serve_engine_on_the_device(device, lm):
-    from tunery.evaluate.engine import Engine
-    from tunery.evaluate.generate import GenerationParams
+    from tunery.generation.engine import Engine
+    from tunery.generation.sequence import GenerationParams
 
     path, model, tok = lm
     moved = on(device, model)
@@ -303,7 +304,7 @@ def test_place_follows_tunery_device(monkeypatch, lm):
 
 def test_two_runs_at_different_precisions_in_one_process(tmp_path, tiny_llama):
     """accelerate keeps one AcceleratorState a process; a second run at another precision used to raise."""
-    from tunery.testing import quick_run_config, write_chat_jsonl
+    from tests.helpers.tiny import quick_run_config, write_chat_jsonl
     from tunery.train import run
 
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=10)
@@ -352,15 +353,12 @@ def test_varlen_packed_attention_equals_per_segment_attention(lm):
             {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()},
         )
     logits = {}
-    mode = attention.MODE
-    try:
-        for attention.MODE in ("segments", "varlen"):
-            with torch.no_grad(), _host_reads() as reads:
-                logits[attention.MODE] = model(**forward_kwargs(batch)).logits.float()
-            if REAL and attention.MODE == "varlen":
-                assert not reads, f"varlen attention read the host: {reads}"
-    finally:
-        attention.MODE = mode
+    for mode in ("segments", "varlen"):
+        assert attention.use_packed_attention(model, mode)
+        with torch.no_grad(), _host_reads() as reads:
+            logits[mode] = model(**forward_kwargs(batch)).logits.float()
+        if REAL and mode == "varlen":
+            assert not reads, f"varlen attention read the host: {reads}"
     tol = 2e-2 if REAL else 1e-5
     torch.testing.assert_close(logits["varlen"], logits["segments"], atol=tol, rtol=tol)
 
@@ -394,7 +392,7 @@ def _host_reads():
 
 
 def test_local_rank_beyond_the_visible_gpus_is_a_clear_error():
-    from tunery.train.distributed import DistributedError, check_local_rank
+    from tunery.train.launch import DistributedError, check_local_rank
 
     check_local_rank(1, 2)
     with pytest.raises(DistributedError, match="LOCAL_RANK=2 has no GPU: this process sees 2"):
@@ -403,9 +401,9 @@ def test_local_rank_beyond_the_visible_gpus_is_a_clear_error():
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_qlora_cannot_be_sharded(strategy):
-    from tunery.config import load_config
     from tunery.errors import ConfigError
-    from tunery.train.distributed import check
+    from tunery.plugins import load_config
+    from tunery.train.launch import check
 
     with pytest.raises(ConfigError, match="qlora cannot be sharded"):
         check(load_config(sets=["method=qlora", f"distributed.strategy={strategy}"]), cuda=True)
@@ -426,7 +424,7 @@ def one_rank(monkeypatch):
 
 
 def test_process_group_timeout_comes_from_the_config(one_rank, lm):
-    from tunery.config import load_config
+    from tunery.plugins import load_config
     from tunery.train import distributed
 
     config = load_config(sets=["distributed.timeout_minutes=7"])
@@ -462,9 +460,9 @@ def test_frozen_bf16_bases_load_in_bf16_on_a_gpu_with_bf16(monkeypatch):
 
 
 def test_training_loads_a_frozen_bf16_base_in_bf16_on_a_gpu(monkeypatch, tmp_path):
+    from tests.helpers.tiny import quick_run_config
     from tunery.methods import METHODS
     from tunery.models import placement
-    from tunery.testing import quick_run_config
     from tunery.train.setup import _base_dtype
 
     path = make_tiny_model_dir(tmp_path / "m", "llama", torch_dtype="bfloat16")

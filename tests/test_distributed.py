@@ -16,14 +16,15 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from tunery.config import load_config
+from tests.helpers.server import free_port
+from tests.helpers.tiny import write_chat_jsonl
 from tunery.errors import ConfigError
-from tunery.serve.testing import free_port
-from tunery.testing import write_chat_jsonl
+from tunery.plugins import load_config
 from tunery.train import run
 from tunery.train.batching import schedule
-from tunery.train.distributed import check, launch_command, rank_share
+from tunery.train.distributed import rank_share
 from tunery.train.events import read_jsonl
+from tunery.train.launch import check, launch_command
 
 # 18 examples (~60 tokens) in steps of 5 (the last of an epoch has 3): with 2 ranks the shares are
 # 3 and 2 examples, and a 128-token budget makes that 2 and 1 micro-batches, so the shorter share
@@ -92,7 +93,7 @@ def test_launch_command_reruns_train_under_torchrun():
 
 
 def test_ranks_get_the_users_arguments_minus_the_launcher_flags():
-    from tunery.cli import rank_args
+    from tunery.cli.train import rank_args
 
     argv = ["cfg.yaml", "--nproc", "2", "--set", "a=1", "--nnodes=2", "--node-rank", "1", "--master-addr=h"]
     argv += ["--master-port", "29501", "--resume", "--some-future-option", "x"]
@@ -187,7 +188,7 @@ def test_two_processes_ddp_full_equal_one_process(tmp_path, data, tiny_llama, fu
 # checkpoint event, which every rank emits right after the save, at the same point as ever.
 ONE_RANK_SIGNAL = """
 import os, signal, sys
-from tunery.config import load_config
+from tunery.plugins import load_config
 from tunery.train import run
 
 def stop_rank1(event):

@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from tests.helpers.tiny import chat_row, write_jsonl
 from tunery.evaluate.cli import register
-from tunery.testing import chat_row, write_jsonl
 
 LABELS = ["positive", "negative", "mixed"]
 

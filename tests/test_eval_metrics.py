@@ -196,8 +196,8 @@ def test_classifier_log_loss_matches_sklearn(tmp_path, tiny_llama, multi_label):
     from sklearn.metrics import log_loss
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tests.helpers.tiny import write_jsonl
     from tunery.evaluate.classify import evaluate_classifier
-    from tunery.testing import write_jsonl
 
     torch.manual_seed(0)
     labels = ["a", "b", "c"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.tiny import write_jsonl
 from tunery.data.types import Conversation
 from tunery.evaluate.run import (
     build_few_shot,
@@ -14,7 +15,6 @@ from tunery.evaluate.run import (
     split_example,
     with_few_shot,
 )
-from tunery.testing import write_jsonl
 
 SYSTEM = {"role": "system", "content": "Classify the sentiment."}
 
@@ -38,7 +38,7 @@ TRAIN = [
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunery.testing import make_tiny_model_dir
+    from tests.helpers.tiny import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path_factory.mktemp("eval-tiny"), "llama", initializer_range=0.3)
     return path, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

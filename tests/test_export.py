@@ -149,8 +149,9 @@ def test_gguf_round_trip_through_transformers(adapters, reference_logits, tmp_pa
 
 def test_exported_gguf_resolves_and_generates_like_the_adapter(adapters, tmp_path, monkeypatch):
     """The round trip `tunery chat --model DIR` takes: resolve the folder's one .gguf, load, generate."""
-    from tunery.evaluate.generate import GenerationParams, generate_batch
-    from tunery.evaluate.loading import load_for_inference
+    from tunery.generation.generate import generate_batch
+    from tunery.generation.loading import load_for_inference
+    from tunery.generation.sequence import GenerationParams
     from tunery.models import load_tokenizer, resolve
 
     monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
@@ -290,10 +291,10 @@ def test_full_method_dir_exports_as_hf_not_adapter(tiny_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_llama) -> Path:
-    from tunery.config import load_config
+    from tests.helpers.tiny import write_chat_jsonl
     from tunery.evaluate.run import evaluate
     from tunery.export.write import _source, load_merged
-    from tunery.testing import write_chat_jsonl
+    from tunery.plugins import load_config
     from tunery.train import run
 
     root = tmp_path_factory.mktemp("trained")
@@ -361,7 +362,7 @@ LLAMA3_TEMPLATE = (
 
 
 def test_chat_format_detection_and_modelfile():
-    from tunery.testing import tiny_tokenizer
+    from tests.helpers.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     found = detect_format(tok)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.helpers.server import make_lora_adapter, register_model, running_server
 from tunery.jobs.store import Store
-from tunery.serve.testing import make_lora_adapter, register_model, running_server
 
 OLD = "ft:tiny:alice:support:v1"  # the model in production: a fine-tuned model the key owns
 SYSTEM = {"role": "system", "content": "Route the ticket: billing, shipping, technical, account or sales."}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunery.evaluate.generate import GenerationParams, IncrementalDecoder, generate_batch, stream
+from tunery.generation.generate import generate_batch, stream
+from tunery.generation.sequence import GenerationParams, IncrementalDecoder
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +14,7 @@ def tiny(tmp_path_factory):
     """A tiny llama with larger random weights, so greedy replies vary from prompt to prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunery.testing import make_tiny_model_dir
+    from tests.helpers.tiny import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path_factory.mktemp("gen-tiny"), "llama", initializer_range=0.3)
     return path, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -136,7 +137,8 @@ def test_prompt_learning_decodes_like_a_full_forward(tiny, method):
 
     from transformers import AutoModelForCausalLM
 
-    from tunery.evaluate.generate import _Seq, decode_steps
+    from tunery.generation.generate import decode_steps
+    from tunery.generation.sequence import _Seq
     from tunery.methods import METHODS
 
     path, _, tok = tiny
@@ -216,7 +218,7 @@ def _make_adapter(base_dir, out, seed):
 
 
 def test_engine_adapter_switching_and_mixed_batches(tiny, tmp_path):
-    from tunery.evaluate.engine import Engine
+    from tunery.generation.engine import Engine
 
     path, _, tok = tiny
     a1 = _make_adapter(path, tmp_path / "a1", 1)

@@ -6,8 +6,9 @@ import base64
 import io
 import json
 
-from tunery.jobs.executor import LocalExecutor
-from tunery.jobs.store import Job, Store, new_id, now
+from tunery.jobs.local import LocalExecutor
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Job, new_id, now
 
 
 def _running_job(store: Store, **kw) -> Job:

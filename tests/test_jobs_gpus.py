@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tunery.errors import TuneryError
-from tunery.jobs.executor import LocalExecutor
 from tunery.jobs.gpus import GpuSlots, plan
-from tunery.jobs.store import Job, Store, new_id, now
+from tunery.jobs.local import LocalExecutor
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Job, new_id, now
 
 
 def test_plan_refuses_more_jobs_than_the_gpus_can_hold():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tunery.jobs.spec import InvalidRequest, base_display, build_config, model_name, parse_request
-from tunery.jobs.store import Job
+from tunery.jobs.tables import Job
 
 
 def _config(body: dict, **job_fields):

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tunery.errors import NotFoundError, TuneryError
-from tunery.jobs.store import Job, ModelRow, Store, hash_key, new_id, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Job, ModelRow, hash_key, new_id, now
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -24,7 +25,7 @@ def store(request, tmp_path):
         url = request.getfixturevalue("postgres_url")
         s = Store(tmp_path / "data", url)
         assert s.url.startswith("postgresql+psycopg://")
-        from tunery.jobs.store import Base
+        from tunery.jobs.tables import Base
 
         Base.metadata.drop_all(s.engine)  # each test starts from empty tables
         Base.metadata.create_all(s.engine)
@@ -169,10 +170,10 @@ def test_api_over_postgres(postgres_url, tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from tunery.jobs.store import Base
+    from tests.helpers.tiny import make_tiny_model_dir
+    from tunery.jobs.tables import Base
     from tunery.serve.app import create_app
     from tunery.serve.common import Settings
-    from tunery.testing import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     Base.metadata.drop_all(Store(tmp_path / "d0", postgres_url).engine)
@@ -246,10 +247,10 @@ def test_job_events_and_kill_9_recovery_on_postgres(postgres_url, tmp_path):
     of the server mid-job, a restart on the same database, and the job resumes from its checkpoint."""
     import json
 
+    from tests.helpers.server import start_server
+    from tests.helpers.tiny import make_tiny_model_dir
     from tunery.jobs.executor import _pid_is_worker
-    from tunery.jobs.store import Base
-    from tunery.serve.testing import start_server
-    from tunery.testing import make_tiny_model_dir
+    from tunery.jobs.tables import Base
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     fresh = Store(tmp_path / "d0", postgres_url)

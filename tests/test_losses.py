@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tunery.errors import ConfigError
+from tunery.objectives import logps as LP
 from tunery.objectives import losses as L
 
 ATOL = 1e-5
@@ -69,7 +70,7 @@ def tiny_lm():
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from tunery.testing import tiny_config
+    from tests.helpers.tiny import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=128)).eval()
@@ -94,9 +95,9 @@ def _sequences(n: int, width: int, seed: int, vocab: int = 128):
 
 
 def _our_logps(model, input_ids, attention, completion, average=False):
-    labels = input_ids.masked_fill(completion == 0, L.IGNORE_INDEX)
+    labels = input_ids.masked_fill(completion == 0, LP.IGNORE_INDEX)
     logits = model(input_ids=input_ids, attention_mask=attention).logits
-    return L.sequence_logps(logits[:, :-1], labels[:, 1:], average=average)
+    return LP.sequence_logps(logits[:, :-1], labels[:, 1:], average=average)
 
 
 # --------------------------------------------------------------------------- log-probabilities
@@ -111,7 +112,7 @@ def test_sequence_logps_matches_trl_get_batch_logps():
     labels[:, :3] = -100
     labels[2, 6:] = -100
     for average in (False, True):
-        ours, n = L.sequence_logps(logits[:, :-1], labels[:, 1:], average=average)
+        ours, n = LP.sequence_logps(logits[:, :-1], labels[:, 1:], average=average)
         ref = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=average)  # shifts internally
         _close(ours, ref)
     assert n.tolist() == [6, 6, 3, 6]
@@ -127,8 +128,8 @@ def test_chunked_logps_match_full_logits_and_trl_kernel_with_gradients():
     labels[0, :5] = -100
     labels[2, -2:] = -100
 
-    full = L.token_logps(hidden @ weight.T, labels)
-    chunked = L.token_logps_from_hidden(hidden, weight, labels, chunk_size=4)  # 4 does not divide 19 tokens
+    full = LP.token_logps(hidden @ weight.T, labels)
+    chunked = LP.token_logps_from_hidden(hidden, weight, labels, chunk_size=4)  # 4 does not divide 19 tokens
     _close(chunked, full)
     grads_full = torch.autograd.grad(full.sum(), (hidden, weight))
     grads_chunked = torch.autograd.grad(chunked.sum(), (hidden, weight))
@@ -139,16 +140,16 @@ def test_chunked_logps_match_full_logits_and_trl_kernel_with_gradients():
     trl = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, 16)[0]
     _close(chunked[mask], trl)
 
-    total, n = L.sequence_logps_from_hidden(hidden, weight, labels, average=True, chunk_size=5)
+    total, n = LP.sequence_logps_from_hidden(hidden, weight, labels, average=True, chunk_size=5)
     _close(total, full.sum(-1) / mask.sum(-1))
     assert n.tolist() == mask.sum(-1).tolist()
 
     # temperature matches dividing the logits; an all-ignored batch still backpropagates a zero
     _close(
-        L.token_logps_from_hidden(hidden, weight, labels, temperature=2.0),
-        L.token_logps(hidden @ weight.T, labels, temperature=2.0),
+        LP.token_logps_from_hidden(hidden, weight, labels, temperature=2.0),
+        LP.token_logps(hidden @ weight.T, labels, temperature=2.0),
     )
-    empty = L.token_logps_from_hidden(hidden, weight, torch.full_like(labels, -100))
+    empty = LP.token_logps_from_hidden(hidden, weight, torch.full_like(labels, -100))
     empty.sum().backward()
     assert empty.abs().sum() == 0 and hidden.grad is not None
 
@@ -377,7 +378,7 @@ def test_bradley_terry_matches_trl_reward_trainer(with_margin, center):
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import RewardTrainer
 
-    from tunery.testing import tiny_config
+    from tests.helpers.tiny import tiny_config
 
     torch.manual_seed(11)
     model = AutoModelForSequenceClassification.from_config(

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tunery.testing import chat_row, make_tiny_model_dir, write_jsonl
+from tests.helpers.tiny import chat_row, make_tiny_model_dir, write_jsonl
 from tunery.train.events import read_jsonl
 from tunery.train.memory import ALLOCATOR_ENV, JEMALLOC_CONF, allocator_env, find_jemalloc
 

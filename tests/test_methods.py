@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunery.config import load_config
+from tests.helpers.tiny import write_chat_jsonl
 from tunery.errors import ModelError
 from tunery.methods import METHODS, count_parameters, load_trained
 from tunery.methods.multi import AdapterSet
-from tunery.testing import write_chat_jsonl
+from tunery.plugins import load_config
 from tunery.train import run
 from tunery.train.events import read_jsonl
 from tunery.train.setup import save_trained

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunery.config import load_config
+from tests.helpers.tiny import make_tiny_model_dir, write_chat_jsonl
 from tunery.methods import METHODS, load_trained
 from tunery.objectives import OBJECTIVES
-from tunery.testing import make_tiny_model_dir, write_chat_jsonl
+from tunery.plugins import load_config
 from tunery.train import run
 from tunery.train.events import read_jsonl
 from tunery.train.setup import make_optimizer, save_trained

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.tiny import make_tiny_model_dir
 from tunery.errors import ConfigError, ModelError
 from tunery.models import ALIASES, load_model, load_tokenizer, model_info, resolve
 from tunery.models import gguf as gguf_mod
-from tunery.testing import make_tiny_model_dir
 
 
 @pytest.fixture(autouse=True)
@@ -397,7 +397,7 @@ def test_concurrent_loads_leave_transformers_intact(tiny_dirs):
     meta device. Loads now hold `LOAD_LOCK`; without it this fails on every run here."""
     import transformers
 
-    from tunery.evaluate.loading import load_for_inference
+    from tunery.generation.loading import load_for_inference
 
     original = transformers.PreTrainedModel.tie_weights, transformers.PreTrainedModel.init_weights
     path = str(tiny_dirs["llama"])
@@ -428,9 +428,10 @@ def test_gemma3_270m_builtin_reassembles_loads_and_says_its_terms(tmp_path, monk
     """The second builtin family (issue 25 §2): reassembled from its chunk packages (sha256 checked),
     converted once, a Gemma 3 text model with its 262k vocabulary, its terms printed on first use and
     carried as its license; llama.cpp serving refuses it by name, so the torch engine serves it."""
-    from tunery.evaluate.generate import GenerationParams, generate_batch
-    from tunery.evaluate.loading import load_for_inference
     from tunery.export.gguf_file import gguf_refusal
+    from tunery.generation.generate import generate_batch
+    from tunery.generation.loading import load_for_inference
+    from tunery.generation.sequence import GenerationParams
     from tunery.models.resolve import resolve
 
     monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))

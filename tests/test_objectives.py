@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunery.config import load_config
-from tunery.testing import quick_run_config, write_jsonl
+from tests.helpers.tiny import quick_run_config, write_jsonl
+from tunery.plugins import load_config
 from tunery.train import run
 from tunery.train.events import read_jsonl
 
@@ -262,7 +262,7 @@ def test_kto_moves_margin_on_unpaired_feedback(tmp_path, tiny_llama):
 
 
 def test_distillation_lowers_kl_to_teacher(tmp_path, tiny_llama):
-    from tunery.testing import make_tiny_model_dir, write_chat_jsonl
+    from tests.helpers.tiny import make_tiny_model_dir, write_chat_jsonl
 
     # a sharper random teacher (larger init) so its distributions differ clearly from the student's
     teacher = make_tiny_model_dir(tmp_path / "teacher", seed=1, initializer_range=0.1)
@@ -287,8 +287,8 @@ def test_distillation_lowers_kl_to_teacher(tmp_path, tiny_llama):
 def test_distillation_refuses_teacher_with_other_tokenizer(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
 
+    from tests.helpers.tiny import tiny_config, tiny_tokenizer, write_chat_jsonl
     from tunery.errors import ConfigError
-    from tunery.testing import tiny_config, tiny_tokenizer, write_chat_jsonl
 
     tok = tiny_tokenizer(vocab_size=300)
     teacher = tmp_path / "other"
@@ -399,14 +399,10 @@ def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama, chat
     assert all(m[-1]["content"].startswith("Q: user: Name a colour for ") for m in judge.requests)
 
     # offline labelling through the CLI command: best vs worst candidate by the judge's scores
-    import typer
     from typer.testing import CliRunner
 
-    from tunery.objectives.cli import register_data
+    from tunery.cli.data import data_app as app
 
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    register_data(app)
     cands = [{"prompt": f"Say hi {i}", "completions": ["hi", "hello there", "yo"]} for i in range(3)]
     cands += [{"prompt": "Tie", "completions": ["same a", "same b"]}]  # no preference: skipped
     cands += [{"prompt": "How are you?", "completions": ["???", "fine"]}]  # "???" is unscored: 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
-from tunery.train import attention, forward
+from tunery.train import forward
 from tunery.train.attention import block_causal_mask, use_packed_attention
 from tunery.train.forward import IGNORE, packed_inputs, supervised_loss
 
@@ -20,14 +20,6 @@ LABELS = [
     [IGNORE, 13, 14, 15],
     [IGNORE, IGNORE, IGNORE, 103, 104, 105, 106],
 ]
-
-
-@pytest.fixture
-def levers():
-    """Restore the module-level switches whatever a test does with them."""
-    mode, head = attention.MODE, forward.SUPERVISED_HEAD_ONLY
-    yield
-    attention.MODE, forward.SUPERVISED_HEAD_ONLY = mode, head
 
 
 def test_block_causal_mask_shape_and_isolation():
@@ -45,14 +37,14 @@ def test_block_causal_mask_shape_and_isolation():
     assert torch.equal(mask, expected)
 
 
-def test_mask_mode_equals_segment_mode(tiny_llama, levers):
+def test_mask_mode_equals_segment_mode(tiny_llama):
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     assert use_packed_attention(model)
     batch = packed_inputs(ROWS, LABELS)
     with torch.no_grad():
-        attention.MODE = "segments"
+        use_packed_attention(model, "segments")
         seg = forward.decoder_hidden(model, batch)
-        attention.MODE = "mask"
+        use_packed_attention(model, "mask")
         dense = forward.decoder_hidden(model, batch)
         unpacked = torch.cat(
             [model.get_decoder()(input_ids=torch.tensor([r])).last_hidden_state for r in ROWS], 1
@@ -61,15 +53,13 @@ def test_mask_mode_equals_segment_mode(tiny_llama, levers):
     assert torch.allclose(dense, unpacked, atol=1e-5), "the 4D mask let attention cross examples"
 
 
-def test_full_head_gives_the_same_loss(tiny_llama, levers):
+def test_full_head_gives_the_same_loss(tiny_llama):
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     use_packed_attention(model)
     batch = packed_inputs(ROWS, LABELS)
     with torch.no_grad():
-        forward.SUPERVISED_HEAD_ONLY = True
         sup = supervised_loss(model, batch)
-        forward.SUPERVISED_HEAD_ONLY = False
-        full = supervised_loss(model, batch)
+        full = supervised_loss(model, {**batch, "full_head": True})  # the lever, as the loop sets it
     assert sup[2] == full[2] == 11
     assert torch.allclose(sup[0], full[0], atol=1e-5)
     assert int(sup[1]) == int(full[1])

@@ -17,7 +17,7 @@ FLOOR = 0.9
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # a real 135M model: 75 steps and three evaluations on two CPU cores
 def test_quickstart_reaches_the_documented_floor(tmp_path):
-    from tunery.quickstart import QuickstartSettings, run_quickstart
+    from tunery.workflows.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings(output=str(tmp_path / "qs"))  # the quickstart's own settings
     summary = run_quickstart(settings, Console(record=True, width=120))

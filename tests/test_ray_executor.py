@@ -19,11 +19,11 @@ import pytest
 pytest.importorskip("ray.job_submission")
 pytest.importorskip("aiohttp", reason="Ray's job server needs ray[default]")
 
+from tests.helpers.server import free_port, start_server  # noqa: E402
+from tests.helpers.tiny import make_tiny_model_dir  # noqa: E402
 from tunery.errors import ExecutorError  # noqa: E402
 from tunery.jobs import spec  # noqa: E402
 from tunery.jobs.ray_executor import RayJob, connect, returncode  # noqa: E402
-from tunery.serve.testing import free_port, start_server  # noqa: E402
-from tunery.testing import make_tiny_model_dir  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tunery.serve.testing import running_server
-from tunery.testing import make_tiny_model_dir
+from tests.helpers.server import running_server
+from tests.helpers.tiny import make_tiny_model_dir
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -18,11 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.helpers.server import make_lora_adapter, running_server
+from tests.helpers.tiny import make_tiny_model_dir
 from tunery.errors import ConfigError, TuneryError
-from tunery.evaluate.engine import Engine
-from tunery.evaluate.generate import GenerationParams, _token_entry, chat_prompt
-from tunery.serve.testing import make_lora_adapter, running_server
-from tunery.testing import make_tiny_model_dir
+from tunery.generation.engine import Engine
+from tunery.generation.generate import chat_prompt
+from tunery.generation.sequence import GenerationParams, _token_entry
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by install.sh --test")
 
@@ -333,8 +334,8 @@ def test_vllm_engine_refuses_clearly_without_vllm():
 def test_server_streams_from_llama_cpp_and_lists_the_engine(tmp_path, tiny_llama):
     """A real `tunery serve --engine auto`: the official SDK's plain and streamed replies agree with the
     torch engine's greedy reply, and /v1/models names the engine of each model."""
+    from tests.helpers.server import register_model
     from tunery.jobs.store import Store
-    from tunery.serve.testing import register_model
 
     adapter = make_lora_adapter(tiny_llama, tmp_path / "lora", seed=1)
     with running_server(tmp_path / "data", "admin-key", "--gguf-type", "f32") as server:

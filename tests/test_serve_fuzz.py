@@ -35,7 +35,7 @@ def _check(response, where: str) -> None:
 
 def _seed(app) -> None:
     """A little state for the fuzzer to hit: a file, a queued job and a fine-tuned model row."""
-    from tunery.jobs.store import ModelRow
+    from tunery.jobs.tables import ModelRow
 
     store = app.state.store
     owner = store.key_for(KEY).id

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from tunery.errors import TuneryError
-from tunery.jobs.store import CheckpointRow, Job, ModelRow, Store, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import CheckpointRow, Job, ModelRow, now
 from tunery.serve.app import create_app
 from tunery.serve.common import Settings
 
@@ -103,8 +104,8 @@ def test_bad_token_ids_are_400_and_a_concurrent_request_succeeds(tmp_path, tiny_
 def test_a_failing_batch_is_retried_per_request(tiny_llama):
     """A request that gets past validation and still breaks its batch fails alone: the engine decodes
     the batch's other requests again, one by one."""
-    from tunery.evaluate.engine import Engine, GenerationHandle, _Request
-    from tunery.evaluate.generate import GenerationParams
+    from tunery.generation.engine import Engine, GenerationHandle, _Request
+    from tunery.generation.sequence import GenerationParams
 
     engine = Engine(batch_wait=0.05)
     try:
@@ -322,7 +323,7 @@ def test_error_messages_hide_server_paths(tmp_path):
     )
 
     # A failed job's error (the client reads it) names no server path either; the log has them.
-    from tunery.jobs.executor import LocalExecutor
+    from tunery.jobs.local import LocalExecutor
 
     store = Store(data)
     try:
@@ -368,7 +369,7 @@ def test_success_is_recorded_once_in_one_transaction(tmp_path):
     from sqlalchemy import select
     from sqlalchemy.exc import IntegrityError
 
-    from tunery.jobs.executor import LocalExecutor
+    from tunery.jobs.local import LocalExecutor
 
     store = Store(tmp_path / "data")
     try:

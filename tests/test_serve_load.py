@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tunery.serve.testing import make_lora_adapter, register_model, running_server
-from tunery.testing import make_tiny_model_dir
+from tests.helpers.server import make_lora_adapter, register_model, running_server
+from tests.helpers.tiny import make_tiny_model_dir
 
 
 def direct(base: Path, adapter: Path, prompts: list[list[dict]], max_tokens: int) -> list[str]:
-    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
-    from tunery.evaluate.loading import load_for_inference
+    from tunery.generation.generate import chat_prompt, generate_batch
+    from tunery.generation.loading import load_for_inference
+    from tunery.generation.sequence import GenerationParams
 
     model, tok = load_for_inference(str(base), str(adapter))
     params = GenerationParams(max_new_tokens=max_tokens, temperature=0.0)
@@ -22,7 +23,8 @@ def direct(base: Path, adapter: Path, prompts: list[list[dict]], max_tokens: int
 
 
 def direct_llamacpp(base: Path, adapter: Path, prompts: list[list[dict]], max_tokens: int) -> list[str]:
-    from tunery.evaluate.generate import GenerationParams, chat_prompt
+    from tunery.generation.generate import chat_prompt
+    from tunery.generation.sequence import GenerationParams
     from tunery.serve.engines.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(gguf_type="f32")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import time
 
+from tests.helpers.server import start_server
+from tests.helpers.tiny import make_tiny_model_dir
 from tunery.jobs.executor import _pid_is_worker
 from tunery.jobs.store import Store
-from tunery.serve.testing import start_server
-from tunery.testing import make_tiny_model_dir
 
 
 def _rows(n: int) -> str:

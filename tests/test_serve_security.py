@@ -265,7 +265,7 @@ def test_another_tenants_job_dir_is_refused_even_with_local_models_on(tmp_path):
 
 
 def test_ft_model_as_teacher_resolves_to_its_owners_dir_only(tmp_path):
-    from tunery.jobs.store import ModelRow
+    from tunery.jobs.tables import ModelRow
 
     with _app(tmp_path) as c:
         store = c.app.state.store
@@ -433,8 +433,8 @@ def test_real_worker_reaches_only_the_registered_judge_with_only_its_key(tmp_pat
     the judge's key only, and the worker process holds none of the server's secrets."""
     from openai import BadRequestError
 
-    from tunery.serve.testing import running_server
-    from tunery.testing import make_tiny_model_dir
+    from tests.helpers.server import running_server
+    from tests.helpers.tiny import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     prompts = "".join(json.dumps({"prompt": f"Name a colour ({i})"}) + "\n" for i in range(12))

@@ -16,11 +16,12 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers.server import running_server
 from tunery.errors import TuneryError
-from tunery.jobs.store import Base, Store, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Base, now
 from tunery.serve.common import Settings
 from tunery.serve.completions_store import TABLES, CompletionLog, Query, StoredCompletion
-from tunery.serve.testing import running_server
 
 ASK = [{"role": "user", "content": "Say hi"}]
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tunery.jobs.store import FileRow
+from tests.helpers.server import make_lora_adapter, register_model, running_server
+from tests.helpers.tiny import chat_row
+from tunery.jobs.tables import FileRow
 from tunery.serve.app import create_app
 from tunery.serve.common import Settings
-from tunery.serve.testing import make_lora_adapter, register_model, running_server
-from tunery.testing import chat_row
 
 KEY = "k"
 H = {"Authorization": f"Bearer {KEY}"}
@@ -347,7 +347,7 @@ def test_size_caps_refuse_big_models_and_long_evaluations(two_keys, tmp_path):
 
 
 def test_failed_export_leaves_no_temp_dir(two_keys, tmp_path):
-    from tunery.jobs.store import ModelRow
+    from tunery.jobs.tables import ModelRow
 
     app, _ = two_keys
     store = app.state.store

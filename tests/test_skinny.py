@@ -6,10 +6,11 @@ import torch
 import transformers as tf
 from peft import LoraConfig, get_peft_model
 
-from tunery.evaluate import skinny
-from tunery.evaluate.generate import GenerationParams, generate_batch
-from tunery.evaluate.skinny import SkinnyLinear, skinny_linears
-from tunery.testing import tiny_config, tiny_tokenizer
+from tests.helpers.tiny import tiny_config, tiny_tokenizer
+from tunery.generation import skinny
+from tunery.generation.generate import generate_batch
+from tunery.generation.sequence import GenerationParams
+from tunery.generation.skinny import SkinnyLinear, skinny_linears
 
 
 @pytest.mark.parametrize("bias", [False, True])

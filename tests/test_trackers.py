@@ -19,8 +19,8 @@ pytest.importorskip("wandb")
 
 
 def _train(tmp_path, tiny_llama, report_to: str, *extra: str):
-    from tunery.config import load_config
-    from tunery.testing import write_chat_jsonl
+    from tests.helpers.tiny import write_chat_jsonl
+    from tunery.plugins import load_config
     from tunery.train import run
 
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=12)
@@ -186,7 +186,7 @@ def test_trackers_that_cannot_start_warn_and_training_continues(tmp_path, tiny_l
 def test_a_tracker_failing_mid_run_warns_once_and_still_closes_its_run(tracked, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from tunery.config import load_config
+    from tunery.plugins import load_config
     from tunery.train.trackers import MLflowTracker, close_all
 
     # The store the module's training made (already migrated); a metric name MLflow refuses

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tunery.config import load_config
-from tunery.testing import write_chat_jsonl
+from tests.helpers.tiny import write_chat_jsonl
+from tunery.plugins import load_config
 from tunery.train import run
 from tunery.train.events import read_jsonl
 
@@ -97,6 +97,22 @@ def test_packed_equals_padded_training(tmp_path, tiny_qwen2):
     assert levers(packed.output_dir) == {"packed": True, "fused": True, "precision": "fp32"}
     assert levers(padded.output_dir) == {"packed": False, "fused": True, "precision": "fp32"}
     assert losses(packed.output_dir) == pytest.approx(losses(padded.output_dir), abs=1e-5)
+
+
+def test_benchmark_levers_change_how_not_what(tmp_path, tiny_qwen2):
+    """Each lever the benchmark undoes (train/levers.py) reaches the run and leaves the losses."""
+    from tunery.train.levers import Levers
+
+    common = {
+        "hyperparameters.n_epochs": 1,
+        "hyperparameters.batch_size": 4,
+        "hyperparameters.learning_rate": 0.005,
+    }
+    default = run(_config(tmp_path / "a", tiny_qwen2, **common))
+    undone = Levers(attention="mask", supervised_head_only=False, fused_lora=False)
+    other = run(_config(tmp_path / "b", tiny_qwen2, **common), levers=undone)
+    assert levers(other.output_dir) == {"packed": True, "fused": False, "precision": "fp32"}
+    assert losses(other.output_dir) == pytest.approx(losses(default.output_dir), abs=1e-5)
 
 
 def levers(run_dir) -> dict:
@@ -219,7 +235,8 @@ def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path, tiny_llama):
 @pytest.mark.slow
 def test_lora_on_smollm2_then_chat(tmp_path):
     """A few LoRA steps on the real embedded model, then a chat turn through the generation path."""
-    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
+    from tunery.generation.generate import chat_prompt, generate_batch
+    from tunery.generation.sequence import GenerationParams
     from tunery.methods import load_trained
 
     data = write_chat_jsonl(tmp_path / "train.jsonl", n=12)

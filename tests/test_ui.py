@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tunery.serve.testing import running_server
-from tunery.testing import make_tiny_model_dir
+from tests.helpers.server import running_server
+from tests.helpers.tiny import make_tiny_model_dir
 
 KEY = "test-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -10,18 +10,11 @@ from typer.testing import CliRunner
 from tunery.data.stats import data_stats, duplicates, leakage
 from tunery.data.synth import SynthSettings, _Filter, parse_pair, parse_score
 from tunery.data.types import Conversation
-from tunery.workflows_cli import register
 
 
 def _app() -> typer.Typer:
-    app, data_app = typer.Typer(), typer.Typer()
+    from tunery.cli import app
 
-    @data_app.callback()
-    def _group() -> None:
-        """data"""
-
-    register(app, data_app)
-    app.add_typer(data_app, name="data")
     return app
 
 
@@ -195,7 +188,8 @@ def test_synth_generate_mode_keeps_exactly_the_valid_new_examples():
 
 def test_synth_with_local_tiny_teacher(tmp_path, tiny_llama):
     from tunery.data import load_dataset
-    from tunery.data.synth import LocalTeacher, label_prompt, read_seeds, synthesize, write_jsonl
+    from tunery.data.synth import label_prompt, read_seeds, synthesize, write_jsonl
+    from tunery.generation.teacher import LocalTeacher
 
     seeds = read_seeds(_write(tmp_path / "seeds.jsonl", [_chat(REVIEWS[0], "positive")]))
     teacher = LocalTeacher(str(tiny_llama))
@@ -305,8 +299,8 @@ def test_synth_cli_with_served_teacher(tmp_path, chat_stub):
 def test_missing_tracker_package_fails_the_run_cleanly(tmp_path, monkeypatch):
     import importlib.util
 
-    from tunery.config import load_config
     from tunery.errors import ConfigError
+    from tunery.plugins import load_config
     from tunery.train import run
 
     real = importlib.util.find_spec
@@ -320,8 +314,8 @@ def test_missing_tracker_package_fails_the_run_cleanly(tmp_path, monkeypatch):
 def test_sweep_data_scaling_and_grid(tmp_path, tiny_llama):
     import yaml
 
-    from tunery.sweep import load_spec, run_sweep
-    from tunery.testing import write_chat_jsonl
+    from tests.helpers.tiny import write_chat_jsonl
+    from tunery.workflows.sweep import load_spec, run_sweep
 
     train = write_chat_jsonl(tmp_path / "train.jsonl", n=20)
     test = write_chat_jsonl(tmp_path / "test.jsonl", n=4, seed=1)
@@ -367,8 +361,8 @@ def test_sweep_data_scaling_and_grid(tmp_path, tiny_llama):
 
 
 def test_recommend_choices_and_memory_parsing(tmp_path, tiny_llama):
-    from tunery.recommend import GB, parse_memory, recommend
-    from tunery.testing import write_chat_jsonl
+    from tests.helpers.tiny import write_chat_jsonl
+    from tunery.workflows.recommend import GB, parse_memory, recommend
 
     assert parse_memory("8GB") == 8 * GB and parse_memory("512 MB") == 512 * 1024**2
     data = write_chat_jsonl(tmp_path / "d.jsonl", n=30)
@@ -390,7 +384,7 @@ MEASURE = """
 import json, re, sys
 import torch, transformers, peft, accelerate  # the runtime the estimate counts separately
 import tunery.train.setup
-from tunery.config import load_config
+from tunery.plugins import load_config
 from tunery.train import run
 
 def rss(field):
@@ -410,9 +404,9 @@ def test_memory_estimate_matches_measured_peak(tmp_path):
     import subprocess
     import sys
 
+    from tests.helpers.tiny import make_tiny_model_dir, write_chat_jsonl
     from tunery.models.load import load_tokenizer
-    from tunery.recommend import data_facts, estimate, model_facts
-    from tunery.testing import make_tiny_model_dir, write_chat_jsonl
+    from tunery.workflows.recommend import data_facts, estimate, model_facts
 
     model = make_tiny_model_dir(
         tmp_path / "m", "llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4

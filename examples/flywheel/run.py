@@ -35,9 +35,11 @@ import httpx
 import openai
 
 from tunery.jobs.store import Store
-from tunery.serve.testing import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(1, str(ROOT))  # the repository's test helpers: a real `tunery serve` on a free port
+from tests.helpers.server import running_server  # noqa: E402
+
 TASK = ROOT / "datasets" / "routing"
 TEAMS = ["billing", "technical", "shipping", "account", "sales"]
 BASE = "smollm2-135m"

@@ -2,20 +2,35 @@
 
 Method options sit beside `method:` under the method's own name (`lora: {r: 8}`), and objective
 options under the objective's name (`dpo: {beta: 0.1}`). Their schemas live with the method or
-objective module and are validated against its registry when the config is resolved.
+objective module, in the registries, which sit above this module: the config keeps the raw option
+blocks, and whoever builds it with the registries at hand validates them, through pydantic's
+validation context (`tunery.plugins.load_config`, the job spec, the sweep) or afterwards with
+`bind_options` (the run, for a config built without them). This module imports no registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from tunery.errors import ConfigError
 
 Auto = Literal["auto"]
+# Finds the option schema of a method or objective by name (None: no such name); tunery.plugins
+# passes the registries' lookup.
+OptionSchema = Callable[[str], "type[BaseModel] | None"]
 
 
 class Hyperparameters(BaseModel):
@@ -103,7 +118,10 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train: str | list[str] | None = Field(None, description="Training file(s); a list mixes several tasks.")
-    validation: str | None = Field(None, description="Validation file, evaluated every epoch.")
+    validation: str | list[str] | None = Field(
+        None,
+        description="Validation file, evaluated every epoch; a list: one file per task, scored per task.",
+    )
     weights: list[float] | None = Field(None, description="Sampling weights when train lists several files.")
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens, not only assistant replies."
@@ -184,33 +202,49 @@ class TuneryConfig(BaseModel):
         description="Experiment trackers that receive every metric and the resolved config.",
     )
 
-    @model_validator(mode="after")
-    def _check_extra(self) -> TuneryConfig:
-        from tunery.plugins import option_schema
+    _option_schema: OptionSchema | None = PrivateAttr(default=None)
 
-        for key, value in (self.model_extra or {}).items():
+    @model_validator(mode="after")
+    def _check_extra(self, info: ValidationInfo) -> TuneryConfig:
+        # Validated with {"option_schema": lookup} as context, the option blocks are checked in the
+        # same pass, so their errors read like any other field's; without it they stay raw.
+        lookup = (info.context or {}).get("option_schema")
+        if lookup is not None:
+            self.bind_options(lookup)
+        return self
+
+    def bind_options(self, option_schema: OptionSchema) -> None:
+        """Validate the option blocks with the schemas `option_schema` finds, in place (raw dicts
+        become the schemas' models), and keep the lookup for the defaults of absent blocks.
+        A ValueError names the block (`lora.r`, not just `r`) or the unknown key."""
+        extra = self.model_extra or {}
+        for key, value in extra.items():
             schema = option_schema(key)
             if schema is None:
                 raise ValueError(f"unknown config key {key!r}")
             if isinstance(value, dict):
                 try:
-                    self.model_extra[key] = schema.model_validate(value)
-                except ValidationError as exc:  # name the block: `lora.r`, not just `r`
+                    extra[key] = schema.model_validate(value)
+                except ValidationError as exc:
                     raise ValueError(
                         "; ".join(
                             f"{key}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
                         )
                     ) from None
-        return self
+        self._option_schema = option_schema
 
     def options(self, name: str) -> BaseModel:
         """The validated options of a method or objective (defaults when absent)."""
-        from tunery.plugins import option_schema
-
         value = (self.model_extra or {}).get(name)
         if isinstance(value, BaseModel):
             return value
-        schema = option_schema(name)
+        if self._option_schema is None:
+            raise ConfigError(
+                f"The {name!r} options have not been validated.",
+                hint="Build the config with tunery.plugins.load_config, or pass it through "
+                "tunery.plugins.validate_options.",
+            )
+        schema = self._option_schema(name)
         if schema is None:
             raise ConfigError(f"{name!r} is not a method or objective")
         return schema.model_validate(value or {})
@@ -268,10 +302,17 @@ def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict[str, 
     return raw
 
 
-def load_config(
-    path: str | Path | None = None, sets: list[str] | None = None, overrides: dict[str, Any] | None = None
+def read_config(
+    path: str | Path | None = None,
+    sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    option_schema: OptionSchema | None = None,
 ) -> TuneryConfig:
-    """Build the config: YAML file, then `--set` assignments, then flag overrides (dotted keys)."""
+    """Build the config: YAML file, then `--set` assignments, then flag overrides (dotted keys).
+
+    With `option_schema` the option blocks are validated too (tunery.plugins.load_config passes the
+    registries'); without it they stay raw."""
     raw: dict[str, Any] = read_yaml_mapping(path) if path else {}
     for assignment in sets or []:
         apply_set(raw, assignment)
@@ -279,7 +320,8 @@ def load_config(
         if value is not None:
             apply_set(raw, f"{key}={value}") if not isinstance(value, str) else _set_str(raw, key, value)
     try:
-        return TuneryConfig.model_validate(raw)
+        context = {"option_schema": option_schema} if option_schema is not None else None
+        return TuneryConfig.model_validate(raw, context=context)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

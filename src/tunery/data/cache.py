@@ -54,7 +54,7 @@ def _data_hash(dataset: Dataset) -> str:
     if dataset.content_hash:
         return dataset.content_hash
     # Built in memory: hash the examples themselves.
-    rows = [asdict(x) if is_dataclass(x) else x for x in dataset.examples]
+    rows = [asdict(x) if is_dataclass(x) and not isinstance(x, type) else x for x in dataset.examples]
     return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
 
 

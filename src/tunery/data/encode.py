@@ -256,7 +256,7 @@ def encode_pair(pair: PreferencePair, tokenizer: Any, max_length: int | None) ->
     except DataError as err:
         raise _located(err, pair.line) from None
     truncated = max_length is not None and len(prompt_ids) + max(len(chosen), len(rejected)) > max_length
-    if truncated:
+    if truncated and max_length is not None:
         prompt_ids = prompt_ids[: max_length - 1]
         room = max_length - len(prompt_ids)
         chosen, rejected = chosen[:room], rejected[:room]
@@ -273,7 +273,7 @@ def encode_completion(
     """Prompt ids and completion ids of one judged completion (KTO), truncated like `encode_pair`."""
     prompt_ids, completion_ids = _split_completion(tokenizer, prompt, completion, tools)
     truncated = max_length is not None and len(prompt_ids) + len(completion_ids) > max_length
-    if truncated:
+    if truncated and max_length is not None:
         prompt_ids = prompt_ids[: max_length - 1]
         completion_ids = completion_ids[: max_length - len(prompt_ids)]
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "truncated": truncated}

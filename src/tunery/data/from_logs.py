@@ -35,6 +35,8 @@ RATING_FILTERS = ("up", "down", "any", "rated")
 # The validator's method for each shape: the OpenAI method where there is one, so the file is
 # exactly what a `supervised` or `dpo` job accepts.
 VALIDATE_AS = {"sft": "supervised", "dpo": "dpo", "kto": "kto"}
+# The data kind each shape is checked as where `VALIDATE_AS` names no OpenAI method type.
+_VALIDATE_KIND = {"kto": "unpaired"}
 MAX_TEST_FRACTION = 0.5
 # Message fields kept from a request: what the chat format accepts (data/messages.py).
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
@@ -51,6 +53,7 @@ class Report:
     train: int = 0
     test: int = 0
     relabeled: int | None = None  # train replies a stronger model rewrote (`relabel`); None: not asked
+    judge_dropped: int | None = None  # relabeled rows the judge scored too low; None: no judge asked
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -64,6 +67,8 @@ class Report:
         }
         if self.relabeled is not None:
             out["relabeled"] = self.relabeled
+        if self.judge_dropped is not None:
+            out["judge_dropped"] = self.judge_dropped
         return out
 
 
@@ -248,21 +253,50 @@ def build(
     return Built([e.row for e in train], [e.row for e in test], report, [e.why for e in train])
 
 
-def relabel(built: Built, reply: Any) -> None:
+def relabel(built: Built, reply: Any) -> list[int]:
     """Replace the train replies no reviewer wrote with `reply(messages)`, a stronger model's answer
     to the same conversation (distillation, seed 000). Corrected replies are a reviewer's own and
-    stay; the held-out slice stays as reviewed, so it still measures against human judgement."""
+    stay; the held-out slice stays as reviewed, so it still measures against human judgement.
+    Returns the indices of the train rows rewritten."""
     if built.report.shape != "sft":
         raise TuneryError("--relabel-with applies to --shape sft only.", param="relabel_with")
     built.report.relabeled = 0
     todo = [i for i, why in enumerate(built.train_why) if why != "corrected"]
     if not todo:
-        return
+        return []
     answers = reply([built.train[i]["messages"][:-1] for i in todo])
+    done = []
     for i, text in zip(todo, answers, strict=True):
         if text.strip():
             built.train[i]["messages"][-1] = _assistant(text)
             built.report.relabeled += 1
+            done.append(i)
+    return done
+
+
+def judge_relabeled(built: Built, rows: list[int], score: Any, min_score: float, max_score: float) -> None:
+    """Drop the relabeled train rows `rows` whose reply the judge scores below `min_score` (on the
+    judge template's scale, 0 to `max_score`). `score(prompts, replies)` is `Judge.score`: scores
+    scaled to [0, 1], a reply without a number scoring 0. Rows a reviewer wrote are never judged."""
+    built.report.judge_dropped = 0
+    if not rows:
+        return
+    scores = score(
+        [built.train[i]["messages"][:-1] for i in rows],
+        [str(built.train[i]["messages"][-1]["content"]) for i in rows],
+    )
+    low = {i for i, s in zip(rows, scores, strict=True) if s * max_score < min_score - 1e-9}
+    if not low:
+        return
+    for i in sorted(low):
+        built.report.kept[built.train_why[i]] -= 1
+    built.report.kept = +built.report.kept  # a reason with no example left is not listed
+    built.report.dropped[f"judge score below {min_score:g}"] += len(low)
+    built.report.judge_dropped = len(low)
+    keep = [i for i in range(len(built.train)) if i not in low]
+    built.train = [built.train[i] for i in keep]
+    built.train_why = [built.train_why[i] for i in keep]
+    built.report.train = len(built.train)
 
 
 def check_options(shape: str, rating: str, test_fraction: float) -> None:
@@ -320,7 +354,7 @@ def write_validated(rows: list[dict[str, Any]], path: Path, shape: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         # The example count is checked when a job starts (a small file may be a validation file).
-        report = validate_file(tmp, method=VALIDATE_AS[shape], min_examples=1)
+        report = validate_file(tmp, method=VALIDATE_AS[shape], kind=_VALIDATE_KIND.get(shape), min_examples=1)
         if not report.ok:
             first = report.errors[0]
             raise DataError(
@@ -374,4 +408,6 @@ def report_lines(report: Report) -> list[str]:
     lines += [f"  dropped {n:>6}  {why}" for why, n in sorted(report.dropped.items())]
     if report.relabeled is not None:
         lines.append(f"  relabeled {report.relabeled} train repl(ies) with the stronger model")
+    if report.judge_dropped is not None:
+        lines.append(f"  the judge dropped {report.judge_dropped} relabeled repl(ies) below its minimum")
     return lines

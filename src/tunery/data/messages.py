@@ -85,6 +85,72 @@ def parse_tool_calls(value: Any, w: Where, field: str, openai: str) -> list[dict
     return calls
 
 
+def parse_message(msg: Any, w: Where, field: str, openai: str) -> Message:
+    """Check one message of a list (`field` names it, `openai` is OpenAI's prefix for its errors)."""
+    if not isinstance(msg, dict):
+        raise w.fail(
+            "Each message must be an object.",
+            field,
+            "data_type",
+            f"{openai} Input should be a valid dictionary",
+        )
+    if "role" not in msg:
+        raise w.fail(
+            "Message has no 'role'.",
+            f"{field}.role",
+            "message_missing_key",
+            f"{openai} Discriminator 'role' is missing in value",
+        )
+    extra = sorted(set(msg) - MESSAGE_KEYS)
+    if extra:
+        raise w.fail(
+            f"Unrecognized key(s) {', '.join(map(repr, extra))} in message; allowed: "
+            f"{', '.join(sorted(MESSAGE_KEYS))}.",
+            f"{field}.{extra[0]}",
+            "message_unrecognized_key",
+            f"{openai} Extra inputs are not permitted: {extra[0]}",
+        )
+    role = msg["role"]
+    if role not in ROLES:
+        raise w.fail(
+            f"Unrecognized role {role!r}; expected one of {', '.join(ROLES)}.",
+            f"{field}.role",
+            "unrecognized_role",
+            f"{openai} Input tag {role!r} found using 'role' does not "
+            f"match any of the expected tags: {', '.join(map(repr, ROLES))}",
+        )
+    content = _content(msg.get("content"), w, f"{field}.content", openai)
+    new: Message = {"role": role, "content": content}
+    if msg.get("tool_calls") is not None:
+        new["tool_calls"] = parse_tool_calls(msg["tool_calls"], w, f"{field}.tool_calls", openai)
+    if isinstance(msg.get("function_call"), dict):  # legacy form: one call, answered by role function
+        new["tool_calls"] = parse_tool_calls(
+            [{"function": msg["function_call"]}], w, f"{field}.function_call", openai
+        )
+    if role == "function":
+        new["role"] = "tool"
+    for key in ("name", "tool_call_id"):
+        if msg.get(key) is not None:
+            new[key] = msg[key]
+    if content is None and "tool_calls" not in new:
+        raise w.fail(
+            "Message has no 'content'.",
+            f"{field}.content",
+            "missing_content",
+            f"{openai} Field required: content",
+        )
+    if "weight" in msg:
+        if role != "assistant" or msg["weight"] not in (0, 1) or isinstance(msg["weight"], float):
+            raise w.fail(
+                "'weight' must be 0 or 1, and only on assistant messages.",
+                f"{field}.weight",
+                "invalid_weight",
+                f"{openai} Invalid weight",
+            )
+        new["weight"] = int(msg["weight"])
+    return new
+
+
 def parse_messages(
     value: Any,
     w: Where,
@@ -99,72 +165,10 @@ def parse_messages(
             "missing_messages_list",
             f"Example {w.line}: '{where}' must be a non-empty list",
         )
-    out: list[Message] = []
-    for i, msg in enumerate(value):
-        field = f"{where}[{i}]"
-        openai = f"Example {w.line}, message {i + 1}"
-        if not isinstance(msg, dict):
-            raise w.fail(
-                "Each message must be an object.",
-                field,
-                "data_type",
-                f"{openai} Input should be a valid dictionary",
-            )
-        if "role" not in msg:
-            raise w.fail(
-                "Message has no 'role'.",
-                f"{field}.role",
-                "message_missing_key",
-                f"{openai} Discriminator 'role' is missing in value",
-            )
-        extra = sorted(set(msg) - MESSAGE_KEYS)
-        if extra:
-            raise w.fail(
-                f"Unrecognized key(s) {', '.join(map(repr, extra))} in message; allowed: "
-                f"{', '.join(sorted(MESSAGE_KEYS))}.",
-                f"{field}.{extra[0]}",
-                "message_unrecognized_key",
-                f"{openai} Extra inputs are not permitted: {extra[0]}",
-            )
-        role = msg["role"]
-        if role not in ROLES:
-            raise w.fail(
-                f"Unrecognized role {role!r}; expected one of {', '.join(ROLES)}.",
-                f"{field}.role",
-                "unrecognized_role",
-                f"{openai} Input tag {role!r} found using 'role' does not "
-                f"match any of the expected tags: {', '.join(map(repr, ROLES))}",
-            )
-        content = _content(msg.get("content"), w, f"{field}.content", openai)
-        new: Message = {"role": role, "content": content}
-        if msg.get("tool_calls") is not None:
-            new["tool_calls"] = parse_tool_calls(msg["tool_calls"], w, f"{field}.tool_calls", openai)
-        if isinstance(msg.get("function_call"), dict):  # legacy form: one call, answered by role function
-            new["tool_calls"] = parse_tool_calls(
-                [{"function": msg["function_call"]}], w, f"{field}.function_call", openai
-            )
-        if role == "function":
-            new["role"] = "tool"
-        for key in ("name", "tool_call_id"):
-            if msg.get(key) is not None:
-                new[key] = msg[key]
-        if content is None and "tool_calls" not in new:
-            raise w.fail(
-                "Message has no 'content'.",
-                f"{field}.content",
-                "missing_content",
-                f"{openai} Field required: content",
-            )
-        if "weight" in msg:
-            if role != "assistant" or msg["weight"] not in (0, 1) or isinstance(msg["weight"], float):
-                raise w.fail(
-                    "'weight' must be 0 or 1, and only on assistant messages.",
-                    f"{field}.weight",
-                    "invalid_weight",
-                    f"{openai} Invalid weight",
-                )
-            new["weight"] = int(msg["weight"])
-        out.append(new)
+    out = [
+        parse_message(msg, w, f"{where}[{i}]", f"Example {w.line}, message {i + 1}")
+        for i, msg in enumerate(value)
+    ]
     if require_assistant and not any(m["role"] == "assistant" for m in out):
         raise w.fail(
             "Example has no assistant message to train on.",

@@ -16,6 +16,7 @@ row (header excluded) for CSV, Parquet and datasets directories.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -93,7 +94,7 @@ def file_hash(path: str | Path) -> str:
         if p.is_dir():
             digest.update(str(f.relative_to(p)).encode() + b"\0")
         with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
 

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunery.data.labels import is_label_set
+from tunery.data.labels import normalize as label_norm
 from tunery.data.types import Conversation, Labeled, PreferencePair, Text, Unpaired
 
 _WS = re.compile(r"\s+")
@@ -108,9 +110,10 @@ def near_duplicate_pairs(
     targets = range(len(right_sh))
     right_sigs = [hasher.signature(sh) for sh in right_sh] if right is not None else [None] * len(right_sh)
     for j in targets:
-        if right is None:
+        sig = right_sigs[j]
+        if right is None or sig is None:
             continue
-        for key in _bands(right_sigs[j]):
+        for key in _bands(sig):
             for i in buckets.get(key, []):
                 if (i, j) not in found:
                     found[(i, j)] = jaccard(left_sh[i], right_sh[j])
@@ -215,9 +218,6 @@ def labels_of(examples: list[Any]) -> list[str] | None:
     if examples and all(isinstance(e, Labeled) for e in examples):
         return [label for e in examples for label in e.labels]
     if examples and all(isinstance(e, Conversation) for e in examples):
-        from tunery.evaluate.metrics import is_label_set
-        from tunery.evaluate.metrics import normalize as label_norm
-
         replies = []
         for e in examples:
             assistant = [m for m in e.messages if m.get("role") == "assistant"]

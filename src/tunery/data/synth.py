@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from tunery.data.stats import jaccard, normalize, shingles
 from tunery.errors import DataError, TuneryError
@@ -56,40 +56,15 @@ class OpenAITeacher:
         for messages in prompts:
             try:
                 resp = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens
+                    model=self.model,
+                    messages=cast(Any, messages),
+                    temperature=temperature,
+                    max_tokens=max_tokens,
                 )
             except openai.APIError as exc:
                 raise TuneryError(f"The teacher at {self.base_url} failed: {exc}", param="teacher") from None
             out.append(resp.choices[0].message.content or "")
         return out
-
-
-@dataclass
-class LocalTeacher:
-    """A local model (spec or directory, optionally with an adapter) through `generate_batch`."""
-
-    model: str
-    adapter: str | None = None
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from tunery.methods import load_trained
-
-        self.model_obj, self.tokenizer = load_trained(self.model, self.adapter)
-        self.model_obj.eval()
-        self.description = {"type": "local", "model": self.model, "adapter": self.adapter}
-
-    def complete(self, prompts: list[list[dict[str, Any]]], temperature: float, max_tokens: int) -> list[str]:
-        from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
-
-        ids = [chat_prompt(self.tokenizer, p) for p in prompts]
-        params = GenerationParams(max_new_tokens=max_tokens, temperature=temperature, seed=self.seed)
-        self.seed += 1  # a new seed per call: repeated calls must not produce the same samples
-        return [
-            r.text
-            for r in generate_batch(self.model_obj, self.tokenizer, ids, params, batch_size=self.batch_size)
-        ]
 
 
 @dataclass
@@ -270,7 +245,9 @@ def synthesize(
             shot_sets = shot_sets[: len(texts)]
             prompts = [label_prompt(s.task, sh, t) for sh, t in zip(shot_sets, texts, strict=True)]
             replies = teacher.complete(prompts, s.temperature, s.max_tokens)
-            pairs = [{"input": t, "output": r.strip()} for t, r in zip(texts, replies, strict=True)]
+            pairs: list[dict[str, str] | None] = [
+                {"input": t, "output": r.strip()} for t, r in zip(texts, replies, strict=True)
+            ]
         else:
             prompts = [generation_prompt(s.task, sh) for sh in shot_sets]
             replies = teacher.complete(prompts, s.temperature, s.max_tokens)
@@ -279,7 +256,7 @@ def synthesize(
         for pair, reply, shots in zip(pairs, replies, shot_sets, strict=True):
             why = "unparseable" if pair is None else filt.reason(pair)
             score = None
-            if why is None and s.min_judge_score is not None:
+            if why is None and pair is not None and s.min_judge_score is not None:
                 score = parse_score(judge.complete([judge_prompt(s.task, pair)], 0.0, 8)[0])
                 if score is None or score < s.min_judge_score:
                     why = "judge_score"
@@ -288,6 +265,7 @@ def synthesize(
                 result.stats[why] = result.stats.get(why, 0) + 1
                 result.rejected.append({"reason": why, "text": reply, "judge_score": score})
                 continue
+            assert pair is not None  # `why` is None only for a parsed pair
             filt.remember(pair)
             result.stats["kept"] += 1
             result.rows.append(_row(pair, s, teacher, shots, score, inputs is not None))

@@ -13,7 +13,7 @@ from typing import Any
 Message = dict[str, Any]
 
 # The label of a token that is not trained (prompt, padding): torch's cross-entropy skips it. The one
-# definition; `data.encode.IGNORE_INDEX`, `objectives.losses.IGNORE_INDEX` are this value by name.
+# definition; `data.encode.IGNORE_INDEX`, `objectives.logps.IGNORE_INDEX` are this value by name.
 IGNORE = -100
 
 

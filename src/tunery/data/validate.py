@@ -28,38 +28,26 @@ from tunery.errors import ConfigError, DataError
 MIN_EXAMPLES = 10
 MAX_KEPT_ISSUES = 50  # all are counted; only the first ones are kept for the report
 
-# method -> (data kind, native kinds accepted; None = whatever the loader can convert)
-METHOD_KINDS: dict[str, tuple[str, frozenset[str] | None]] = {
-    # OpenAI's `method.type` values
+# OpenAI's fine-tuning `method.type` -> (data kind, the only native formats its service accepts). A
+# Tunery objective is validated against its own `data_kind`, which the caller passes as `kind`
+# (`objectives.validation_kind`), and accepts whatever the loader converts.
+OPENAI_FORMATS: dict[str, tuple[str, frozenset[str]]] = {
     "supervised": ("chat", frozenset({"chat"})),
     "dpo": ("preference", frozenset({"preference"})),
     "reinforcement": ("prompt", frozenset({"chat", "prompt"})),
-    # Tunery objectives
-    "sft": ("chat", None),
-    "distill": ("chat", None),
-    "pretrain": ("text", None),
-    "simpo": ("preference", None),
-    "orpo": ("preference", None),
-    "reward": ("preference", None),
-    "kto": ("unpaired", None),
-    "grpo": ("prompt", None),
-    "rlaif": ("prompt", None),
-    "classify": ("labeled", None),
 }
 
 
-def kind_for_method(method: str) -> tuple[str, frozenset[str] | None]:
-    """The data kind a method or objective trains on; objectives registered later (plug-ins) are
-    looked up in the objective registry."""
-    if method in METHOD_KINDS:
-        return METHOD_KINDS[method]
-    from tunery.objectives import OBJECTIVES  # imports torch: only for names not in the table
-
-    if method in OBJECTIVES:
-        return OBJECTIVES.get(method).data_kind, None
+def kind_for_method(method: str, kind: str | None = None) -> tuple[str, frozenset[str] | None]:
+    """(data kind, native formats accepted; None = whatever the loader can convert) to check `method`
+    with: the caller's `kind` (an objective's `data_kind`), else OpenAI's rules for its method types."""
+    if kind is not None:
+        return kind, None
+    if method in OPENAI_FORMATS:
+        return OPENAI_FORMATS[method]
     raise ConfigError(
         f"Unknown method {method!r} for validation.",
-        hint=f"Use one of: {', '.join(METHOD_KINDS)}.",
+        hint=f"Use one of: {', '.join(OPENAI_FORMATS)}, or an objective (sft, dpo, kto, ...).",
         param="method",
     )
 
@@ -139,7 +127,7 @@ class ValidationReport:
             file=self.path,
             line=first.line,
             field=first.field,
-            code=self.openai_error()["code"],
+            code=(self.openai_error() or {}).get("code"),
             param="training_file",
         )
 
@@ -198,7 +186,8 @@ class ValidationReport:
         if self.ok:
             console.print(f"[bold green]OK[/]: {self.n} examples ready for {self.method}.")
         else:
-            console.print(f"[bold red]Invalid[/]: {self.n_errors} error(s). {self.openai_error()['message']}")
+            first = (self.openai_error() or {}).get("message")
+            console.print(f"[bold red]Invalid[/]: {self.n_errors} error(s). {first}")
 
 
 def _fmt(value: Any) -> str:
@@ -211,20 +200,23 @@ def validate_file(
     tokenizer: Any = None,
     max_length: int | None = None,
     *,
+    kind: str | None = None,
     min_examples: int = MIN_EXAMPLES,
 ) -> ValidationReport:
-    """Check `path` for training with `method` (OpenAI's supervised/dpo/reinforcement or a Tunery
-    objective name). With a tokenizer, also token-length statistics and truncation counts against
-    `max_length` (default: the config's `hyperparameters.max_length`)."""
-    kind, _ = kind_for_method(method)
+    """Check `path` for training with `method`: OpenAI's supervised/dpo/reinforcement, or a Tunery
+    objective whose data kind the caller passes as `kind`. With a tokenizer and `max_length`, also
+    token-length statistics and truncation counts."""
+    checked_kind, _ = kind_for_method(method, kind)
     line_errors: list[DataError] = []
     try:
         records = read_records(path, on_error=line_errors.append)
     except DataError as err:
-        report = ValidationReport(str(path), method, kind)
+        report = ValidationReport(str(path), method, checked_kind)
         report.add_error(Issue.from_error(err))
         return report
-    return validate_records(records, method, line_errors, tokenizer, max_length, min_examples=min_examples)
+    return validate_records(
+        records, method, line_errors, tokenizer, max_length, kind=kind, min_examples=min_examples
+    )
 
 
 def validate_records(
@@ -234,11 +226,12 @@ def validate_records(
     tokenizer: Any = None,
     max_length: int | None = None,
     *,
+    kind: str | None = None,
     min_examples: int = MIN_EXAMPLES,
 ) -> ValidationReport:
     """`validate_file` on records already read (with `line_errors`, the lines the reader refused):
     a caller that needs the records for something else reads the file once, not twice."""
-    kind, accept = kind_for_method(method)
+    kind, accept = kind_for_method(method, kind)
     report = ValidationReport(records.path, method, kind)
     report.n = len(records) + len(line_errors)
     try:
@@ -247,8 +240,8 @@ def validate_records(
         report.format = _first_format(records)
         report.add_error(Issue.from_error(err))
         return report
-    for err in sorted(line_errors, key=lambda e: e.line or 0):
-        report.add_error(Issue.from_error(err))
+    for line_error in sorted(line_errors, key=lambda e: e.line or 0):
+        report.add_error(Issue.from_error(line_error))
     report.format = dataset.format
     if report.n < min_examples:
         report.add_error(
@@ -263,7 +256,7 @@ def validate_records(
     report.stats["valid_examples"] = len({x.line for x in dataset.examples})
     _check_duplicates(report, records.records)
     _check_content(report, dataset.examples, records.records, kind)
-    if tokenizer is not None and dataset.examples:
+    if tokenizer is not None and max_length is not None and dataset.examples:
         _token_stats(report, dataset.examples, tokenizer, max_length, kind)
     return report
 
@@ -378,12 +371,8 @@ def _length(example: Any, tokenizer: Any, kind: str) -> tuple[int, int]:
 
 
 def _token_stats(
-    report: ValidationReport, examples: list[Any], tokenizer: Any, max_length: int | None, kind: str
+    report: ValidationReport, examples: list[Any], tokenizer: Any, max_length: int, kind: str
 ) -> None:
-    if max_length is None:
-        from tunery.config import Hyperparameters
-
-        max_length = Hyperparameters.model_fields["max_length"].default
     lengths: list[int] = []
     trained = 0
     over: list[int] = []

@@ -1,5 +1,6 @@
 """Classification heads after training: load, predict probabilities, evaluate with calibration, the
-`tunery classify` command, and the head part of `tunery quickstart --task sentiment --head`.
+`tunery classify` command (`tunery quickstart --head` trains and scores heads with these:
+workflows/quickstart.py).
 
 Metrics are the ones `tunery eval` reports for generated labels (`classification_metrics`), plus log
 loss and calibration: the expected calibration error (ECE) over equal-width confidence bins, and
@@ -16,8 +17,8 @@ from typing import Any
 
 import typer
 
-from tunery.cli_common import console, user_errors
 from tunery.errors import DataError, ModelError, TuneryError
+from tunery.terminal import console, user_errors
 
 
 def is_classifier(adapter: str | Path | None) -> bool:
@@ -126,6 +127,44 @@ def load_labeled(path: str | Path) -> list[Any]:
     return load_dataset(path, kind="labeled").examples
 
 
+def _multi_label_metrics(
+    probs: list[list[float]], examples: list[Any], labels: list[str], threshold: float, eps: float
+) -> tuple[dict[str, Any], list[str], float]:
+    """(metrics, predictions as comma-joined labels, log loss) of multi-label probabilities."""
+    preds = [[labels[j] for j, p in enumerate(row) if p > threshold] for row in probs]
+    truth = [[1.0 if lab in e.labels else 0.0 for lab in labels] for e in examples]
+    log_loss = -sum(
+        y * math.log(max(p, eps)) + (1 - y) * math.log(max(1 - p, eps))
+        for row, ys in zip(probs, truth, strict=True)
+        for p, y in zip(row, ys, strict=True)
+    ) / (len(examples) * len(labels))
+    correct = [set(p) == set(e.labels) for p, e in zip(preds, examples, strict=True)]
+    flat_conf = [max(p, 1 - p) for row in probs for p in row]
+    flat_ok = [
+        (p > threshold) == (y > 0.5)
+        for row, ys in zip(probs, truth, strict=True)
+        for p, y in zip(row, ys, strict=True)
+    ]
+    res: dict[str, Any] = {"n": len(examples), "accuracy": sum(correct) / len(examples)}
+    per_label = {}
+    for j, lab in enumerate(labels):
+        tp = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] > threshold and ys[j])
+        fp = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] > threshold and not ys[j])
+        fn = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] <= threshold and ys[j])
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        per_label[lab] = {
+            "precision": prec,
+            "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        }
+    res["per_class"] = per_label
+    res["macro_f1"] = sum(v["f1"] for v in per_label.values()) / len(labels)
+    res["calibration"] = calibration(flat_conf, flat_ok)
+    predictions = [",".join(p) for p in preds]
+    return res, predictions, log_loss
+
+
 def evaluate_classifier(
     model: Any,
     tokenizer: Any,
@@ -156,37 +195,7 @@ def evaluate_classifier(
     eps = 1e-12
     index = {label: i for i, label in enumerate(labels)}
     if multi_label:
-        preds = [[labels[j] for j, p in enumerate(row) if p > threshold] for row in probs]
-        truth = [[1.0 if lab in e.labels else 0.0 for lab in labels] for e in examples]
-        log_loss = -sum(
-            y * math.log(max(p, eps)) + (1 - y) * math.log(max(1 - p, eps))
-            for row, ys in zip(probs, truth, strict=True)
-            for p, y in zip(row, ys, strict=True)
-        ) / (len(examples) * len(labels))
-        correct = [set(p) == set(e.labels) for p, e in zip(preds, examples, strict=True)]
-        flat_conf = [max(p, 1 - p) for row in probs for p in row]
-        flat_ok = [
-            (p > threshold) == (y > 0.5)
-            for row, ys in zip(probs, truth, strict=True)
-            for p, y in zip(row, ys, strict=True)
-        ]
-        res: dict[str, Any] = {"n": len(examples), "accuracy": sum(correct) / len(examples)}
-        per_label = {}
-        for j, lab in enumerate(labels):
-            tp = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] > threshold and ys[j])
-            fp = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] > threshold and not ys[j])
-            fn = sum(1 for row, ys in zip(probs, truth, strict=True) if row[j] <= threshold and ys[j])
-            prec = tp / (tp + fp) if tp + fp else 0.0
-            rec = tp / (tp + fn) if tp + fn else 0.0
-            per_label[lab] = {
-                "precision": prec,
-                "recall": rec,
-                "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-            }
-        res["per_class"] = per_label
-        res["macro_f1"] = sum(v["f1"] for v in per_label.values()) / len(labels)
-        res["calibration"] = calibration(flat_conf, flat_ok)
-        predictions = [",".join(p) for p in preds]
+        res, predictions, log_loss = _multi_label_metrics(probs, examples, labels, threshold, eps)
     else:
         predictions = [labels[max(range(len(row)), key=row.__getitem__)] for row in probs]
         refs = [e.labels[0] for e in examples]
@@ -303,94 +312,6 @@ def register(app: typer.Typer) -> None:
 
 
 # --------------------------------------------------------------------------- quickstart --head
-
-
-def run_head_quickstart(
-    console: Any,
-    *,
-    models: tuple[str, ...] = ("minilm-l6", "smollm2-135m"),
-    output: str | Path = "runs/quickstart-head",
-    generative: dict[str, Any] | None = None,
-    n_epochs: int = 4,
-    batch_size: int = 16,
-    learning_rate: float | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    seed: int = 42,
-) -> dict[str, Any]:
-    """Train a classification head on the bundled sentiment data for each model (LoRA for decoders,
-    full fine-tuning for small encoders), evaluate on the test split, and print them beside the
-    generative result (`generative`: a row with label/accuracy/macro_f1/train_seconds/examples_per_second)."""
-    from rich.table import Table
-
-    from tunery.config import load_config
-    from tunery.resources import dataset_file, dataset_subset
-    from tunery.train import run
-
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    train = dataset_subset(dataset_file("sentiment", "train"), max_train, out / "train.jsonl")
-    valid = dataset_file("sentiment", "validation")
-    test = dataset_subset(dataset_file("sentiment", "test"), max_test, out / "test.jsonl")
-    rows = []
-    for spec in models:
-        from tunery.objectives.classify import _is_encoder_spec
-
-        encoder = _is_encoder_spec(spec)
-        # 2e-4: measured 96.7% on the sentiment test set (5e-5 left the head at 67% after 4 epochs)
-        method, lr = ("full", 2e-4) if encoder else ("lora", 1e-3)
-        console.rule(f"[bold]Classification head on {spec} ({method})")
-        cfg = load_config(
-            sets=[
-                f"model={spec}",
-                f"data.train={train}",
-                f"data.validation={valid}",
-                "objective=classify",
-                f"method={method}",
-                f"hyperparameters.n_epochs={n_epochs}",
-                f"hyperparameters.batch_size={batch_size}",
-                f"hyperparameters.learning_rate={learning_rate or lr}",
-                "hyperparameters.max_length=128",
-                f"seed={seed}",
-                f"output={out / spec}",
-            ]
-        )
-        t = time.perf_counter()
-        result = run(cfg)
-        train_seconds = time.perf_counter() - t
-        clf, tok, info = load_classifier(None, result.model_dir)
-        res = evaluate_classifier(clf, tok, test, info["labels"])
-        rows.append(
-            {
-                "label": f"{spec} head ({method})",
-                "accuracy": res["accuracy"],
-                "macro_f1": res["macro_f1"],
-                "train_seconds": round(train_seconds, 1),
-                "examples_per_second": res["examples_per_second"],
-                "log_loss": res["log_loss"],
-                "ece": res["calibration"]["ece"],
-                "model_dir": str(result.model_dir),
-            }
-        )
-        del clf
-    if generative:
-        rows.append(generative)
-    table = Table(title="Sentiment test set: classification heads vs generated labels")
-    for col in ("model", "accuracy", "macro F1", "training s", "inference examples/s"):
-        table.add_column(col)
-    for r in rows:
-        eps = r.get("examples_per_second")
-        table.add_row(
-            r["label"],
-            f"{100 * r['accuracy']:.1f}%",
-            f"{r['macro_f1']:.3f}",
-            str(r.get("train_seconds", "-")),
-            "-" if eps is None else f"{eps:.1f}",
-        )
-    console.print(table)
-    summary = {"rows": rows}
-    (out / "quickstart-head.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def eval_classifier_command(

@@ -1,7 +1,7 @@
 """Typer commands for evaluation and inference: eval, compare, chat, generate.
 
-`tunery/cli.py` mounts them with `register(app)`. Each command is a thin shell over
-`tunery.evaluate.run` / `tunery.evaluate.generate`; models load through `load_for_inference`.
+`tunery/cli/__init__.py` mounts them with `register(app)`. Each command is a thin shell over
+`tunery.evaluate.run` / `tunery.generation.generate`; models load through `load_for_inference`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 
 import typer
 
-from tunery.cli_common import console, user_errors
 from tunery.errors import DataError, TuneryError
+from tunery.terminal import console, user_errors
 
 
 def _load(model: str | None, adapter: str | None) -> tuple[Any, Any]:
-    from tunery.evaluate.loading import load_for_inference
+    from tunery.generation.loading import load_for_inference
 
     with console.status(f"Loading {adapter or model}…"):
         return load_for_inference(model, adapter)
@@ -36,8 +36,15 @@ def _write_json(path: Path, data: Any) -> None:
 def eval_command(
     model: str | None = typer.Option(None, "--model", help="Base model (default: the adapter's base)."),
     adapter: str | None = typer.Option(None, "--adapter", help="Saved model/adapter dir or run dir."),
-    data: Path = typer.Option(..., "--data", help="Test file (chat JSONL or any supported format)."),
-    output: Path = typer.Option(Path("eval"), "--output", help="Directory for eval.json."),
+    data: Path | None = typer.Option(None, "--data", help="Test file (chat JSONL or any supported format)."),
+    benchmark: str | None = typer.Option(
+        None,
+        "--benchmark",
+        help="lm-eval tasks instead of --data: TASK[,TASK...], a task YAML or a folder of them "
+        "(needs `pip install 'tunery[bench]'`); tunery_general_knowledge is bundled.",
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="--benchmark: at most N items per task."),
+    output: Path = typer.Option(Path("eval"), "--output", help="Directory for eval.json / benchmark.json."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: from the references."),
     labels: str | None = typer.Option(
@@ -48,15 +55,25 @@ def eval_command(
     ),
     beta: list[float] = typer.Option([], "--beta", help="Also report F-beta (binary tasks); repeatable."),
     train: Path | None = typer.Option(None, "--train", help="Training file for few-shot demonstrations."),
-    shots: int = typer.Option(0, "--shots", min=0, help="Few-shot demonstrations from --train."),
+    shots: int = typer.Option(
+        0, "--shots", min=0, help="Few-shot demonstrations from --train (--benchmark: the task's own)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for picking demonstrations."),
 ) -> None:
-    """Evaluate a model by generation: exact match, classification metrics, chrF/ROUGE-L, perplexity."""
+    """Evaluate a model by generation: exact match, classification metrics, chrF/ROUGE-L, perplexity;
+    or on standard benchmarks with EleutherAI's lm-eval harness (--benchmark)."""
     from tunery.evaluate.report import render_eval
     from tunery.evaluate.run import build_few_shot, evaluate, load_conversations
 
     if model is None and adapter is None:
         raise TuneryError("Pass --model, --adapter, or both.")
+    if benchmark is not None and data is not None:
+        raise TuneryError("Pass --data (a test set) or --benchmark (lm-eval tasks), not both.")
+    if benchmark is not None:
+        _benchmark(model, adapter, benchmark, output, batch_size, limit, shots or None, seed)
+        return
+    if data is None:
+        raise TuneryError("Pass --data FILE (a test set) or --benchmark TASK (lm-eval tasks).", param="data")
     if shots and train is None:
         raise TuneryError("--shots needs --train (the file demonstrations are taken from).")
     from tunery.evaluate.classify import eval_classifier_command, is_classifier
@@ -87,9 +104,34 @@ def eval_command(
     console.print(f"Wrote [bold]{output / 'eval.json'}[/]")
 
 
+def _benchmark(
+    model: str | None,
+    adapter: str | None,
+    tasks: str,
+    output: Path,
+    batch_size: int,
+    limit: int | None,
+    shots: int | None,
+    seed: int,
+) -> None:
+    from tunery.evaluate.benchmark import render_benchmark, require_lm_eval, resolve_tasks, split_tasks
+
+    require_lm_eval()
+    resolve_tasks(split_tasks(tasks))  # a bad path or YAML fails before the model loads
+    from tunery.evaluate.benchmark import run_benchmark
+
+    mdl, tok = _load(model, adapter)
+    console.print(f"Running lm-eval on {tasks}")
+    res = run_benchmark(mdl, tok, tasks, batch_size=batch_size, limit=limit, num_fewshot=shots, seed=seed)
+    res.update({"model": model, "adapter": adapter, "tasks": tasks})
+    _write_json(output / "benchmark.json", res)
+    console.print(render_benchmark(res, title=f"lm-eval on {adapter or model}"))
+    console.print(f"Wrote [bold]{output / 'benchmark.json'}[/]")
+
+
 def _parse_model_arg(arg: str) -> tuple[str | None, str | None]:
     """`M`, `M:adapter_dir` or a bare saved-model dir -> (model spec, adapter dir)."""
-    from tunery.evaluate.loading import adapter_base
+    from tunery.generation.loading import adapter_base
 
     if Path(arg).is_dir() and adapter_base(arg) is not None:
         return None, arg  # a run's model dir, adapter or checkpoint: its base comes from its files
@@ -116,12 +158,26 @@ def compare_command(
     positive_class: str | None = typer.Option(None, "--positive-class"),
     forgetting: bool = typer.Option(False, "--forgetting", help="Also report general-English perplexity."),
     forgetting_text: Path | None = typer.Option(None, "--forgetting-text", help="Plain-text reference file."),
+    forgetting_benchmark: str | None = typer.Option(
+        None,
+        "--forgetting-benchmark",
+        help="Also score each model on lm-eval tasks (names or task YAMLs; implies --forgetting), "
+        "e.g. tunery_general_knowledge.",
+    ),
+    benchmark_limit: int | None = typer.Option(
+        None, "--benchmark-limit", min=1, help="--forgetting-benchmark: at most N items per task."
+    ),
     output: Path | None = typer.Option(None, "--output", help="Directory for compare.json."),
 ) -> None:
     """Side by side: base zero-shot, base few-shot (k examples from --train), and fine-tuned models."""
     from tunery.evaluate.report import render_compare
     from tunery.evaluate.run import build_few_shot, compare, load_conversations
 
+    if forgetting_benchmark:  # a missing lm-eval or a bad task fails before any model loads
+        from tunery.evaluate.benchmark import require_lm_eval, resolve_tasks, split_tasks
+
+        require_lm_eval()
+        resolve_tasks(split_tasks(forgetting_benchmark))
     few = build_few_shot(load_conversations(train), shots, seed) if (train and shots) else None
     rows: list[tuple[str, Any, Any, Any]] = []
     for arg in models:
@@ -150,6 +206,8 @@ def compare_command(
         positive_class=positive_class,
         forgetting_text=forgetting_text,
         check_forgetting=forgetting,
+        forgetting_benchmark=forgetting_benchmark,
+        benchmark_limit=benchmark_limit,
     )
     console.print(render_compare(result))
     if output is not None:
@@ -169,7 +227,8 @@ def chat_command(
     top_p: float = typer.Option(0.95, "--top-p"),
 ) -> None:
     """Chat in the terminal; replies stream as they are generated. /reset clears, /exit quits."""
-    from tunery.evaluate.generate import GenerationParams, chat_prompt, stream
+    from tunery.generation.generate import chat_prompt, stream
+    from tunery.generation.sequence import GenerationParams
 
     if model is None and adapter is None:
         raise TuneryError("Pass --model, --adapter, or both.")
@@ -245,7 +304,8 @@ def generate_command(
     """Generate completions for a file of prompts, batched (greedy by default)."""
     from rich.progress import Progress
 
-    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
+    from tunery.generation.generate import chat_prompt, generate_batch
+    from tunery.generation.sequence import GenerationParams
 
     if model is None and adapter is None:
         raise TuneryError("Pass --model, --adapter, or both.")

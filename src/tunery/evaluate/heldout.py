@@ -12,12 +12,19 @@ model's alone, as an app calling it would see it. Scores reuse
 `evaluate.metrics`: exact match always, classification metrics when the references form a label
 set, chrF otherwise. Prompt tokens are counted per model with its own chat template: the seeds' claim
 that a fine-tuned model needs shorter prompts than few-shot prompting shows up as a number.
+
+A row may name its task (a top-level string `task`, else `source`), as a multi-task mix does; with
+several files and no such field, each file is a task. The result then also scores each task on its
+own (`per_task`). `sample` draws a fixed-seed sample, so a slow comparison can run on part of a slice.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,10 @@ from rich.table import Table
 from tunery.data.types import Conversation, Message, PreferencePair, Unpaired
 from tunery.errors import DataError
 from tunery.evaluate import metrics as M
-from tunery.evaluate.generate import GenerationParams, chat_prompt
 from tunery.evaluate.report import _clip, _num, _pct
 from tunery.evaluate.run import _default_max_new_tokens, _last_user, split_example
+from tunery.generation.generate import chat_prompt
+from tunery.generation.sequence import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -47,43 +55,98 @@ class Example:
     prompt: list[Message]
     tools: list[dict[str, Any]] | None
     reference: str
+    task: str | None = None  # the row's task, when it names one (multi-task data)
 
 
-def examples_from(items: list[Any]) -> tuple[list[Example], int]:
-    """(examples with a reference reply, how many had none) from loaded data of any from-logs shape."""
+def _task_name(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    name = row.get("task", row.get("source"))
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def examples_from(items: list[Any], tasks: dict[int, str] | None = None) -> tuple[list[Example], int]:
+    """(examples with a reference reply, how many had none) from loaded data of any from-logs shape;
+    `tasks` maps a row's line to its task name."""
     out: list[Example] = []
     skipped = 0
+    tasks = tasks or {}
     for item in items:
+        task = tasks.get(item.line)
         if isinstance(item, Conversation):
             prompt, reference = split_example(item)
-            out.append(Example(prompt, item.tools, reference))
+            out.append(Example(prompt, item.tools, reference, task or _task_name(item.extra)))
         elif isinstance(item, PreferencePair):
-            out.append(Example(item.prompt, item.tools, str(item.chosen[-1].get("content") or "")))
+            out.append(Example(item.prompt, item.tools, str(item.chosen[-1].get("content") or ""), task))
         elif isinstance(item, Unpaired) and item.desirable:
-            out.append(Example(item.prompt, None, str(item.completion[-1].get("content") or "")))
+            out.append(Example(item.prompt, None, str(item.completion[-1].get("content") or ""), task))
         else:  # an undesirable KTO completion says what not to answer, not what to answer
             skipped += 1
     return out, skipped
 
 
-def load_heldout(path: str | Path) -> tuple[list[Example], int]:
-    """The held-out slice in `path` (SFT, DPO or KTO JSONL); a file with no reference is refused."""
+def _row_tasks(path: Path) -> dict[int, str]:
+    """Line -> task name of a JSONL file's rows that name one (any shape keeps its extra fields)."""
+    if path.suffix.lower() != ".jsonl":
+        return {}
+    out = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                name = _task_name(json.loads(line))
+            except ValueError:
+                continue
+            if name:
+                out[n] = name
+    return out
+
+
+def file_task(path: Path) -> str:
+    """A file's task name when several files are compared: `routing.test.jsonl` -> `routing`."""
+    name = path.name.split(".")[0]
+    return name or path.name
+
+
+def load_heldout(path: str | Path | Sequence[str | Path]) -> tuple[list[Example], int]:
+    """The held-out slice in `path` (SFT, DPO or KTO JSONL), or in several files (one per task);
+    a file with no reference is refused."""
     from tunery.data import load_dataset
 
-    examples, skipped = examples_from(list(load_dataset(path).examples))
-    if not examples:
-        raise DataError(
-            "no example with a reference reply to compare against",
-            file=str(path),
-            hint="Pass the test slice `tunery data from-logs` wrote (OUTPUT.test.jsonl).",
-        )
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    examples: list[Example] = []
+    skipped = 0
+    for one in paths:
+        got, missed = examples_from(list(load_dataset(one).examples), _row_tasks(one))
+        if not got:
+            raise DataError(
+                "no example with a reference reply to compare against",
+                file=str(one),
+                hint="Pass the test slice `tunery data from-logs` wrote (OUTPUT.test.jsonl).",
+            )
+        if len(paths) > 1:
+            got = [e if e.task else Example(e.prompt, e.tools, e.reference, file_task(one)) for e in got]
+        examples += got
+        skipped += missed
     return examples, skipped
 
 
+def sample(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
+    """At most `n` examples, drawn with a fixed seed and kept in file order (all when n is None)."""
+    if n is None or n >= len(examples):
+        return examples
+    picked = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in picked]
+
+
 def _answer(
-    engine: Any, who: Contender, examples: list[Example], max_new: int | None, label_set: bool
+    engine: Any,
+    who: Contender,
+    examples: list[Example],
+    max_new: int | None,
+    label_set: bool,
+    step: Callable[[], None],
 ) -> dict[str, Any]:
-    """Every example's reply from one model, with its latency and token counts."""
+    """Every example's reply from one model, with its latency and token counts; `step()` after each."""
     tokenizer = engine.tokenizer(who.spec, who.adapter)
     if max_new is None:  # from the references, in this model's tokens
         max_new = _default_max_new_tokens(tokenizer, [e.reference for e in examples], label_set)
@@ -97,6 +160,7 @@ def _answer(
         replies.append(result.text)
         prompt_tokens.append(result.prompt_tokens)
         completion_tokens.append(result.completion_tokens)
+        step()
     return {
         "replies": replies,
         "latency_ms": _spread(latency),
@@ -111,13 +175,40 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.fmean(values), 2), "p50": statistics.median(values), "p95": p95}
 
 
-def _scores(replies: list[str], refs: list[str], label_set: bool, labels: list[str] | None) -> dict:
+def _scores(
+    replies: list[str], refs: list[str], label_set: bool, labels: list[str] | None, per_class: bool = True
+) -> dict:
     out: dict[str, Any] = {"exact_match": M.exact_match(replies, refs)}
     if label_set:
         cls = M.classification_metrics(replies, refs, labels)
-        out.update({k: cls[k] for k in ("accuracy", "macro_f1", "weighted_f1", "invalid", "per_class")})
+        keys = ("accuracy", "macro_f1", "weighted_f1", "invalid", *(("per_class",) if per_class else ()))
+        out.update({k: cls[k] for k in keys})
     else:
         out["chrf"] = M.chrf(replies, refs)
+    return out
+
+
+def per_task(
+    examples: list[Example], replies: dict[str, list[str]], labels: list[str] | None
+) -> dict[str, Any] | None:
+    """Each task's own scores, when the examples name tasks: a label set is detected per task (a mix
+    may hold a classification task and a generation task). None when no example names one."""
+    if not any(e.task for e in examples):
+        return None
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.task or "(no task)", []).append(i)
+    out = {}
+    for name, idx in sorted(groups.items()):
+        refs = [examples[i].reference for i in idx]
+        seen = {M.normalize(r) for r in refs}
+        wanted = [x for x in labels if M.normalize(x) in seen] if labels else None
+        label_set = bool(wanted) or M.is_label_set(refs)
+        models = [
+            {"label": label, **_scores([got[i] for i in idx], refs, label_set, wanted, per_class=False)}
+            for label, got in replies.items()
+        ]
+        out[name] = {"n": len(idx), "task": "classification" if label_set else "generation", "models": models}
     return out
 
 
@@ -129,13 +220,22 @@ def compare_on_heldout(
     max_new_tokens: int | None = None,
     labels: list[str] | None = None,
     max_shown: int = 10,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Each contender's scores, latency and token counts on `examples`, and where their replies differ."""
+    """Each contender's scores, latency and token counts on `examples`, and where their replies
+    differ; `on_progress(done, total)` after each reply (total: examples times contenders)."""
     refs = [e.reference for e in examples]
     label_set = bool(labels) or M.is_label_set(refs)
     rows, replies = [], {}
+    done, total = [0], len(examples) * len(contenders)
+
+    def step() -> None:
+        done[0] += 1
+        if on_progress is not None:
+            on_progress(done[0], total)
+
     for who in contenders:
-        answered = _answer(engine, who, examples, max_new_tokens, label_set)
+        answered = _answer(engine, who, examples, max_new_tokens, label_set, step)
         replies[who.label] = answered.pop("replies")
         rows.append({"label": who.label, **_scores(replies[who.label], refs, label_set, labels), **answered})
     differ = [
@@ -147,13 +247,17 @@ def compare_on_heldout(
         for i, ex in enumerate(examples)
         if len({M.normalize(got[i]) for got in replies.values()}) > 1
     ]
-    return {
+    out = {
         "n": len(examples),
         "task": "classification" if label_set else "generation",
         "models": rows,
         "n_disagreements": len(differ),
         "disagreements": differ[:max_shown],
     }
+    tasks = per_task(examples, replies, labels)
+    if tasks is not None:
+        out["per_task"] = tasks
+    return out
 
 
 def render_heldout(result: dict[str, Any]) -> Group:
@@ -181,6 +285,8 @@ def render_heldout(result: dict[str, Any]) -> Group:
         ]
         table.add_row(r["label"], *cells)
     parts: list[Any] = [table]
+    if result.get("per_task"):
+        parts.append(_task_table(result["per_task"]))
     if result["disagreements"]:
         shown = len(result["disagreements"])
         dis = Table(title=f"Where the replies differ ({result['n_disagreements']} examples, first {shown})")
@@ -193,3 +299,15 @@ def render_heldout(result: dict[str, Any]) -> Group:
             dis.add_row(_clip(item["prompt"], 50), _clip(item["reference"], 30), *cells)
         parts.append(dis)
     return Group(*parts)
+
+
+def _task_table(tasks: dict[str, Any]) -> Table:
+    """One row per task and model: exact match, and accuracy or chrF by the task's kind."""
+    table = Table(title="Per task")
+    for col in ("task", "examples", "model", "exact match", "accuracy / chrF"):
+        table.add_column(col, justify="left" if col in ("task", "model") else "right")
+    for name, task in tasks.items():
+        for r in task["models"]:
+            score = _pct(r["accuracy"]) if task["task"] == "classification" else _num(r["chrf"], 1)
+            table.add_row(name, str(task["n"]), r["label"], _pct(r["exact_match"]), score)
+    return table

@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections import Counter
 from typing import Any
 
+from tunery.data.labels import is_label_set, normalize  # noqa: F401  (M.is_label_set for evaluation)
 from tunery.data.types import IGNORE
 from tunery.models.unwrap import unwrap
 
-_TRAILING = string.punctuation + " \t\n\r"
 _WS = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    """Lowercase, collapse whitespace, drop quotes and trailing punctuation: "Positive." == "positive"."""
-    text = _WS.sub(" ", (text or "").strip().lower())
-    text = text.strip("\"'`")
-    return text.rstrip(_TRAILING).strip("\"'` ")
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -33,14 +25,6 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
         return 0.0
     hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True))
     return hits / len(references)
-
-
-def is_label_set(references: list[str], max_labels: int = 20, max_chars: int = 40) -> bool:
-    """Do the references look like class labels: few distinct short values, each used repeatedly?"""
-    labels = {normalize(r) for r in references}
-    if not references or len(labels) < 2 or len(labels) > max_labels:
-        return False
-    return len(labels) <= max(2, len(references) // 2) and all(len(x) <= max_chars for x in labels)
 
 
 def _safe_div(a: float, b: float) -> float:

@@ -92,6 +92,10 @@ def render_compare(result: dict[str, Any]) -> Group:
     cols += ["exact match", "loss", "perplexity"]
     if any("forgetting" in r for r in rows):
         cols.append("general-English ppl")
+    probes = list(
+        dict.fromkeys(k for r in rows for k in ((r.get("forgetting") or {}).get("benchmark") or {}))
+    )
+    cols += probes  # the lm-eval probe's scores (`--forgetting-benchmark`), one column per task
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
@@ -103,6 +107,8 @@ def render_compare(result: dict[str, Any]) -> Group:
         cells += [_pct(r["exact_match"]), _num(r["loss"]), _num(r["perplexity"], 2)]
         if "general-English ppl" in cols:
             cells.append(_num((r.get("forgetting") or {}).get("perplexity"), 2))
+        scores = (r.get("forgetting") or {}).get("benchmark") or {}
+        cells += [_num(scores.get(k)) for k in probes]
         table.add_row(r["label"], *cells)
     parts: list[Any] = [table]
     if result["disagreements"]:

@@ -125,8 +125,9 @@ def collect(
     train = data.get("train")
     for spec in [train] if isinstance(train, str) else list(train or []):
         prov.data_files.append(_data_entry("train", spec, run_dir))
-    if data.get("validation"):
-        prov.data_files.append(_data_entry("validation", data["validation"], run_dir))
+    val = data.get("validation")
+    for spec in [val] if isinstance(val, str) else list(val or []):  # one file, or one per task
+        prov.data_files.append(_data_entry("validation", spec, run_dir))
     rows = _read_jsonl(run_dir / "metrics.jsonl")
     prov.train_metrics = rows[-1] if rows else None
     valid = [r for r in rows if r.get("valid_loss") is not None]

@@ -1,4 +1,4 @@
-"""`tunery export`: the typer command. `tunery/cli.py` mounts `export_command`."""
+"""`tunery export`: the typer command. `tunery/cli/__init__.py` mounts `export_command`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tunery.cli_common import console, user_errors
+from tunery.terminal import console, user_errors
 
 
 @user_errors()

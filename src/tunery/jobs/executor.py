@@ -7,20 +7,17 @@ Cancel and pause send SIGTERM (the trainer checkpoints and exits), then SIGKILL 
 period. On startup, jobs a dead server left `running` are requeued to resume from their last
 checkpoint, or failed with the reason when their files are gone.
 
-Where a worker runs is behind `WorkerHandle`: `LocalExecutor` starts a subprocess here,
+Where a worker runs is behind `WorkerHandle`: `LocalExecutor` (jobs/local.py) starts a subprocess here,
 `RayExecutor` (jobs/ray_executor.py) submits a Ray job. Scheduling, event following, recovery
 and concluding are this one implementation for both.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,11 +26,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tunery.errors import TuneryError
-from tunery.jobs.gpus import plan as plan_gpus
-from tunery.jobs.gpus import visible_gpus
-from tunery.jobs.store import Job, ModelRow, Store, now
-from tunery.jobs.worker_env import worker_env
+from tunery.jobs.outcome import latest_checkpoint, log_tail, record_success, run_status
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Job, now
 from tunery.redact import scrub_paths
+from tunery.train.rundir import clear_status
 
 log = logging.getLogger("tunery.jobs")
 
@@ -61,36 +58,6 @@ class WorkerHandle(Protocol):
         ...
 
 
-class LocalProcess:
-    """A worker subprocess of this server, in its own session (so killpg reaches its children)."""
-
-    detail = None
-
-    def __init__(self, proc: subprocess.Popen, log_file: Any):
-        self.proc = proc
-        self.pid: int | None = proc.pid
-        self.log_file = log_file
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def close(self) -> None:
-        self.log_file.close()
-
-
 @dataclass
 class _Running:
     job_id: str
@@ -114,11 +81,6 @@ def _pid_is_worker(pid: int, job_id: str) -> bool:
     except OSError:
         return False
     return b"tunery.jobs.worker" in cmd and job_id.encode() in cmd
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
-    return ckpts[-1] if ckpts else None
 
 
 class Executor:
@@ -206,7 +168,7 @@ class Executor:
                     self.store.update_job(job.id, events=[("info", message)])
                 continue  # an ended one is concluded by the next tick, from run.json and its exit
             self._follow(job.id)  # events the worker wrote while no server was watching
-            if _run_status(self.store.path(job.run_dir)) in ("succeeded", "failed"):
+            if run_status(self.store.path(job.run_dir)) in ("succeeded", "failed"):
                 self._conclude(job.id, None, None)  # it finished while the server was down
                 continue
             reason = self._missing_files(job)
@@ -327,7 +289,7 @@ class Executor:
     def _launch(self, job: Job) -> None:
         run_dir = self.store.path(job.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").unlink(missing_ok=True)  # a stale one would be read as this attempt's end
+        clear_status(run_dir)  # a stale run.json would be read as this attempt's end
         ckpt = latest_checkpoint(run_dir) if job.resume else None
         # The trainer itself announces "Fine-tuning job started"; this records the worker launch.
         message = (
@@ -335,7 +297,7 @@ class Executor:
             if ckpt
             else f"Worker started (attempt {job.attempts + 1})"
         )
-        job = self.store.update_job(
+        started = self.store.update_job(
             job.id,
             expect=("queued",),
             status="running",
@@ -344,8 +306,9 @@ class Executor:
             attempts=job.attempts + 1,
             events=[("info", message)],
         )
-        if job is None:  # cancelled meanwhile
+        if started is None:  # cancelled meanwhile
             return
+        job = started
         try:
             handle = self._spawn(job, run_dir)
         except Exception as exc:  # the runner refused it (say, a Ray cluster gone): fail only this job
@@ -465,9 +428,12 @@ class Executor:
                 why = f"exited with code {rc} without a result"
             # The worker's output stays in the server's log: it may hold paths, environment
             # details or another library's internals that are not the client's to read.
-            log.error("job %s: worker %s; last output: %s", job.id, why, _log_tail(run_dir / "worker.log"))
+            log.error("job %s: worker %s; last output: %s", job.id, why, log_tail(run_dir / "worker.log"))
             message = f"The training process {why}." + (f" {detail}" if detail else "")
             self._fail(job, {"code": "worker_crashed", "message": message, "param": None})
+
+    def _succeed(self, job: Job, result: dict[str, Any]) -> None:
+        record_success(self.store, job, result, self.on_model)
 
     def _fail(self, job: Job, error: dict[str, Any]) -> None:
         # The client reads job.error and its event: no server paths there; the log keeps them.
@@ -482,146 +448,3 @@ class Executor:
             error=error,
             events=[("error", error["message"])],
         )
-
-    def _succeed(self, job: Job, result: dict[str, Any]) -> None:
-        """Record the model, its final checkpoint, the result file and the job's success in one
-        transaction (Store.record_success), so a crash in between leaves no half-finished job and
-        no duplicate checkpoint row when the restarted server concludes it again."""
-        run_dir = self.store.path(job.run_dir)
-        model_rel = f"{job.run_dir}/{result.get('model_dir') or 'model'}"
-        ext = job.tunery or {}
-        model = ModelRow(
-            name=job.output_name,
-            owner=job.owner,
-            base=ext.get("base_spec") or job.model,
-            path=model_rel,
-            job_id=job.id,
-            created_at=now(),
-        )
-        metrics = _last_metrics(run_dir / "metrics.jsonl")
-        step = int(metrics.get("step", 0)) if metrics else 0
-        checkpoint = {
-            "step": step,
-            "metrics": metrics or None,
-            "model_name": job.output_name,
-            "path": model_rel,
-        }
-        result_files, result_file = list(job.result_files or []), None
-        csv = run_dir / "results.csv"
-        if csv.is_file():
-            # OpenAI serves result files base64-encoded; clients decode them, so we store them so.
-            tmp = self.store.data_dir / "files" / ".tmp" / f"result-{job.id}"
-            tmp.write_bytes(base64.b64encode(csv.read_bytes()))
-            result_file = self.store.place_file(job.owner, "step_metrics.csv", "fine-tune-results", tmp)
-            result_files.append(result_file.id)
-        hp = dict(job.hyperparameters or {})
-        hp.update(_resolved_hparams(run_dir / "config.yaml", hp))
-        done = None
-        try:
-            done = self.store.record_success(
-                job.id,
-                model,
-                checkpoint,
-                result_file,
-                [
-                    ("info", f"New fine-tuned model created: {job.output_name}"),
-                    ("info", "The job has successfully completed"),
-                ],
-                status="succeeded",
-                pid=None,
-                finished_at=now(),
-                fine_tuned_model=job.output_name,
-                trained_tokens=int(result.get("trained_tokens") or 0),
-                result_files=result_files,
-                hyperparameters=hp,
-                error=None,
-            )
-        finally:
-            if done is None and result_file is not None:  # not recorded: no orphan file either
-                self.store.path(result_file.path).unlink(missing_ok=True)
-        if done is not None and self.on_model is not None:
-            try:
-                self.on_model(model.base, self.store.path(model_rel))
-            except Exception:  # noqa: BLE001 - serving prepares lazily anyway; the job succeeded
-                log.exception("preparing %s for serving failed", job.output_name)
-
-
-class LocalExecutor(Executor):
-    """Workers are subprocesses of this server, each with GPUs of its own where there are GPUs
-    (jobs/gpus.py); `gpus` defaults to the GPUs this process sees."""
-
-    def __init__(
-        self, store: Store, *, gpus_per_job: int | None = None, gpus: list[str] | None = None, **kwargs: Any
-    ):
-        super().__init__(store, **kwargs)
-        self.gpus = plan_gpus(self.concurrency, visible_gpus() if gpus is None else gpus, gpus_per_job)
-
-    def _worker_exited(self, job_id: str) -> None:
-        if self.gpus is not None:
-            self.gpus.release(job_id)
-
-    def _spawn(self, job: Job, run_dir: Path) -> WorkerHandle:
-        cmd = [sys.executable, "-m", "tunery.jobs.worker", "--data-dir", str(self.store.data_dir), job.id]
-        # An allowlist of this process's environment, never all of it: workers run what requests ask.
-        env = worker_env(self.database_url, self.env_allow)
-        if self.gpus is not None:  # this job's own GPUs; it sees them as cuda:0, cuda:1, ...
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus.take(job.id))
-        try:
-            return self._popen(cmd, env, run_dir)
-        except BaseException:
-            self._worker_exited(job.id)
-            raise
-
-    def _popen(self, cmd: list[str], env: dict[str, str], run_dir: Path) -> WorkerHandle:
-        log_file = open(run_dir / "worker.log", "ab")
-        # A new session: a Ctrl-C in the server's terminal reaches the server, which decides.
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        return LocalProcess(proc, log_file)
-
-
-def _run_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
-def _last_metrics(path: Path) -> dict[str, Any]:
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        return json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _resolved_hparams(config_path: Path, hp: dict[str, Any]) -> dict[str, Any]:
-    """The numbers `auto` became, from the run's resolved config.yaml."""
-    import yaml
-
-    try:
-        resolved = (yaml.safe_load(config_path.read_text()) or {}).get("hyperparameters") or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    return {
-        k: resolved[k]
-        for k in ("n_epochs", "batch_size", "learning_rate_multiplier")
-        if k in hp and isinstance(resolved.get(k), int | float)
-    }
-
-
-def _log_tail(path: Path, n: int = 400) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - n))
-            text = f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""

@@ -18,10 +18,8 @@ def visible_gpus() -> list[str]:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        import torch
-    except ImportError:
-        return []
+    import torch  # heavy: only when no CUDA_VISIBLE_DEVICES says which GPUs
+
     # device_count asks NVML and starts no CUDA context in the server process.
     return [str(i) for i in range(torch.cuda.device_count())]
 

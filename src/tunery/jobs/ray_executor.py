@@ -23,7 +23,8 @@ from typing import Any
 
 from tunery.errors import ExecutorError
 from tunery.jobs.executor import Executor
-from tunery.jobs.store import Job, Store
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Job
 
 log = logging.getLogger("tunery.jobs")
 
@@ -84,7 +85,7 @@ def _missing(exc: Exception) -> bool:
 class RayJob:
     """A `WorkerHandle` for one Ray job, known by its submission id."""
 
-    pid = None
+    pid: int | None = None
 
     def __init__(self, client: Any, sid: str, log_path: Path | None = None):
         self.client = client

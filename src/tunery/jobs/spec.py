@@ -263,7 +263,8 @@ def build_config(job: Any, data_dir: str | Path, training_path: Path, validation
     # Requests come from the network: reward code is never imported from a request, whatever it asks.
     for name in ("grpo", "rlaif"):
         if raw["objective"] == name or name in raw:
-            block = raw.get(name) if isinstance(raw.get(name), dict) else {}
+            value = raw.get(name)
+            block = value if isinstance(value, dict) else {}
             raw[name] = {**block, "allow_custom_rewards": False}
     return _validate(raw)
 
@@ -284,8 +285,7 @@ def _apply_resolved(raw: dict[str, Any], resolved: dict[str, Any], data_dir: Pat
 def _validate(raw: dict[str, Any]):
     from pydantic import ValidationError
 
-    from tunery.config import TuneryConfig
-    from tunery.plugins import option_schema
+    from tunery.plugins import option_schema, validate
 
     def fail(exc: ValidationError, prefix: str) -> InvalidRequest:
         err = exc.errors()[0]
@@ -304,6 +304,6 @@ def _validate(raw: dict[str, Any]):
             except ValidationError as exc:
                 raise fail(exc, name) from None
     try:
-        return TuneryConfig.model_validate(raw)
+        return validate(raw)  # the option blocks through the registries, in the same pass
     except ValidationError as exc:
         raise fail(exc, "") from None

@@ -3,202 +3,52 @@
 One SQLAlchemy schema for SQLite (the default, a file in the data dir, WAL) and PostgreSQL
 (`--database-url postgresql://...`). Every write is one transaction. Only the server process
 writes; workers read their job row and write nothing here (their run dir is followed instead).
-File bytes live beside the database under `files/<id>`: the id is random, the user's filename is
-metadata only and never touches a path.
+The tables are in `tables.py`, the file methods in `file_records.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
-import string
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, cast
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
     create_engine,
     event,
     func,
-    inspect,
-    or_,
     select,
-    text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from tunery.errors import NotFoundError, TuneryError
-from tunery.fsutil import replace_durably, write_atomic
+from tunery.fsutil import write_atomic
+from tunery.jobs.file_records import FileRecords
+from tunery.jobs.tables import (
+    ApiKey,
+    Base,
+    CheckpointRow,
+    EventRow,
+    FileRow,
+    Job,
+    ModelRow,
+    RetiredKey,
+    add_missing_columns,
+    hash_key,
+    new_id,
+    new_key,
+    normalize_url,
+    now,
+)
 from tunery.redact import scrub_paths
 
-_ALPHABET = string.ascii_letters + string.digits
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
-ACTIVE_STATUSES = ("validating_files", "queued", "running")
 KEYS_STAMP = "keys.stamp"  # rewritten on every key revocation or rotation (see Store.keys_stamp)
 
 
-def new_id(prefix: str, n: int = 24) -> str:
-    """A random id (`file-…`, `ftjob-…`): unguessable, so ids never leak other keys' objects."""
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
-
-
-def new_key() -> str:
-    return "tny-" + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def _unexpired():
-    """Files whose `expires_after` has not passed (the SQL side of `get_file`'s check)."""
-    return or_(FileRow.expires_at.is_(None), FileRow.expires_at > now())
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; the key itself is never stored
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # set: the key is dead
-
-
-class RetiredKey(Base):
-    """Hashes of keys replaced by a rotation. A rotated-away key stays dead: `ensure_key` (the
-    server's --api-key at start) must not bring it back as a new admin key."""
-
-    __tablename__ = "retired_keys"
-    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key_id: Mapped[str] = mapped_column(String(40))
-    retired_at: Mapped[int] = mapped_column(BigInteger, default=now)
-
-
-class FileRow(Base):
-    __tablename__ = "files"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(40), index=True)
-    bytes: Mapped[int] = mapped_column(BigInteger)
-    filename: Mapped[str] = mapped_column(String(512))
-    purpose: Mapped[str] = mapped_column(String(40))
-    status: Mapped[str] = mapped_column(String(20), default="processed")
-    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    path: Mapped[str] = mapped_column(String(200))  # relative to the data dir, built from the id
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(40), index=True)
-    status: Mapped[str] = mapped_column(String(20), index=True)
-    model: Mapped[str] = mapped_column(String(512))
-    training_file: Mapped[str] = mapped_column(String(40))
-    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
-    method: Mapped[dict] = mapped_column(JSON, default=dict)
-    tunery: Mapped[dict] = mapped_column(JSON, default=dict)  # extensions: method/objective + options
-    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    seed: Mapped[int] = mapped_column(BigInteger)
-    meta: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
-    output_name: Mapped[str] = mapped_column(String(700))  # the ft: name, reserved at creation
-    fine_tuned_model: Mapped[str | None] = mapped_column(String(700), nullable=True)
-    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    result_files: Mapped[list] = mapped_column(JSON, default=list)
-    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    run_dir: Mapped[str] = mapped_column(String(200))  # relative to the data dir
-    resume: Mapped[bool] = mapped_column(Boolean, default=False)
-    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    events_offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes of events.jsonl consumed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class EventRow(Base):
-    __tablename__ = "events"
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # total order
-    id: Mapped[str] = mapped_column(String(40), unique=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    level: Mapped[str] = mapped_column(String(10), default="info")
-    type: Mapped[str] = mapped_column(String(10), default="message")
-    message: Mapped[str] = mapped_column(Text)
-    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-
-
-class CheckpointRow(Base):
-    __tablename__ = "checkpoints"
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(40), unique=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    owner: Mapped[str] = mapped_column(String(40), index=True)
-    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    step: Mapped[int] = mapped_column(Integer)
-    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    model_name: Mapped[str] = mapped_column(String(720), index=True)
-    path: Mapped[str] = mapped_column(String(300))  # the saved model dir, relative to the data dir
-
-
-class ModelRow(Base):
-    __tablename__ = "models"
-    name: Mapped[str] = mapped_column(String(700), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(40), index=True)
-    base: Mapped[str] = mapped_column(String(512))  # the base model spec training started from
-    path: Mapped[str] = mapped_column(String(300))  # relative to the data dir
-    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-
-
-def _add_missing_columns(engine: Any) -> None:
-    """Add columns newer versions declare to tables an older version created (`create_all` makes
-    missing tables only). New columns are nullable, so old rows stay valid."""
-    insp = inspect(engine)
-    for table in Base.metadata.sorted_tables:
-        if not insp.has_table(table.name):
-            continue
-        present = {c["name"] for c in insp.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=engine.dialect)
-                with engine.begin() as conn:
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-
-
-def normalize_url(url: str) -> str:
-    """`postgresql://` picks psycopg (v3) when it is the driver installed, as SQLAlchemy won't."""
-    if url.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
-            return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-class Store:
+class Store(FileRecords):
     """The repository. Methods open one short transaction each; rows come back detached."""
 
     def __init__(self, data_dir: str | Path, database_url: str | None = None):
@@ -226,7 +76,7 @@ class Store:
                 ) from None
         try:
             Base.metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+            add_missing_columns(self.engine)
         except Exception as exc:
             raise TuneryError(
                 f"Cannot open the database {url!r}: {exc}", code="database_unavailable"
@@ -325,136 +175,8 @@ class Store:
         # A new file (new inode) each time, so two changes within one mtime tick still differ.
         write_atomic(self.data_dir / KEYS_STAMP, secrets.token_hex(8))
 
-    # ---- files
-    def save_file(
-        self,
-        owner: str,
-        filename: str,
-        purpose: str,
-        chunks: Iterator[bytes] | BinaryIO,
-        max_bytes: int | None = None,
-        status: str = "processed",
-    ) -> FileRow:
-        """Write the bytes to a temp file, rename it into place, then insert the row."""
-        file_id = new_id("file-")
-        tmp = self.data_dir / "files" / ".tmp" / file_id
-        size = 0
-        try:
-            with open(tmp, "wb") as out:
-                it = iter(lambda: chunks.read(1 << 20), b"") if hasattr(chunks, "read") else chunks
-                for chunk in it:
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise TuneryError(
-                            f"File is larger than the {max_bytes // (1 << 20)} MB limit.",
-                            code="file_too_large",
-                            param="file",
-                        )
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            return self.adopt_file(owner, filename, purpose, tmp, file_id=file_id, status=status)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def adopt_file(
-        self,
-        owner: str,
-        filename: str,
-        purpose: str,
-        tmp: Path,
-        file_id: str | None = None,
-        status: str = "processed",
-        status_details: str | None = None,
-        expires_at: int | None = None,
-    ) -> FileRow:
-        """Move a finished temp file into storage (atomic rename) and record it."""
-        row = self.place_file(owner, filename, purpose, tmp, file_id, status, status_details, expires_at)
-        try:
-            with self.tx() as s:
-                s.add(row)
-        except Exception:
-            self.path(row.path).unlink(missing_ok=True)
-            raise
-        return row
-
-    def place_file(
-        self,
-        owner: str,
-        filename: str,
-        purpose: str,
-        tmp: Path,
-        file_id: str | None = None,
-        status: str = "processed",
-        status_details: str | None = None,
-        expires_at: int | None = None,
-    ) -> FileRow:
-        """Move a finished temp file into storage and return its row, not yet recorded: the caller
-        adds it in its own transaction (or removes the file if that fails)."""
-        file_id = file_id or new_id("file-")
-        rel = f"files/{file_id}"
-        final = self.data_dir / rel
-        replace_durably(tmp, final)
-        return FileRow(
-            id=file_id,
-            owner=owner,
-            bytes=final.stat().st_size,
-            filename=filename,
-            purpose=purpose,
-            status=status,
-            status_details=status_details,
-            created_at=now(),
-            expires_at=expires_at,
-            path=rel,
-        )
-
-    def get_file(self, owner: str, file_id: str) -> FileRow:
-        with self.tx() as s:
-            row = s.get(FileRow, file_id)
-        # An expired file is gone for every caller (API, jobs, workers) even before the sweep deletes it.
-        if row is None or row.owner != owner or (row.expires_at is not None and row.expires_at <= now()):
-            raise NotFoundError(f"No such File object: {file_id}", param="id")
-        return row
-
-    def list_files(self, owner: str, purpose: str | None = None, order: str = "desc") -> list[FileRow]:
-        q = select(FileRow).where(FileRow.owner == owner, _unexpired())
-        if purpose:
-            q = q.where(FileRow.purpose == purpose)
-        q = q.order_by(
-            FileRow.created_at.desc() if order == "desc" else FileRow.created_at,
-            FileRow.id.desc() if order == "desc" else FileRow.id,
-        )
-        with self.tx() as s:
-            return list(s.scalars(q))
-
-    def count_files(self, owner: str) -> int:
-        with self.tx() as s:
-            q = select(func.count()).select_from(FileRow).where(FileRow.owner == owner, _unexpired())
-            return s.scalar(q) or 0
-
-    def delete_expired_files(self) -> int:
-        """Remove every file past its `expires_at` (rows and bytes); returns how many."""
-        with self.tx() as s:
-            rows = list(s.scalars(select(FileRow).where(~_unexpired())))
-            for row in rows:
-                s.delete(row)
-        for row in rows:
-            self.path(row.path).unlink(missing_ok=True)
-        return len(rows)
-
-    def storage_bytes(self, owner: str) -> int:
-        """Bytes of the files a key stores (uploads and result files): its storage quota's measure."""
-        with self.tx() as s:
-            return int(s.scalar(select(func.sum(FileRow.bytes)).where(FileRow.owner == owner)) or 0)
-
-    def delete_file(self, owner: str, file_id: str) -> None:
-        row = self.get_file(owner, file_id)
-        with self.tx() as s:
-            s.delete(s.get(FileRow, file_id))
-        self.path(row.path).unlink(missing_ok=True)
-
     # ---- jobs
-    def add_job(self, job: Job, events: list[tuple[str, str]] = ()) -> Job:
+    def add_job(self, job: Job, events: Sequence[tuple[str, str]] = ()) -> Job:
         with self.tx() as s:
             s.add(job)
             s.flush()
@@ -504,7 +226,7 @@ class Store:
         job_id: str,
         *,
         expect: tuple[str, ...] | None = None,
-        events: list[tuple[str, str]] = (),
+        events: Sequence[tuple[str, str]] = (),
         **fields: Any,
     ) -> Job | None:
         """Set fields (and add message events) in one transaction. With `expect`, only when the
@@ -622,7 +344,7 @@ class Store:
                     )
                 )
             if events_offset is not None:
-                s.get(Job, job.id).events_offset = events_offset
+                cast(Job, s.get(Job, job.id)).events_offset = events_offset
 
     def list_events(
         self, job_id: str, after: str | None = None, limit: int = 20
@@ -699,7 +421,7 @@ class Store:
             )
             if c is None:
                 return None
-            job = s.get(Job, c.job_id)
+            job = cast(Job, s.get(Job, c.job_id))
             base = (job.tunery or {}).get("base_spec") or job.model
             return base, c.path
 

@@ -18,14 +18,7 @@ import traceback
 from pathlib import Path
 
 from tunery.errors import TuneryError
-from tunery.fsutil import write_atomic
-
-
-def write_run_json(run_dir: Path, status: str, error: dict | None) -> None:
-    """run.json for failures the trainer could not record itself (bad config, import errors)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"status": status, "error": error, "trained_tokens": 0, "model_dir": None}
-    write_atomic(run_dir / "run.json", json.dumps(doc))
+from tunery.train.rundir import write_status
 
 
 def watch_parent(interval: float = 1.0) -> None:
@@ -76,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except TuneryError as exc:
         if not _recorded_failure(run_dir):
-            write_run_json(run_dir, "failed", {"code": exc.code, "message": exc.message, "param": exc.param})
+            # a failure the trainer could not record itself (bad config, import errors)
+            write_status(
+                run_dir, "failed", error={"code": exc.code, "message": exc.message, "param": exc.param}
+            )
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug or an environment failure: keep the traceback in worker.log
         traceback.print_exc()
         if not _recorded_failure(run_dir):
-            write_run_json(
+            write_status(
                 run_dir,
                 "failed",
-                {
+                error={
                     "code": "internal_error",
                     "param": None,
                     "message": f"Training failed: {type(exc).__name__}: {exc}",

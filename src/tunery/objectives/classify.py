@@ -184,8 +184,9 @@ def load_for_training(config: Any, kwargs: dict[str, Any]) -> torch.nn.Module:
     """`load_model` hook: the label set from the training data, unknown validation labels refused
     before any model is loaded, then the classifier."""
     labels = label_set(config)
-    if config.data.validation:
-        check_labels(config.data.validation, _examples(config.data.validation), labels)
+    val = config.data.validation
+    for path in [val] if isinstance(val, str) else val or []:  # one file, or one per task
+        check_labels(path, _examples(path), labels)
     class_weight_vector(config, labels)  # refuse a wrong-length list before loading the model
     return load_classification_model(
         config.model,

@@ -1,7 +1,7 @@
 """Typer commands of the objectives: `tunery score` (a reward model scores completions) and
 `tunery data judge` (a judge model turns prompts + candidate generations into preference pairs).
 
-The main CLI mounts them: `register(app)` adds `score`, `register_data(data_app)` adds `judge`.
+The main CLI mounts them: `register(app)` adds `score`; `tunery/cli/data.py` mounts `judge_command`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import typer
 
-from tunery.cli_common import console, user_errors
 from tunery.errors import DataError
+from tunery.terminal import console, user_errors
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -175,8 +175,3 @@ def judge_command(
 def register(app: typer.Typer) -> None:
     """Mount `tunery score` on the main app."""
     app.command("score")(score_command)
-
-
-def register_data(data_app: typer.Typer) -> None:
-    """Mount `tunery data judge` on the data sub-app."""
-    data_app.command("judge")(judge_command)

@@ -1,6 +1,6 @@
 """`grpo`: online RL with Group Relative Policy Optimization (Shao et al. 2024).
 
-Per prompt the policy samples G completions (`evaluate.generate.generate_batch`, the one generation
+Per prompt the policy samples G completions (`generation.generate.generate_batch`, the one generation
 path), a reward model from `reward` and/or reward functions score them (`rewards.py`), and each
 completion's advantage is its reward normalised within its group. The loss is the clipped surrogate
 with a k3 KL penalty to the reference (the base with the adapter disabled, or a frozen copy for
@@ -154,7 +154,8 @@ def _autocast(config: Any) -> bool | None:
 
 
 def rollout(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from tunery.evaluate.generate import GenerationParams, generate_batch
+    from tunery.generation.generate import generate_batch
+    from tunery.generation.sequence import GenerationParams
 
     o = ctx.options
     g = o.num_generations

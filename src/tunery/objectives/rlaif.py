@@ -117,9 +117,11 @@ def parse_score(reply: str, max_score: float) -> float | None:
 
 
 class Judge:
-    """Asks a judge model for a score per (prompt, completion)."""
+    """Asks a judge model for a score per (prompt, completion). `generate(texts) -> replies`, when
+    given, answers for a local `model` instead of loading it here (a server's engine already holds
+    it: `data/relabel.py`)."""
 
-    def __init__(self, options: JudgeOptions):
+    def __init__(self, options: JudgeOptions, generate: Callable[[list[str]], list[str]] | None = None):
         if options.endpoint and not options.base_url:
             raise ConfigError(
                 f"judge.endpoint {options.endpoint!r} names a judge registered on a Tunery server "
@@ -138,6 +140,7 @@ class Judge:
         self.unparsed = 0
         self._client: Any = None
         self._local: tuple[Any, Any] | None = None
+        self._generate = generate
         if options.base_url:
             from openai import OpenAI
 
@@ -150,7 +153,7 @@ class Judge:
                 api_key=(os.environ.get(options.api_key_env) if options.api_key_env else None) or "none",
                 max_retries=2,
             )
-        else:
+        elif generate is None:
             from tunery.methods import load_trained
 
             self._local = load_trained(options.model, options.adapter)
@@ -175,7 +178,10 @@ class Judge:
                     ) from None
                 out.append(resp.choices[0].message.content or "")
             return out
-        from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
+        if self._generate is not None:
+            return self._generate(prompts)
+        from tunery.generation.generate import chat_prompt, generate_batch
+        from tunery.generation.sequence import GenerationParams
 
         model, tokenizer = self._local
         ids = [chat_prompt(tokenizer, [{"role": "user", "content": t}]) for t in prompts]

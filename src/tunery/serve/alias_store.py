@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, String, select
+from sqlalchemy import BigInteger, String, Table, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tunery.errors import NotFoundError, TuneryError
-from tunery.jobs.store import Base, Store, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Base, now
 
 # Letters, digits, '.', '_' and '-': never ':' (every fine-tuned model id has one) nor '/' (paths).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -73,7 +74,7 @@ class AliasTable:
         self.store = store
         # The job store creates every table of `Base` it knows when it opens; this covers a store
         # opened before this module was imported.
-        Base.metadata.create_all(store.engine, tables=[ModelAlias.__table__])
+        Base.metadata.create_all(store.engine, tables=[cast(Table, ModelAlias.__table__)])
 
     def find(self, owner: str, name: str) -> ModelAlias | None:
         with self.store.tx() as s:

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import typer
 
-from tunery.cli_common import console, user_errors
 from tunery.errors import TuneryError
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
+from tunery.terminal import console, user_errors
 
 aliases_app = typer.Typer(help="Model aliases: stable model names apps call.", no_args_is_help=True)
 Key = typer.Option(..., "--key", help="The key id (key_…) the alias belongs to.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,8 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunery.errors import TuneryError
 from tunery.serve.common import (
-    BodyLimit,
-    LoopbackGuard,
     Principal,
     RateLimiter,
     Settings,
@@ -30,6 +28,7 @@ from tunery.serve.common import (
     principal,
     render_tunery_error,
 )
+from tunery.serve.middleware import BodyLimit, LoopbackGuard
 
 if TYPE_CHECKING:
     from tunery.jobs.executor import Executor
@@ -163,7 +162,7 @@ def _install_docs(app: FastAPI) -> None:
 
 def make_executor(settings: Settings, store: Store) -> Executor:
     """The executor `settings.executor` names; Ray is imported only when it is the one asked for."""
-    common = dict(
+    common: dict[str, Any] = dict(
         concurrency=settings.concurrency,
         grace=settings.cancel_grace_s,
         database_url=settings.database_url,
@@ -181,12 +180,12 @@ def make_executor(settings: Settings, store: Store) -> Executor:
 
         return RayExecutor(
             store,
-            settings.ray_address,
+            cast(str, settings.ray_address),  # Settings requires it with executor "ray"
             num_cpus=settings.ray_num_cpus,
             num_gpus=settings.ray_num_gpus,
             **common,
         )
-    from tunery.jobs.executor import LocalExecutor
+    from tunery.jobs.local import LocalExecutor
 
     return LocalExecutor(store, gpus_per_job=settings.gpus_per_job, **common)
 

@@ -9,7 +9,7 @@ every CPU busy. So:
 - an evaluation reads at most `MAX_EVAL_EXAMPLES` examples and writes at most `MAX_EVAL_NEW_TOKENS`
   tokens per reply;
 - an export works in `files/.tmp/export-*`, removed when it fails (and, should the process die, by the
-  files sweep: see `serve/files.py`).
+  files sweep: see `serve/file_sweep.py`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def model_params(base: str, adapter_dir: Path | None = None) -> int:
     """Parameters loading `base` (plus a saved model dir) brings into memory, read from the config and
     the safetensors headers; no weights are loaded."""
     from tunery.models.load import count_safetensors_params
-    from tunery.recommend import model_facts
+    from tunery.workflows.recommend import model_facts
 
     total = model_facts(base).n_params
     if adapter_dir is not None:

@@ -38,7 +38,7 @@ def _inputs(body: dict[str, Any]) -> list[str]:
     return texts
 
 
-def _classifier(state: Any, spec: str, adapter: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def _classifier(state: Any, spec: str | None, adapter: str | None) -> tuple[Any, Any, dict[str, Any]]:
     from tunery.evaluate.classify import is_classifier, load_classifier
 
     if adapter is None and is_classifier(spec):  # a local full fine-tune's model dir names itself

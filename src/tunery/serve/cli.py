@@ -1,4 +1,4 @@
-"""CLI pieces mounted in `tunery/cli.py`: `serve_command`, `jobs_app` (and `keys_app`, which
+"""CLI pieces mounted in `tunery/cli/__init__.py`: `serve_command`, `jobs_app` (and `keys_app`, which
 lives in keys_cli.py).
 
 `tunery jobs ...` talks to a running server through the official `openai` SDK, exactly as any
@@ -109,6 +109,12 @@ def serve_command(
     flags = dict(locals())  # before any other local: every flag, by name (Settings fields)
     import uvicorn
 
+    app = _startup(flags)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _startup(flags: dict[str, Any]) -> Any:
+    """The app for `serve_command`'s flags, after printing the engine line and any warnings."""
     from tunery.serve.app import create_app
     from tunery.serve.common import Settings
     from tunery.serve.engines import startup_line
@@ -123,14 +129,14 @@ def serve_command(
     for name, var in settings.judge_key_envs.items():
         if var not in os.environ:
             typer.secho(f"warning: judge {name!r}: ${var} is not set; it gets no key.", fg="yellow", err=True)
-    if not no_auth and not api_key and not app.state.store.list_keys():
+    if not flags["no_auth"] and not flags["api_key"] and not app.state.store.list_keys():
         typer.secho(
             "warning: no API key exists yet; create one with `tunery keys create --name NAME "
-            f"--data-dir {data_dir}` or pass --api-key.",
+            f"--data-dir {flags['data_dir']}` or pass --api-key.",
             fg="yellow",
             err=True,
         )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    return app
 
 
 def _settings_fields(flags: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -22,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     delete,
     exists,
@@ -31,7 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tunery.errors import NotFoundError, TuneryError
-from tunery.jobs.store import Base, Store, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Base, now
 
 RATINGS = ("up", "down", 1, 2, 3, 4, 5)
 
@@ -81,7 +83,7 @@ class Feedback(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
-TABLES = [StoredCompletion.__table__, CompletionMetadata.__table__, Feedback.__table__]
+TABLES = cast("list[Table]", [StoredCompletion.__table__, CompletionMetadata.__table__, Feedback.__table__])
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,17 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import shutil
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from tunery.jobs.store import FileRow, Store, new_id, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import FileRow, new_id, now
 from tunery.serve.common import (
     MIB,
     ApiError,
@@ -38,6 +37,7 @@ from tunery.serve.common import (
     page,
     principal,
 )
+from tunery.serve.file_sweep import SWEEP_EVERY_S, sweep
 
 log = logging.getLogger("tunery.serve")
 PURPOSES = {"fine-tune", "batch", "user_data", "evals", "assistants", "vision"}
@@ -52,10 +52,6 @@ WRITE_BATCH_BYTES = 1 << 20
 PROCESS_VALIDATION_BYTES = 16 * MIB
 VALIDATION_PROCESSES = 2  # file bytes handed to a worker thread per disk write
 MAX_EXPIRY_S = 30 * 24 * 3600  # OpenAI's longest expires_after (30 days)
-# Temp files (uploads, validations, exports) untouched this long are leftovers of a crash or a
-# dropped download; a live upload or export writes into its entry far more often than this.
-TMP_GRACE_S = 3600
-SWEEP_EVERY_S = 600
 
 
 @contextlib.asynccontextmanager
@@ -118,7 +114,7 @@ class _Upload:
         self.filename: str | None = None
         self.size = 0
         self.parts = 0
-        self.out = None
+        self.out: BinaryIO | None = None
         self.file_done = False
         # File bytes parsed but not yet on disk: written by a worker thread, since a write() can
         # block for a long time when the kernel throttles dirty pages, and the event loop must not.
@@ -226,7 +222,7 @@ async def _receive(request: Request, up: _Upload) -> None:
         raise ApiError(
             400, "Uploads must be multipart/form-data with a 'file' and a 'purpose' field.", param="file"
         )
-    parser = MultipartParser(params[b"boundary"], up.callbacks())
+    parser = MultipartParser(params[b"boundary"], cast(Any, up.callbacks()))
     limit, seen = up.max_bytes + FORM_OVERHEAD_BYTES, 0
     async for chunk in request.stream():
         seen += len(chunk)
@@ -269,13 +265,13 @@ def _expires_at(fields: dict[str, str]) -> int | None:
         raise ApiError(400, "expires_after[anchor] must be 'created_at'.", param="expires_after[anchor]")
     # isascii: "²".isdigit() is True but int() refuses it.
     ok = seconds is not None and seconds.isascii() and seconds.isdigit() and len(seconds) <= 10
-    if not ok or not 1 <= int(seconds) <= MAX_EXPIRY_S:
+    if not ok or not 1 <= int(cast(str, seconds)) <= MAX_EXPIRY_S:
         raise ApiError(
             400,
             f"expires_after[seconds] must be a whole number of seconds from 1 to {MAX_EXPIRY_S} (30 days).",
             param="expires_after[seconds]",
         )
-    return now() + int(seconds)
+    return now() + int(cast(str, seconds))
 
 
 def _check_room(request: Request, who: Principal) -> None:
@@ -366,52 +362,6 @@ def _validation_pool(state: Any) -> ProcessPoolExecutor:
             max_tasks_per_child=1,
         )
     return pool
-
-
-# ---------------------------------------------------------------------------------------------
-# Housekeeping
-
-
-def sweep(store: Store, tmp_grace_s: float = TMP_GRACE_S) -> None:
-    """Delete expired files and stale temp entries. Never raises: a failed sweep waits for the next."""
-    try:
-        expired = store.delete_expired_files()
-        if expired:
-            log.info("deleted %d expired file(s)", expired)
-        clean_tmp(store.data_dir / "files" / ".tmp", tmp_grace_s)
-    except Exception:  # a database or disk hiccup must not kill the server's housekeeping
-        log.exception("file sweep failed")
-
-
-def clean_tmp(folder: Path, older_than_s: float) -> list[str]:
-    """Remove entries of `folder` (temp files, `export-*` dirs) not written for `older_than_s`;
-    returns their names. Another process sharing the data dir may be writing the younger ones."""
-    cutoff = time.time() - older_than_s
-    removed = []
-    for entry in list(folder.iterdir()) if folder.is_dir() else []:
-        try:
-            if _newest_mtime(entry) >= cutoff:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry.name)
-        except FileNotFoundError:
-            continue  # its owner finished and removed it meanwhile
-    if removed:
-        log.info("removed %d stale temp entr(ies) from %s", len(removed), folder)
-    return removed
-
-
-def _newest_mtime(entry: Path) -> float:
-    newest = entry.lstat().st_mtime
-    if entry.is_dir() and not entry.is_symlink():
-        for root, dirs, files in os.walk(entry):
-            for name in dirs + files:
-                with contextlib.suppress(FileNotFoundError):
-                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
-    return newest
 
 
 # ---------------------------------------------------------------------------------------------

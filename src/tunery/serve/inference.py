@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,6 +21,15 @@ from fastapi.responses import StreamingResponse
 from tunery.errors import TuneryError
 from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, principal
+from tunery.serve.echo import (
+    check_echo,
+    completion_choice,
+    completion_chunks,
+    echo_options,
+    echo_texts,
+    scores_of,
+    submit_scores,
+)
 from tunery.serve.engines import serving_engine
 from tunery.serve.resolver import resolve_model_name
 from tunery.serve.stored import capture_for, tee_stream
@@ -49,7 +58,7 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type = float) ->
 
 
 def _params(body: dict[str, Any], chat: bool):
-    from tunery.evaluate.generate import GenerationParams
+    from tunery.generation.sequence import GenerationParams
 
     max_tokens = body.get("max_completion_tokens") if chat else None
     if max_tokens is None:
@@ -80,7 +89,7 @@ def _params(body: dict[str, Any], chat: bool):
         max_new_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0),
         top_p=_number(body, "top_p", 1.0),
-        stop=stop or [],
+        stop=cast(list[str], stop or []),
         seed=_number(body, "seed", None, int),
         logprobs=logprobs,
         top_logprobs=top,
@@ -150,7 +159,7 @@ async def chat_completions(
     who: Principal = Depends(principal),
     served_by: Any = Depends(serving_engine),
 ) -> dict[str, Any] | StreamingResponse:
-    from tunery.evaluate.generate import chat_prompt
+    from tunery.generation.generate import chat_prompt
 
     messages = _messages(body)
     params = _params(body, chat=True)
@@ -161,8 +170,8 @@ async def chat_completions(
     handle = await run_in_threadpool(engine.submit, spec, adapter, prompt, params)
     cid, created, model = "chatcmpl-" + secrets.token_hex(12), int(time.time()), body["model"]
     if body.get("stream"):
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = _chat_chunks(handle, cid, created, model, len(prompt), params.n, usage)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = _chat_chunks(handle, cid, created, model, len(prompt), params.n, include_usage)
         if capture is not None:
 
             def store(choices: list[dict[str, Any]], counted: dict[str, int] | None) -> None:
@@ -309,21 +318,6 @@ async def _check_logit_bias(body: dict[str, Any], engine: Any, spec: str, adapte
         )
 
 
-def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    if entries is None:
-        return None
-    offsets, pos = [], 0
-    for e in entries:
-        offsets.append(pos)
-        pos += len(e["token"])
-    return {
-        "tokens": [e["token"] for e in entries],
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
-        "text_offset": offsets,
-    }
-
-
 @router.post("/completions", response_model=None)
 async def completions(
     request: Request,
@@ -331,35 +325,40 @@ async def completions(
     who: Principal = Depends(principal),
     served_by: Any = Depends(serving_engine),
 ) -> dict[str, Any] | StreamingResponse:
-    params = _params(body, chat=False)
+    echo, prompt_only, gen_body = echo_options(body)  # echo + max_tokens 0: score the prompt alone
+    params = _params(gen_body, chat=False)
     engine, spec, adapter, tokenizer = await _prepare(request, who, body, served_by)
     prompts = _prompts(body, tokenizer)
     if len(prompts) * params.n > MAX_CHOICES:
         raise ApiError(400, f"At most {MAX_CHOICES} choices per request (prompts times n).", param="prompt")
     await _check_logit_bias(body, engine, spec, adapter)
+    if echo:
+        check_echo(prompts, params)
+    # Echo with logprobs goes to the torch engine, which scores the prompt and decodes the completion.
+    routed = {"echo": True} if echo and params.logprobs else {}
     # Every prompt is checked before any is queued: a bad one fails this request alone, early.
     for p in prompts:
-        await run_in_threadpool(engine.check, spec, adapter, p, params)
+        await run_in_threadpool(engine.check, spec, adapter, p, params, **routed)
+    scores = await submit_scores(engine, spec, adapter, prompts, params) if echo else [None] * len(prompts)
+    prefixes = echo_texts(body, prompts, tokenizer) if echo else [""] * len(prompts)
     handles = []
-    for p in prompts:
-        handles.append(await run_in_threadpool(engine.submit, spec, adapter, p, params))
+    for p in [] if prompt_only else prompts:
+        handles.append(await run_in_threadpool(engine.submit, spec, adapter, p, params, **routed))
     cid, created, model = "cmpl-" + secrets.token_hex(12), int(time.time()), body["model"]
     n_prompt = sum(len(p) for p in prompts)
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return _sse(_completion_chunks(handles, params.n, cid, created, model, n_prompt, usage), *handles)
+        echoed = list(zip(prefixes, scores, strict=True)) if echo else None
+        chunks = completion_chunks(handles, params, cid, created, model, n_prompt, usage, echoed)
+        return _sse(chunks, *handles)
     choices, completion_tokens = [], 0
-    for k, h in enumerate(handles):
-        for r in await run_in_threadpool(h.result):
-            completion_tokens += r.completion_tokens
-            choices.append(
-                {
-                    "text": r.text,
-                    "index": k * params.n + r.index,
-                    "logprobs": _legacy_logprobs(r.logprobs),
-                    "finish_reason": r.finish_reason,
-                }
-            )
+    for k in range(len(prompts)):
+        prompt_lp = await run_in_threadpool(scores_of, scores[k])
+        results = await run_in_threadpool(handles[k].result) if handles else [None] * params.n
+        for i, r in enumerate(results):
+            completion_tokens += r.completion_tokens if r else 0
+            index = k * params.n + (r.index if r else i)
+            choices.append(completion_choice(index, r, prefixes[k], prompt_lp, params.logprobs))
     return {
         "id": cid,
         "object": "text_completion",
@@ -369,31 +368,6 @@ async def completions(
         "usage": _usage(n_prompt, completion_tokens),
         "system_fingerprint": None,
     }
-
-
-def _completion_chunks(
-    handles: list[Any], n: int, cid: str, created: int, model: str, prompt_tokens: int, include_usage: bool
-) -> Iterator[dict[str, Any]]:
-    base = {"id": cid, "object": "text_completion", "created": created, "model": model}
-    for k, h in enumerate(handles):
-        for ev in h.events():
-            if not ev.text and ev.finish_reason is None:
-                continue
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "text": ev.text,
-                        "index": k * n + ev.index,
-                        "logprobs": _legacy_logprobs(ev.logprobs) if ev.logprobs else None,
-                        "finish_reason": ev.finish_reason,
-                    }
-                ],
-                "usage": None,
-            }
-    if include_usage:
-        total = sum(r.completion_tokens for h in handles for r in h.result())
-        yield {**base, "choices": [], "usage": _usage(prompt_tokens, total)}
 
 
 def _sse(chunks: Iterator[dict[str, Any]], *handles: Any) -> StreamingResponse:

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from tunery.jobs import spec
-from tunery.jobs.store import ACTIVE_STATUSES, CheckpointRow, EventRow, Job, new_id, now
+from tunery.jobs.tables import ACTIVE_STATUSES, CheckpointRow, EventRow, Job, new_id, now
 from tunery.serve.common import (
     ApiError,
     Principal,

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from tunery.jobs.store import ApiKey
+from tunery.jobs.tables import ApiKey
 from tunery.serve.common import ApiError, Principal, admin, principal
 
 router = APIRouter(prefix="/v1/tunery/keys")

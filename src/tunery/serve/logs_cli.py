@@ -15,9 +15,9 @@ from typing import Any
 
 import typer
 
-from tunery.cli_common import console, user_errors
 from tunery.errors import TuneryError
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
+from tunery.terminal import console, user_errors
 
 logs_app = typer.Typer(help="Stored chat completions and their ratings.", no_args_is_help=True)
 
@@ -185,6 +185,37 @@ def metadata_pairs(values: list[str]) -> dict[str, str]:
     return pairs
 
 
+RelabelWith = typer.Option(
+    None,
+    "--relabel-with",
+    help="A stronger model (M, M:ADAPTER_DIR or a saved model dir; with --relabel-url, the endpoint's "
+    "model name) that rewrites the train replies no reviewer corrected (SFT; the test slice stays "
+    "as reviewed).",
+)
+RelabelUrl = typer.Option(
+    None, "--relabel-url", help="An OpenAI-compatible endpoint (…/v1) serving --relabel-with."
+)
+RelabelKeyEnv = typer.Option(
+    "OPENAI_API_KEY", "--relabel-api-key-env", help="Env var holding --relabel-url's key."
+)
+JudgeMinScore = typer.Option(
+    None,
+    "--judge-min-score",
+    help="Drop a relabeled reply the judge (as in `tunery data judge`) scores below this.",
+)
+JudgeModel = typer.Option(
+    None,
+    "--judge-model",
+    help="The judge: a local model, or with --judge-url the endpoint's model (default: the relabeler).",
+)
+JudgeUrl = typer.Option(None, "--judge-url", help="An OpenAI-compatible endpoint (…/v1) of the judge.")
+JudgeKeyEnv = typer.Option("OPENAI_API_KEY", "--judge-api-key-env", help="Env var holding --judge-url's key.")
+JudgeTemplate = typer.Option(
+    None, "--judge-template", help="Judge prompt template file with {prompt} and {completion}."
+)
+JudgeMaxScore = typer.Option(10.0, "--judge-max-score", help="The judge template's top score.")
+
+
 @user_errors()
 def from_logs_command(
     output: Path = typer.Option(
@@ -202,15 +233,18 @@ def from_logs_command(
     test_fraction: float = typer.Option(
         0.1, "--test-fraction", help="The most recent share of examples, held out as the test slice."
     ),
-    relabel_with: str | None = typer.Option(
-        None,
-        "--relabel-with",
-        help="A stronger model (M, M:ADAPTER_DIR or a saved model dir) that rewrites the train "
-        "replies no reviewer corrected (SFT; the test slice stays as reviewed).",
-    ),
+    relabel_with: str | None = RelabelWith,
     relabel_max_tokens: int = typer.Option(
         256, "--relabel-max-tokens", min=1, help="Longest rewritten reply."
     ),
+    relabel_url: str | None = RelabelUrl,
+    relabel_key_env: str = RelabelKeyEnv,
+    judge_min_score: float | None = JudgeMinScore,
+    judge_model: str | None = JudgeModel,
+    judge_url: str | None = JudgeUrl,
+    judge_key_env: str = JudgeKeyEnv,
+    judge_template: Path | None = JudgeTemplate,
+    judge_max_score: float = JudgeMaxScore,
     data_dir: Path = DataDir,
     database_url: str | None = DatabaseUrl,
 ) -> None:
@@ -222,6 +256,9 @@ def from_logs_command(
     from tunery.serve.completions_store import Query
 
     from_logs.check_options(shape, rating, test_fraction)
+    relabeler = (relabel_with, relabel_url, relabel_key_env, relabel_max_tokens)
+    judged = (judge_model, judge_url, judge_key_env, judge_template, judge_max_score)
+    judge = _judge_options(relabeler, judge_min_score, *judged)
     query = Query(
         key,
         model=model,
@@ -236,35 +273,81 @@ def from_logs_command(
         logs.store.close()
     built = from_logs.build(records, shape, rating, test_fraction)
     if relabel_with:
-        from_logs.relabel(built, _teacher(relabel_with, relabel_max_tokens))
+        _relabel(built, relabeler, judge, judge_min_score)
     for line in from_logs.report_lines(built.report):
         console.print(line, highlight=False)
     for path in from_logs.write(built, output):
         console.print(f"Wrote {path}", highlight=False)
 
 
-def _teacher(name: str, max_new_tokens: int) -> Any:
-    """`reply(conversations) -> replies`: greedy answers of a local model, in batches."""
+def _judge_options(
+    relabeler: tuple,
+    min_score: float | None,
+    model: str | None,
+    url: str | None,
+    key_env: str,
+    template: Path | None,
+    max_score: float,
+) -> Any:
+    """The judge of `--judge-min-score` as `JudgeOptions`, or None when no filter was asked for. With
+    neither --judge-model nor --judge-url it is the relabeler itself (as `tunery data synth
+    --min-judge-score` asks its teacher)."""
+    from tunery.objectives.rlaif import JudgeOptions
+
+    if min_score is None:
+        if model or url:
+            raise TuneryError(
+                "--judge-model and --judge-url need --judge-min-score.", param="judge_min_score"
+            )
+        return None
+    name, relabel_url, relabel_key_env, _ = relabeler
+    if not name:
+        raise TuneryError(
+            "--judge-min-score filters relabeled replies; it needs --relabel-with.", param="judge_min_score"
+        )
+    if not (model or url):
+        model, url, key_env = name, relabel_url, relabel_key_env
+    common = {"template": str(template) if template else None, "max_score": max_score}
+    if url:
+        return JudgeOptions(base_url=url, model_name=model or name, api_key_env=key_env, **common)
     from tunery.evaluate.cli import _parse_model_arg
-    from tunery.evaluate.generate import GenerationParams, chat_prompt, generate_batch
-    from tunery.evaluate.loading import load_for_inference
 
-    spec, adapter = _parse_model_arg(name)
-    model, tok = load_for_inference(spec, adapter)
-    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    spec, adapter = _parse_model_arg(model or name)
+    return JudgeOptions(model=spec, adapter=adapter, **common)
 
-    def reply(conversations: list[list[dict[str, Any]]]) -> list[str]:
-        prompts = [chat_prompt(tok, messages) for messages in conversations]
-        return [r.text for r in generate_batch(model, tok, prompts, params)]
 
-    return reply
+def _relabel(built: Any, relabeler: tuple, judge: Any, min_score: float | None) -> None:
+    """Rewrite the train replies no reviewer wrote, then let the judge drop the poor rewrites."""
+    from tunery.data import from_logs, relabel
+
+    name, url, key_env, max_tokens = relabeler
+    if judge is not None:
+        if min_score is None:  # _judge_options builds a judge only with a minimum score
+            raise TuneryError("A judge needs --judge-min-score.", param="judge_min_score")
+        relabel.check_min_score(min_score, judge.max_score)
+    if built.report.shape != "sft":  # before loading any model
+        raise TuneryError("--relabel-with applies to --shape sft only.", param="relabel_with")
+    if url:
+        reply = relabel.endpoint_reply(url, name, relabel.env_key(key_env), max_tokens)
+    else:
+        with console.status(f"Loading {name}…"):
+            reply = relabel.local_reply(name, max_tokens)
+    with console.status("Relabeling…"):
+        rows = from_logs.relabel(built, reply)
+    if judge is None or min_score is None:
+        return
+    from tunery.objectives.rlaif import Judge
+
+    with console.status("Judging the relabeled replies…"):
+        scorer = Judge(judge)
+        from_logs.judge_relabeled(built, rows, scorer.score, min_score, judge.max_score)
 
 
 def _ft_owner(store: Any, name: str) -> str | None:
     """The key that owns the fine-tuned model or checkpoint `name` (the operator names it without one)."""
     from sqlalchemy import select
 
-    from tunery.jobs.store import CheckpointRow, ModelRow
+    from tunery.jobs.tables import CheckpointRow, ModelRow
 
     with store.tx() as s:
         row = s.get(ModelRow, name)
@@ -301,8 +384,14 @@ def _contender(name: str, key: str | None, data_dir: Path, database_url: str | N
 def logs_compare(
     old: str = typer.Argument(..., help="The model serving now: an alias, ft: name, path or run dir."),
     new: str = typer.Argument(..., help="The model to compare it with (same forms)."),
-    data: Path = typer.Option(
-        ..., "--data", help="The held-out slice: the OUTPUT.test.jsonl `tunery data from-logs` wrote."
+    data: list[Path] = typer.Option(
+        ...,
+        "--data",
+        help="The held-out slice: the OUTPUT.test.jsonl `tunery data from-logs` wrote. Repeat it for "
+        "several tasks (each file is one; a row's `task` field wins).",
+    ),
+    sample_size: int | None = typer.Option(
+        None, "--sample", min=1, help="Compare on this many examples (a fixed-seed sample)."
     ),
     key: str | None = typer.Option(None, "--key", help="The key id (key_…) owning the ft: models."),
     max_new_tokens: int | None = typer.Option(
@@ -319,10 +408,12 @@ def logs_compare(
 ) -> None:
     """Old model against new on the held-out slice of the logs: exact match, classification
     metrics when the replies are labels, latency and prompt tokens per model."""
-    from tunery.evaluate.engine import Engine
-    from tunery.evaluate.heldout import compare_on_heldout, load_heldout, render_heldout
+    from tunery.evaluate.heldout import compare_on_heldout, load_heldout, render_heldout, sample
+    from tunery.generation.engine import Engine
 
     examples, skipped = load_heldout(data)
+    total = len(examples)
+    examples = sample(examples, sample_size)
     contenders = [_contender(n, key, data_dir, database_url) for n in (old, new)]
     if contenders[0].label == contenders[1].label:
         raise TuneryError("OLD and NEW are the same model; name two different ones.")
@@ -336,6 +427,8 @@ def logs_compare(
     finally:
         engine.close()
     result["skipped"] = skipped
+    if len(examples) < total:
+        result["sampled_from"] = total
     text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
     if output is not None and str(output) == "-":
         typer.echo(text, nl=False)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Boolean, Integer, String, func, select
+from sqlalchemy import BigInteger, Boolean, Integer, String, Table, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tunery.errors import NotFoundError, TuneryError
-from tunery.jobs.store import Base, Store, now
+from tunery.jobs.store import Store
+from tunery.jobs.tables import Base, now
 from tunery.models.aliases import ALIASES
 from tunery.models.registry import SourceFacts, inspect_source
 from tunery.serve.alias_store import ModelAlias, is_alias_name
@@ -100,7 +101,7 @@ class ModelRegistry:
         # opened before this module was imported, once per store.
         with _LOCK:
             if store not in _READY:
-                Base.metadata.create_all(store.engine, tables=[RegisteredModel.__table__])
+                Base.metadata.create_all(store.engine, tables=[cast(Table, RegisteredModel.__table__)])
                 _READY.add(store)
 
     def find(self, name: str) -> RegisteredModel | None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from tunery.cli_common import console, user_errors
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
+from tunery.terminal import console, user_errors
 
 models_app = typer.Typer(
     help="The model registry: models registered by name for the CLI and the server.", no_args_is_help=True
@@ -165,8 +165,8 @@ def _print_methods(source: str, tokens: int) -> None:
     from rich.table import Table
 
     from tunery.methods import METHODS
-    from tunery.recommend import GB, DataFacts, estimate, model_facts, model_shape
     from tunery.train.estimate import trainable_parameters
+    from tunery.workflows.recommend import GB, DataFacts, estimate, model_facts, model_shape
 
     facts = model_facts(source)
     shape = model_shape(facts)

@@ -216,7 +216,7 @@ class Resolver:
             dotted, param = f"{prefix}.{key}", f"tunery.{prefix}.{key}"
             if kind in ("url", "env") or _NEVER_IN_REQUESTS.search(str(key)):
                 raise _never_in_requests(param, self.settings)
-            if kind is not None and isinstance(value, str):
+            if isinstance(kind, str) and isinstance(value, str):
                 self._named(who, kind, marks, value, block, prefix, dotted, out)
             elif isinstance(value, dict):
                 sub = field.annotation if field is not None else None

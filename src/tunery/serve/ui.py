@@ -17,7 +17,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 
-from tunery.jobs.store import new_id
+from tunery.jobs.tables import new_id
 from tunery.serve.bounds import check_eval_size, check_model_size, export_workdir, heavy_slot
 from tunery.serve.common import ApiError, Principal, principal
 from tunery.serve.engines import get_engine
@@ -128,9 +128,18 @@ def registry(who: Principal = Depends(principal)) -> dict[str, Any]:
 
 
 def _report(path: Path, filename: str, method: str, min_examples: int, tokenizer: Any = None) -> dict:
+    from tunery.config import Hyperparameters
     from tunery.data import validate_file
+    from tunery.objectives import validation_kind
 
-    report = validate_file(path, method=method, tokenizer=tokenizer, min_examples=min_examples).to_dict()
+    report = validate_file(
+        path,
+        method=method,
+        tokenizer=tokenizer,
+        max_length=Hyperparameters.model_fields["max_length"].default,
+        kind=validation_kind(method),
+        min_examples=min_examples,
+    ).to_dict()
     # The stored path means nothing to the user; they know the file by the name they uploaded.
     text = json.dumps(report).replace(json.dumps(str(path))[1:-1], filename)
     out = json.loads(text)
@@ -139,9 +148,9 @@ def _report(path: Path, filename: str, method: str, min_examples: int, tokenizer
 
 
 def _method_arg(method: str) -> str:
-    from tunery.data.validate import kind_for_method
+    from tunery.objectives import validation_kind
 
-    kind_for_method(method)  # a ConfigError naming the known ones when unknown
+    validation_kind(method)  # a ConfigError naming the known ones when unknown
     return method
 
 
@@ -300,17 +309,40 @@ async def evaluate_models(
         return await run_in_threadpool(_run_eval, rows, store.path(row.path), max_new, limit)
 
 
-def _compare_heldout(engine: Any, rows: list[Any], data: Path, filename: str, body: dict) -> dict:
+def _compare_heldout(
+    engine: Any, rows: list[Any], data: Path, filename: str, body: dict, progress: dict[str, Any]
+) -> dict:
     from tunery.errors import DataError
-    from tunery.evaluate.heldout import compare_on_heldout, load_heldout
+    from tunery.evaluate.heldout import compare_on_heldout, load_heldout, sample
 
     try:
         examples, skipped = load_heldout(data)
     except DataError as exc:  # it names the stored file; the caller knows it by its upload name
         raise DataError(exc.message.replace(str(data), filename), exc.hint, param="file") from None
+    total = len(examples)
+    examples = sample(examples, body.get("sample"))
     check_eval_size(len(examples), body.get("max_new_tokens"))
-    result = compare_on_heldout(engine, rows, examples, max_new_tokens=body.get("max_new_tokens"))
-    return {**result, "skipped": skipped}
+    progress.update(done=0, total=len(examples) * len(rows))
+    result = compare_on_heldout(
+        engine,
+        rows,
+        examples,
+        max_new_tokens=body.get("max_new_tokens"),
+        on_progress=lambda done, _total: progress.update(done=done),
+    )
+    out = {**result, "skipped": skipped}
+    if len(examples) < total:
+        out["sampled_from"] = total
+    return out
+
+
+def _progress_table(request: Request) -> dict[str, dict[str, Any]]:
+    """Key id -> the progress of its running comparison (one per key: its heavy slot)."""
+    state = request.app.state
+    table = getattr(state, "compare_progress", None)
+    if table is None:  # made on first use, in the event loop
+        table = state.compare_progress = {}
+    return table
 
 
 @api.post("/compare", summary="Old model against new on the held-out slice of the logs")
@@ -318,24 +350,43 @@ async def compare_heldout(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
 ) -> dict[str, Any]:
     """Body: {file: the test file of `POST /v1/tunery/datasets` (its `tunery.test_file`), models:
-    [old, new], max_new_tokens?}. Both answer through the server's engine; the result has each
-    model's exact match (classification metrics when the replies are labels), latency and tokens."""
+    [old, new], max_new_tokens?, sample?}. Both answer through the server's engine; the result has
+    each model's exact match (classification metrics when the replies are labels), latency and
+    tokens. `sample` compares on that many examples of the file (a fixed-seed sample). While it runs,
+    `GET /v1/tunery/compare/progress` counts the replies made."""
     from tunery.evaluate.heldout import Contender
 
     store = request.app.state.store
     names = body.get("models")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != 2:
         raise ApiError(400, "models must be two different model names: [old, new].", param="models")
+    size = body.get("sample")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ApiError(400, "sample must be a positive integer.", param="sample")
     row, max_new = _data_file_and_length(store, who, body)
     rows = []
     for name in names:
         base, rel = resolve_model_name(request, who, name)
         rows.append(Contender(name, base, str(store.path(rel)) if rel else None))
     engine = get_engine(request.app.state)
+    table = _progress_table(request)
     with heavy_slot(request, who, "a comparison"):
-        return await run_in_threadpool(
-            _compare_heldout, engine, rows, store.path(row.path), row.filename, body
-        )
+        table[who.id] = progress = {"done": 0, "total": None}
+        try:
+            return await run_in_threadpool(
+                _compare_heldout, engine, rows, store.path(row.path), row.filename, body, progress
+            )
+        finally:
+            table.pop(who.id, None)
+
+
+@api.get("/compare/progress", summary="How far the calling key's running comparison is")
+async def compare_progress(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+    """`{"object": "tunery.compare.progress", "running", "done", "total"}`: replies made so far and
+    to make (examples times models); `total` is null until the file is read."""
+    found = _progress_table(request).get(who.id)
+    done, total = (found["done"], found["total"]) if found else (0, None)
+    return {"object": "tunery.compare.progress", "running": found is not None, "done": done, "total": total}
 
 
 # ---------------------------------------------------------------------------------------------

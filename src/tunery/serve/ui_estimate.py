@@ -21,14 +21,23 @@ STEP_OVERHEAD_SECONDS = 0.05
 def _token_counts(base_spec: str, data_path: Path | None, objective: str) -> tuple[int | None, float | None]:
     if data_path is None:
         return None, None
+    from tunery.config import Hyperparameters
     from tunery.data import validate_file
     from tunery.models.load import load_tokenizer
+    from tunery.objectives import validation_kind
 
     try:
         tokenizer = load_tokenizer(base_spec)
     except Exception:  # a tokenizer that cannot load still leaves the example count useful
         tokenizer = None
-    report = validate_file(data_path, method=objective, tokenizer=tokenizer, min_examples=0)
+    report = validate_file(
+        data_path,
+        method=objective,
+        tokenizer=tokenizer,
+        max_length=Hyperparameters.model_fields["max_length"].default,
+        kind=validation_kind(objective),
+        min_examples=0,
+    )
     n = int(report.stats.get("valid_examples") or report.n or 0)
     mean = (report.stats.get("tokens") or {}).get("mean")
     return n, float(mean) if mean else None
@@ -51,7 +60,7 @@ def _memory(
     method: str, shape: ModelShape, trainable: int, micro_tokens: int, on_gpu: bool
 ) -> tuple[dict[str, int], float]:
     """(bytes by part, bytes per weight) of training `trainable` of the model's parameters."""
-    weight_bytes = 2 if on_gpu else 4  # bf16 on a GPU, fp32 on CPU
+    weight_bytes: float = 2 if on_gpu else 4  # bf16 on a GPU, fp32 on CPU
     if method == "qlora":
         weight_bytes = 0.55  # 4-bit NF4 plus its quantization constants
     act_bytes = 2 if on_gpu else 4

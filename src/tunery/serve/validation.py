@@ -22,8 +22,10 @@ _METHOD_FOR_KIND = {
 
 def _first_error(path: Path, filename: str, method: str, min_examples: int) -> dict[str, str] | None:
     from tunery.data import validate_file
+    from tunery.objectives import validation_kind
 
-    return _openai_error(validate_file(path, method=method, min_examples=min_examples), path, filename)
+    report = validate_file(path, method=method, kind=validation_kind(method), min_examples=min_examples)
+    return _openai_error(report, path, filename)
 
 
 def _openai_error(report: ValidationReport, path: Path, filename: str) -> dict[str, str] | None:
@@ -45,6 +47,7 @@ def upload_error(path: Path, filename: str) -> dict[str, str] | None:
     from tunery.data.readers import read_records
     from tunery.data.validate import Issue, ValidationReport, validate_records
     from tunery.errors import DataError
+    from tunery.objectives import validation_kind
 
     line_errors: list[DataError] = []
     try:
@@ -56,7 +59,8 @@ def upload_error(path: Path, filename: str) -> dict[str, str] | None:
     first = next((rec for _, rec in records.records if isinstance(rec, dict)), None)
     kind = native_kind(first) if first is not None else None
     method = _METHOD_FOR_KIND.get(kind or "chat", "supervised")
-    return _openai_error(validate_records(records, method, line_errors, min_examples=1), path, filename)
+    report = validate_records(records, method, line_errors, kind=validation_kind(method), min_examples=1)
+    return _openai_error(report, path, filename)
 
 
 def job_file_error(path: Path, filename: str, objective: str, param: str) -> dict[str, str] | None:

@@ -22,6 +22,7 @@ with a window shorter than the examples.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -33,9 +34,10 @@ NAME = "tunery_packed"
 # How packed rows are isolated: "auto" (the default: "varlen" on a GPU for half-precision inputs,
 # else "segments"), "segments" (causal SDPA per example), "varlen" (one varlen-kernel call for the
 # row) or "mask" (one SDPA call with a dense 4D block-diagonal causal mask). The explicit modes
-# exist so the benchmark can measure the levers; all are exact (tests/test_packing.py,
-# tests/test_perf_levers.py).
-MODE = "auto"
+# exist so the benchmark can measure the levers (train/levers.py); all are exact
+# (tests/test_packing.py, tests/test_perf_levers.py). Each mode is its own registered attention
+# name, so the mode travels with the model (`use_packed_attention(model, mode)`), not in a global.
+MODES = ("auto", "segments", "varlen", "mask")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -46,7 +48,16 @@ def block_causal_mask(cu: torch.Tensor, length: int) -> torch.Tensor:
     return ((seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :]))[None, None]
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def attention_name(mode: str = "auto") -> str:
+    """The registered attention name of a mode: "tunery_packed" for auto, "tunery_packed_<mode>" else."""
+    if mode not in MODES:
+        raise ValueError(f"unknown packed attention mode {mode!r}; expected one of {MODES}")
+    return NAME if mode == "auto" else f"{NAME}_{mode}"
+
+
+def packed_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, mode: str = "auto", **kwargs
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
@@ -62,7 +73,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     # Grouped-query heads are shared inside SDPA (enable_gqa) rather than copied with
     # repeat_interleave: same result, no [heads, L, d] key/value copies, ~25% faster fwd+bwd on CPU.
     gqa = query.shape[1] != key.shape[1]
-    if MODE == "mask":
+    if mode == "mask":
         mask = block_causal_mask(cu, query.shape[2]) & _band(query.shape[2], window, query.device)
         if softcap is not None:
             return _explicit_attention(query, key, value, mask, scaling, training_dropout, softcap), None
@@ -70,7 +81,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             query, key, value, attn_mask=mask, scale=scaling, dropout_p=training_dropout, enable_gqa=gqa
         )
         return out.transpose(1, 2).contiguous(), None
-    if _use_varlen(query, training_dropout, softcap):
+    if _use_varlen(query, training_dropout, softcap, mode):
         max_len = kwargs.get("max_length_q")
         return varlen_attention(query, key, value, cu, max_len, scaling, gqa, window, softcap), None
     # split, not slicing: the backward of a slice writes its gradient into a zero tensor of the
@@ -131,13 +142,15 @@ def _explicit_attention(q, k, v, mask, scale, dropout: float, softcap: float) ->
     return (probs @ v).transpose(1, 2).contiguous()
 
 
-def _use_varlen(query: torch.Tensor, dropout: float, softcap: float | None = None) -> bool:
-    if MODE == "varlen":
+def _use_varlen(
+    query: torch.Tensor, dropout: float, softcap: float | None = None, mode: str = "auto"
+) -> bool:
+    if mode == "varlen":
         return True
     # The GPU kernels take fp16/bf16 only and have no attention dropout, and PyTorch's has no
     # soft-capping; anything else keeps the per-segment path.
     return (
-        MODE == "auto"
+        mode == "auto"
         and query.device.type == "cuda"
         and query.dtype in _HALF
         and not dropout
@@ -227,15 +240,17 @@ def _reference_varlen(q, k, v, cu, max_len, scale, gqa, window=None, softcap=Non
     return torch.cat(outs)
 
 
-def register() -> str:
-    """Register the attention (and SDPA's mask builder for when no boundaries are passed)."""
+def register(mode: str = "auto") -> str:
+    """Register the attention of `mode` (and SDPA's mask builder for when no boundaries are passed)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(NAME, packed_attention)
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return NAME
+    name = attention_name(mode)
+    fn = packed_attention if mode == "auto" else functools.partial(packed_attention, mode=mode)
+    AttentionInterface.register(name, fn)
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return name
 
 
 def packed_refusal(config) -> str | None:
@@ -250,9 +265,10 @@ def packed_refusal(config) -> str | None:
     return None
 
 
-def use_packed_attention(model: torch.nn.Module) -> bool:
-    """Switch a transformers model to packed attention; False when the architecture can't."""
-    register()
+def use_packed_attention(model: torch.nn.Module, mode: str = "auto") -> bool:
+    """Switch a transformers model to packed attention (isolating examples as `mode` says); False
+    when the architecture can't."""
+    name = register(mode)
     config = getattr(model, "config", None)
     if config is None:
         return False
@@ -261,7 +277,7 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
         log.info("Packed attention is off for %s: %s.", getattr(config, "model_type", "?"), reason)
         return False
     try:
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(name)
     except (ValueError, AttributeError, NotImplementedError) as exc:
         log.info("Packed attention is off for %s: %s", getattr(config, "model_type", "?"), exc)
         return False

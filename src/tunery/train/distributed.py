@@ -1,4 +1,6 @@
-"""Training on several processes or machines: launching, the data split, collectives, checkpoints.
+"""Training on several processes or machines: the data split, collectives, checkpoints.
+
+Launching (the rank environment, checks, torchrun) is train/launch.py.
 
 `tunery train --nproc N` re-runs itself under torchrun; every launched process finds WORLD_SIZE in
 its environment and trains one rank with the same loop (train/loop.py), which asks a `Dist` for its
@@ -20,163 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunery.errors import ConfigError, TuneryError
+from tunery.errors import ConfigError
 from tunery.models.unwrap import unwrap
 from tunery.train import checkpoint as ckpt
 from tunery.train.batching import Step, split_micro_batches
-
-# --------------------------------------------------------------------------- environment
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 writes the run directory, prints and reports; it is the only process without a launcher."""
-    return rank() == 0
-
-
-def launched() -> bool:
-    """Inside a process torchrun (or another launcher) started as one of several ranks."""
-    return world_size() > 1
-
-
-LAUNCHER_ENV = "TUNERY_LAUNCHER"
-
-
-def under_tunery_launcher() -> bool:
-    """Started by `tunery train --nproc`, which reports the outcome, rather than by hand."""
-    return os.environ.get(LAUNCHER_ENV) == "1"
-
-
-# --------------------------------------------------------------------------- launching
-
-
-class DistributedError(TuneryError):
-    code = "distributed_training_failed"
-
-
-def check(config: Any, *, cuda: bool | None = None) -> None:
-    """Refuse settings this machine cannot run, before any process is launched."""
-    d = config.distributed
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if config.method == "qlora" and d.strategy != "ddp":
-        # bitsandbytes' 4-bit weights are packed uint8 tensors with their quantization state on the
-        # side: sharding splits them without that state, and ZeRO-3 cannot gather them back.
-        raise ConfigError(
-            f"method qlora cannot be sharded with distributed.strategy={d.strategy}.",
-            hint="Use distributed.strategy=ddp (each GPU holds the whole 4-bit base), or method lora.",
-            param="distributed.strategy",
-        )
-
-    if d.strategy == "deepspeed":
-        if not cuda:
-            raise ConfigError(
-                "distributed.strategy=deepspeed needs CUDA GPUs.",
-                hint="On CPU use distributed.strategy=ddp or fsdp.",
-                param="distributed.strategy",
-            )
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                "distributed.strategy=deepspeed needs the deepspeed package.",
-                hint="pip install deepspeed (it compiles CUDA ops), or use distributed.strategy=fsdp.",
-                param="distributed.strategy",
-            )
-    if d.backend == "nccl" and not cuda:
-        raise ConfigError("distributed.backend=nccl needs CUDA GPUs.", hint="Use backend: auto or gloo.")
-
-
-def check_local_rank(local_rank: int, visible: int) -> None:
-    """Each rank drives the GPU numbered by its LOCAL_RANK; fail clearly when there is no such GPU."""
-    if local_rank >= visible:
-        raise DistributedError(
-            f"Rank with LOCAL_RANK={local_rank} has no GPU: this process sees {visible} "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}).",
-            hint="Launch at most one process per visible GPU (--nproc <= the number of GPUs), "
-            "or list more GPUs in CUDA_VISIBLE_DEVICES.",
-        )
-
-
-def launch_command(
-    train_args: list[str],
-    *,
-    nproc: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int = 29500,
-) -> list[str]:
-    """torchrun running `tunery train <train_args>` on `nproc` processes of this node."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--nnodes={nnodes}",
-        f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}",
-        f"--master-port={master_port}",
-        "-m",
-        "tunery.cli",
-        "train",
-        *train_args,
-    ]
-
-
-def launch(cmd: list[str], run_dir: Path, *, main_node: bool = True) -> str:
-    """Run the launcher; return the run's status (succeeded | interrupted) or raise DistributedError.
-
-    The launcher runs in its own session so a terminal Ctrl-C reaches it once, from here: torchrun
-    passes the signal to every rank, which stops at the same step boundary and checkpoints. (torchrun
-    then exits non-zero whatever the ranks did, so rank 0's run.json tells an interruption apart.)
-    """
-    started = time.time()
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, LAUNCHER_ENV: "1"})
-
-    def forward(signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        rc = proc.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    status = None
-    run_json = run_dir / "run.json"
-    if main_node and run_json.exists() and run_json.stat().st_mtime >= started - 1:  # not a stale one
-        status = json.loads(run_json.read_text()).get("status")
-    if status == "interrupted" or (rc == 0 and status is not None):
-        return status
-    if rc == 0:
-        return "succeeded"  # another node's view: rank 0 writes the run directory on its node
-    if status == "failed":  # a user error, already printed by the ranks
-        raise DistributedError("Training failed; the error is printed above.")
-    raise DistributedError(
-        f"Distributed training failed: the launcher exited with code {rc}.",
-        hint="The failing rank's error is printed above (torchrun's summary names the rank).",
-    )
-
+from tunery.train.launch import check, check_local_rank
 
 # --------------------------------------------------------------------------- the data split
 
@@ -203,7 +62,11 @@ class LossModule(torch.nn.Module):
 
 
 class Dist:
-    """One rank's view of a distributed run (built by `start` in each launched process)."""
+    """One rank's view of a distributed run (built by `start` in each launched process). One process
+    training alone uses `single.SingleProcess`, which has the same methods."""
+
+    launched = True  # accelerate's process state describes the process group: it lives on
+    stops_alone = False  # ranks stop together, at step boundaries only (`any` votes on it)
 
     def __init__(self, config: Any, device: torch.device):
         import torch.distributed as td
@@ -286,20 +149,21 @@ class Dist:
             self.model = model = model.to(accelerator.device)
         return model
 
-    def prepare(self, optimizer: torch.optim.Optimizer) -> Any:
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """DDP / DeepSpeed wrap the loss module through accelerate; FSDP is already sharded, and only
         its optimizer goes through accelerate, so that fp16 losses are scaled in backward, gradients
-        unscaled before clipping and steps with overflowed gradients skipped, as without FSDP."""
+        unscaled before clipping and steps with overflowed gradients skipped, as without FSDP.
+        The model the loop holds stays the unwrapped one (`shard`'s); forwards go through `call`."""
         if self.strategy == "fsdp":
             if self.accelerator.mixed_precision != "fp16":
-                return optimizer
+                return model, optimizer
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             # the sharded scaler agrees on inf/nan across ranks, so every rank skips together
             self.accelerator.scaler = ShardedGradScaler()
-            return self.accelerator.prepare_optimizer(optimizer, device_placement=False)
+            return model, self.accelerator.prepare_optimizer(optimizer, device_placement=False)
         self.wrapped, optimizer = self.accelerator.prepare(LossModule(self.model), optimizer)
-        return optimizer
+        return model, optimizer
 
     # ------------------------------------------------------------- the step
     def plan(self, step: Step) -> list[tuple[tuple[int, ...], bool]]:

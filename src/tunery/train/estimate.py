@@ -1,5 +1,5 @@
 """How many parameters a run trains, before anything is loaded: the one count behind `tunery
-recommend` (`recommend.py`) and the dashboard's estimate (`serve/ui_estimate.py`).
+recommend` (`workflows/recommend.py`) and the dashboard's estimate (`serve/ui_estimate.py`).
 
 Each method answers for itself (`Method.trainable_parameters`, from the model's shape and the
 method's options), so a new method, or a change to what one trains, reaches both estimates at once.

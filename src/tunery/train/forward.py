@@ -18,9 +18,6 @@ from tunery.models.unwrap import unwrap
 from tunery.train.shapes import bucket
 
 LOGIT_CHUNK = 1024
-# False applies the LM head at every position (prompt tokens too), as stock trainers do. Only the
-# benchmark turns it off, to measure what computing logits only where supervised saves.
-SUPERVISED_HEAD_ONLY = True
 
 
 def packed_inputs(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None) -> dict:
@@ -164,14 +161,17 @@ def head_loss(
 
 
 def supervised_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(summed CE, #correct, #tokens) over supervised positions only."""
+    """(summed CE, #correct, #tokens) over supervised positions only.
+
+    A batch flagged `full_head` applies the LM head at every position (prompt tokens too), as stock
+    trainers do: the benchmark's lever (train/levers.py), to measure what this saves."""
     labels = batch["labels"]
     parts = split_lm(model)
     if parts is None or batch.get("generic"):
         return generic_loss(model, batch)
     hidden = decoder_hidden(model, batch)
     sel = labels != IGNORE
-    if not SUPERVISED_HEAD_ONLY:  # ignored targets add 0 to the loss and never count as correct
+    if batch.get("full_head"):  # ignored targets add 0 to the loss and never count as correct
         loss, correct, _ = head_loss(parts[1], hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
         return loss, correct, int(sel.sum())
     h, targets = hidden[sel], labels[sel]

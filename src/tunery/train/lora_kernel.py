@@ -17,9 +17,6 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear
 
-# The benchmark turns this off to measure the lever (bench/train_throughput.py, `tunery-unfused`).
-ENABLED = True
-
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
@@ -80,8 +77,12 @@ def _fused_adapter(layer) -> str | None:
 class FusedLoraLinear(Linear):
     """peft's LoRA `Linear` with the fused forward where it applies (`fuse_lora_layers`)."""
 
+    # False takes peft's path always: the benchmark measures the lever this way
+    # (bench/train_throughput.py, `tunery-unfused`; train/levers.py).
+    fuse = True
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = _fused_adapter(self) if ENABLED and not args and not kwargs else None
+        name = _fused_adapter(self) if self.fuse and not args and not kwargs else None
         if name is not None:
             base = self.get_base_layer()
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -97,16 +98,19 @@ class FusedLoraLinear(Linear):
         return _LoraLinearFn.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), dtype)
 
 
-def fuse_lora_layers(model: torch.nn.Module) -> int:
+def fuse_lora_layers(model: torch.nn.Module, enabled: bool = True) -> int:
     """Switch every plain peft LoRA `Linear` in `model` to the fused forward; returns how many.
 
     The layer becomes a `FusedLoraLinear`, a subclass of peft's, so isinstance checks, saving,
     merging and adapter switching are unchanged; its forward falls back to peft's whenever it
-    cannot fuse.
+    cannot fuse, or always with `enabled=False` (the benchmark's lever; calling this again on a
+    fused model switches its layers).
     """
     n = 0
     for module in model.modules():
         if type(module) is Linear:
             module.__class__ = FusedLoraLinear
+        if isinstance(module, FusedLoraLinear):
+            module.fuse = enabled
             n += 1
     return n

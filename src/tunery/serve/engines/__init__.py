@@ -1,6 +1,6 @@
 """Serving engines behind `/v1/chat/completions` and `/v1/completions`, and the choice between them.
 
-- `torch`: Tunery's own decode loop (`evaluate/engine.py`). It runs every method Tunery trains.
+- `torch`: Tunery's own decode loop (`generation/engine.py`). It runs every method Tunery trains.
 - `llamacpp`: llama.cpp through llama-cpp-python (`llamacpp.py`), for base models, fully fine-tuned
   models and plain LoRA adapters whose architecture has a GGUF form. Two to five times faster on a CPU.
 - `vllm`: vLLM on a GPU (`vllm.py`); its request translation is tested, the engine needs vLLM installed.
@@ -16,13 +16,16 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from tunery.errors import ConfigError, ModelError
-from tunery.evaluate.engine import Engine, request_key
-from tunery.evaluate.generate import GenerationParams
+from tunery.errors import ConfigError, ModelError, TuneryError
+from tunery.generation.engine import Engine, request_key
+from tunery.generation.sequence import GenerationParams
+
+if TYPE_CHECKING:
+    from tunery.serve.engines.scoring import TorchEngine
 
 log = logging.getLogger("tunery.serve")
 ENGINES = ("auto", "torch", "llamacpp", "vllm")
@@ -137,7 +140,7 @@ class EngineRouter:
             raise ConfigError(f"Unknown --engine {kind!r}: use {', '.join(ENGINES)}.", param="engine")
         self.kind = kind
         self.notice: str | None = None  # why `auto` serves everything with torch, shown once
-        self._torch: Engine | None = None
+        self._torch: TorchEngine | None = None
         self._cpp: Any = None
         self._adapter_cache = adapter_cache
         self._lock = threading.RLock()
@@ -170,10 +173,12 @@ class EngineRouter:
         return LlamaCppEngine(gguf_type=gguf_type, max_adapters=self._adapter_cache, **options)
 
     @property
-    def torch(self) -> Engine:
+    def torch(self) -> TorchEngine:
         with self._lock:
             if self._torch is None:
-                self._torch = Engine(max_adapters=self._adapter_cache)
+                from tunery.serve.engines.scoring import TorchEngine
+
+                self._torch = TorchEngine(max_adapters=self._adapter_cache)
             return self._torch
 
     # ----- which engine -----
@@ -251,25 +256,57 @@ class EngineRouter:
         return self._call("vocab_size", model_spec, adapter_dir)
 
     def check(
-        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+        self,
+        model_spec: str | None,
+        adapter_dir: str | None,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        echo: bool = False,
     ) -> GenerationParams:
-        return self._target(model_spec, adapter_dir, prompt_ids, params).check(
+        return self._target(model_spec, adapter_dir, prompt_ids, params, echo).check(
             model_spec, adapter_dir, prompt_ids, params
         )
 
     def submit(
-        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+        self,
+        model_spec: str | None,
+        adapter_dir: str | None,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        echo: bool = False,
     ) -> Any:
-        return self._target(model_spec, adapter_dir, prompt_ids, params).submit(
+        return self._target(model_spec, adapter_dir, prompt_ids, params, echo).submit(
             model_spec, adapter_dir, prompt_ids, params
         )
 
+    def score(self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], top: int) -> Any:
+        """Prompt token logprobs (`echo`), always from the torch engine: a handle whose result is
+        `[PromptScores]`. The completion of an echo request is decoded by torch too (`echo=True` on
+        `submit`), so prompt and completion logprobs come from one model."""
+        if self.kind == "vllm":
+            raise TuneryError(
+                "echo is not supported with --engine vllm; serve with --engine torch or auto.",
+                code="unsupported_parameter",
+                param="echo",
+            )
+        return self.torch.score(model_spec, adapter_dir, prompt_ids, top)
+
     def _target(
-        self, model_spec: str | None, adapter_dir: str | None, prompt_ids: list[int], params: GenerationParams
+        self,
+        model_spec: str | None,
+        adapter_dir: str | None,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        echo: bool = False,
     ) -> Any:
         """The engine for one request: llama.cpp keeps a fixed KV size per sequence, so a request that
-        needs more context than it has goes to torch, which decodes up to the model's own limit."""
+        needs more context than it has goes to torch, which decodes up to the model's own limit; an
+        echo request goes to torch, which scores its prompt."""
         engine = self._engine(model_spec, adapter_dir)
+        if echo and engine is self._cpp and engine is not None:
+            return self.torch
         if engine is not self._cpp or engine is None:
             return engine
         try:

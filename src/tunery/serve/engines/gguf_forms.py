@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import ModelError
-from tunery.evaluate.generate import _context_limit, eos_token_ids
-from tunery.evaluate.loading import load_for_inference
 from tunery.export.gguf_file import GGUF_TYPES, gguf_refusal, write_gguf
 from tunery.export.gguf_lora import llamacpp_lora_issues, write_gguf_lora
+from tunery.generation.loading import load_for_inference
+from tunery.generation.sequence import _context_limit, eos_token_ids
 from tunery.methods.loading import read_info
 from tunery.models.gguf import _file_lock, cache_root
 from tunery.models.load_lock import LOAD_LOCK

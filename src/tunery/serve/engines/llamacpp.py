@@ -6,7 +6,7 @@ arrives while others decode is prefilled at the next step instead of waiting for
 and one llama.cpp batch carries every running sequence of a base and adapter. LoRA adapters are
 GGUF LoRA files set on the context for the sequences that use them, so adapters share a base.
 
-Everything after the logits is the torch engine's own code (`evaluate/generate.py`): the sampler with
+Everything after the logits is the torch engine's own code (`generation/generate.py`): the sampler with
 its per-request seeded generator, stop strings, incremental detokenization, logprobs and finish
 reasons. Prompts arrive as token ids from the same Hugging Face tokenizer. So the engines differ only
 in the arithmetic of the forward pass, and greedy replies agree token for token on an f32 GGUF
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import ModelError, TuneryError
-from tunery.evaluate.engine import GenerationHandle, _Request, check_token_ids, emit, request_key
-from tunery.evaluate.generate import GenerationParams, _entries, _pick_tokens, _Seq, check_context
+from tunery.generation.engine import GenerationHandle, _Request, check_token_ids, emit, request_key
+from tunery.generation.sequence import GenerationParams, _entries, _pick_tokens, _Seq, check_context
 from tunery.serve.engines.gguf_forms import BaseForm, ensure_adapter, ensure_base
 
 DEFAULT_CTX_PER_SEQ = 4096  # KV cells per sequence; longer requests go to the torch engine
@@ -325,7 +325,8 @@ class LlamaCppEngine:
 
     def _admit(self) -> list[_Live]:
         """Waiting sequences that get a free KV slot of their base now, in arrival order."""
-        admitted, kept = [], deque()
+        admitted: list[_Live] = []
+        kept: deque[_Live] = deque()
         while self._waiting:
             live = self._waiting.popleft()
             native = self._bases.get(live.key)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import ConfigError, ModelError
-from tunery.evaluate.engine import GenerationHandle, StreamEvent, request_key
-from tunery.evaluate.generate import GenerationParams, GenerationResult, _token_entry, check_context
+from tunery.generation.engine import GenerationHandle, StreamEvent, request_key
+from tunery.generation.sequence import GenerationParams, GenerationResult, _token_entry, check_context
 
 
 def sampling_kwargs(params: GenerationParams, vocab_logprobs: bool = False) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 // Logs: this key's stored chat completions (newest first, filtered by model and metadata), each with
-// thumbs up/down and "Edit reply", which call POST /v1/tunery/feedback; then the key's aliases,
-// switched from one model to another with one click.
+// thumbs up/down and "Edit reply", which call POST /v1/tunery/feedback; then the comparison of an old
+// and a new model on a held-out file (compare.js) and the key's aliases, switched from one model to
+// another with one click.
 import { get, post } from "./api.js";
+import { compareCard } from "./compare.js";
 import { field, h, table, when } from "./dom.js";
 import { clearError, showError } from "./app.js";
 
@@ -51,7 +53,7 @@ function aliasesCard(models, status) {
     try { await post(`/v1/tunery/aliases/${encodeURIComponent(name.value.trim())}`, { model: target.value }); clearError(); await refresh(); }
     catch (err) { showError(err); }
   });
-  return { el: h("section", { "aria-labelledby": "aliases-title" }, h("h2", { id: "aliases-title" }, "Aliases"), form, body), refresh };
+  return { el: h("section", { "aria-labelledby": "aliases-title" }, h("h2", { id: "aliases-title" }, "Aliases"), form, body), refresh, target };
 }
 
 export async function logsPage() {
@@ -78,6 +80,7 @@ export async function logsPage() {
   await refresh();
   const aliases = aliasesCard((await get("/v1/models")).data, status);
   await aliases.refresh();
-  const el = h("section", { "aria-labelledby": "logs-title" }, h("h1", { id: "logs-title" }, "Logs"), filters, status, body, aliases.el);
+  const compare = await compareCard(aliases.target);
+  const el = h("section", { "aria-labelledby": "logs-title" }, h("h1", { id: "logs-title" }, "Logs"), filters, status, body, compare, aliases.el);
   return { el, title: "Logs" };
 }

@@ -82,6 +82,9 @@ export async function newJobPage() {
   const validReport = h("div", { id: "validation-report", "aria-live": "polite" });
   const suffix = h("input", { id: "suffix", type: "text", maxlength: 64, pattern: "[A-Za-z0-9_.\\-]*" });
   const seed = h("input", { id: "seed", type: "number", min: 0, placeholder: "random" });
+  // OpenAI's legacy classification metrics: scored on the validation file, columns in results.csv.
+  const classMetrics = h("input", { id: "compute-classification-metrics", type: "checkbox" });
+  const positiveClass = h("input", { id: "classification-positive-class", type: "text", autocomplete: "off", placeholder: "binary tasks only" });
   const hpOpenAI = reg.hyperparameters.filter((p) => p.openai);
   const hpMore = reg.hyperparameters.filter((p) => !p.openai);
   const hpBox = h("div", { class: "grid" }, hpOpenAI.map((p) => field(p.name,
@@ -180,7 +183,9 @@ export async function newJobPage() {
     h("div", { class: "card" }, h("h2", {}, "Hyperparameters"), hpBox,
       h("details", {}, h("summary", {}, "More hyperparameters (Tunery)"), hpMoreBox),
       h("div", { class: "grid" }, field("Suffix", suffix, "Part of the fine-tuned model's name."),
-        field("Seed", seed, "Same seed, same data order and initialisation."))),
+        field("Seed", seed, "Same seed, same data order and initialisation."),
+        field("Classification metrics", classMetrics, "Score the validation file as labels at each evaluation (accuracy, F1; needs a validation file)."),
+        field("Positive class", positiveClass, "The positive label, for precision and recall of a binary task."))),
     h("div", { class: "card" }, h("h2", {}, "Estimate"), estimateBox,
       h("button", { type: "button", class: "secondary", id: "update-estimate", onclick: estimate }, "Update estimate")),
     submit);
@@ -199,6 +204,8 @@ export async function newJobPage() {
       tunery: { method: method.value, objective: objective.value, options, hyperparameters: readOptions(hpMoreBox) },
       suffix: suffix.value.trim() || undefined, seed: seed.value === "" ? undefined : Number(seed.value),
     };
+    if (classMetrics.checked) body.tunery.compute_classification_metrics = true;
+    if (positiveClass.value.trim()) body.tunery.classification_positive_class = positiveClass.value.trim();
     const type = TYPE_FOR_OBJECTIVE[objective.value];
     if (type) body.method = { type };
     submit.disabled = true;

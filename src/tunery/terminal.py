@@ -1,4 +1,9 @@
-"""Rendering user errors and progress for every CLI command."""
+"""What every command shows on a terminal: a user error as one red message with its hint (never a
+traceback), and a training run's progress bar.
+
+It sits at the bottom with `errors.py` (it needs only rich and typer) because commands are defined
+beside the code they drive, in packages of every layer; `tunery.cli` mounts them.
+"""
 
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def make_lora_adapter(
 
 def register_model(data_dir: str | Path, api_key: str, name: str, base: str | Path, adapter: Path) -> Path:
     """Record an adapter as a fine-tuned model of `api_key`, as a finished job does; returns its new dir."""
-    from tunery.jobs.store import ModelRow, Store
+    from tunery.jobs.store import Store
+    from tunery.jobs.tables import ModelRow
 
     data_dir = Path(data_dir)
     store = Store(data_dir)

@@ -1,6 +1,9 @@
-"""Typer commands of the data and experiment workflows: `tunery data synth`, `tunery data stats`,
-`tunery sweep` and `tunery recommend`. `register(app, data_app)` mounts them; nothing heavy is
-imported until a command runs."""
+"""`tunery data ...`: the whole data command group, built here.
+
+validate, synth and stats are defined in this file; `judge` (objectives/cli.py) and `from-logs`
+(serve/logs_cli.py) are defined beside the code they drive and mounted here. Nothing heavy is
+imported until a command runs.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,66 @@ import os
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
-from tunery.cli_common import console, user_errors
-from tunery.errors import ConfigError
+from tunery.errors import ConfigError, TuneryError
+from tunery.models import load_tokenizer
+from tunery.objectives.cli import judge_command
+from tunery.serve.logs_cli import from_logs_command
+from tunery.terminal import console, user_errors
+
+data_app = typer.Typer(help="Check and inspect training data.", no_args_is_help=True)
 
 
+@data_app.callback()
+def _group() -> None:
+    """Check and inspect training data."""
+    # A callback keeps `data` a command group (`tunery data validate`) even with one command.
+
+
+@data_app.command("validate")
+def validate(
+    file: str = typer.Argument(
+        ..., help="Training data: .jsonl, .json, .csv, .parquet or a datasets directory."
+    ),
+    method: str = typer.Option(
+        "supervised",
+        "--method",
+        "-m",
+        help="supervised, dpo, reinforcement, or an objective (sft, dpo, kto, ...).",
+    ),
+    model: str | None = typer.Option(None, "--model", help="Count tokens with this model's tokenizer."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Count examples longer than this (default: the config's)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check FILE the way OpenAI's service does. Exit code 1 when it has errors."""
+    from tunery.config import Hyperparameters
+    from tunery.data.validate import validate_file
+    from tunery.objectives import validation_kind
+
+    out = Console()
+    try:
+        tokenizer = load_tokenizer(model) if model else None
+        report = validate_file(
+            file,
+            method=method,
+            tokenizer=tokenizer,
+            max_length=max_length or Hyperparameters.model_fields["max_length"].default,
+            kind=validation_kind(method),
+        )
+    except TuneryError as err:
+        out.print(f"[bold red]Error:[/] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        report.render(out)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("synth")
 @user_errors()
 def synth_command(
     seeds: str = typer.Option(..., "--seeds", help="Seed examples: chat, prompt/completion or input/output."),
@@ -50,6 +108,7 @@ def synth_command(
 ) -> None:
     """Generate training examples with a teacher model: dedupe, filter, write JSONL with provenance."""
     from tunery.data import synth
+    from tunery.generation.teacher import LocalTeacher
 
     if task_file is not None:
         task = task_file.read_text().strip()
@@ -62,7 +121,7 @@ def synth_command(
         teacher = synth.OpenAITeacher(teacher_url, teacher_model, key)
     else:
         with console.status(f"Loading {teacher_model}…"):
-            teacher = synth.LocalTeacher(teacher_model, adapter, seed=seed)
+            teacher = LocalTeacher(teacher_model, adapter, seed=seed)
     input_list = None
     if inputs is not None:
         if not inputs.is_file():
@@ -95,6 +154,7 @@ def synth_command(
             console.print(f"  rejected {reason}: {count}")
 
 
+@data_app.command("stats")
 @user_errors()
 def stats_command(
     file: str = typer.Argument(..., help="Training data file."),
@@ -107,11 +167,7 @@ def stats_command(
     """Token lengths (histogram), label balance, duplicates and train/test overlap of a data file."""
     from tunery.data.stats import data_stats
 
-    tokenizer = None
-    if model:
-        from tunery.models.load import load_tokenizer
-
-        tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model) if model else None
     s = data_stats(file, test, tokenizer, output, threshold)
     if as_json:
         typer.echo(json.dumps(s, indent=2))
@@ -151,79 +207,5 @@ def stats_command(
         console.print("Wrote " + ", ".join(s["files"]))
 
 
-@user_errors()
-def sweep_command(
-    config: Path = typer.Argument(..., help="Sweep file (YAML); see docs/workflows.md."),
-) -> None:
-    """Run many trainings of one config (data scaling, grids, Optuna), evaluate each, pick the best."""
-    from tunery.sweep import grid_points, load_spec, run_sweep
-
-    spec = load_spec(config)
-    n = (
-        spec.optuna.get("n_trials", 8)
-        if spec.optuna
-        else len(grid_points(spec.grid)) * len(spec.data_fractions)
-    )
-    console.print(f"Sweep: {n} trials, metric {spec.metric}, into {spec.output}")
-    result = run_sweep(spec)
-    out = Path(result["output"])
-    console.print((out / "sweep.md").read_text(), markup=False, highlight=False)
-    best = result["best"]
-    if best is None:
-        console.print("[red]No trial succeeded.[/] See sweep.csv for errors.")
-        raise typer.Exit(1)
-    console.print(f"Best: trial {best['trial']} ({spec.metric} {best[spec.metric]}) -> {out / 'best.yaml'}")
-
-
-@user_errors()
-def recommend_command(
-    model: str = typer.Option(..., "--model", help="Model spec: alias, HF directory, hub id or .gguf."),
-    data: str = typer.Option(..., "--data", help="Training data file."),
-    memory: str = typer.Option(..., "--memory", help="Memory available for training, e.g. 8GB."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: what is here)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the recommendation as JSON."),
-) -> None:
-    """Recommend method, batch size, precision and sequence length, with estimated memory and time."""
-    from tunery.recommend import GB, parse_memory, recommend
-
-    rec = recommend(model, data, parse_memory(memory), device=device)
-    if as_json:
-        typer.echo(json.dumps(rec.to_dict(), indent=2))
-        return
-    m, d = rec.model, rec.data
-    console.print(
-        f"Model {m['spec']}: {m['n_params_m']}M parameters, {m['n_layers']} layers. "
-        f"Data: {d['examples']} examples, {d['tokens']} tokens (p50 {d['p50']}, p99 {d['p99']}).",
-        highlight=False,
-    )
-    c = rec.chosen
-    if c is None:
-        console.print(f"[red]Nothing fits in {rec.memory_bytes / GB:.1f} GB.[/]")
-    else:
-        console.print(
-            f"[bold green]method: {c.method}[/]  batch_size: {c.batch_size}  precision: "
-            f"{c.precision}  max_length: {c.max_length}  micro_batch_tokens: {c.micro_batch_tokens}"
-        )
-        console.print(
-            f"Estimated peak memory: {c.peak_bytes / GB:.2f} GB "
-            + ", ".join(f"{k} {v / GB:.2f}" for k, v in c.parts.items()),
-            highlight=False,
-        )
-        console.print(
-            f"Estimated time per epoch: {c.epoch_seconds:.0f} s ({rec.device}, "
-            f"{d['measured_gflops']} GFLOP/s measured)",
-            highlight=False,
-        )
-    for reason in rec.reasons:
-        console.print(f"  - {reason}", highlight=False)
-    console.print("Assumptions:")
-    for line in rec.to_dict()["assumptions"]:
-        console.print(f"  - {line}", highlight=False, markup=False)
-
-
-def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    """Mount the commands: `tunery sweep`, `tunery recommend`, `tunery data synth|stats`."""
-    app.command("sweep")(sweep_command)
-    app.command("recommend")(recommend_command)
-    data_app.command("synth")(synth_command)
-    data_app.command("stats")(stats_command)
+data_app.command("judge")(judge_command)
+data_app.command("from-logs")(from_logs_command)

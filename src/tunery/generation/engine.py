@@ -25,14 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import TuneryError
-from tunery.evaluate.generate import (
-    GenerationParams,
-    GenerationResult,
-    _check_context,
-    _Seq,
-    decode_steps,
-)
-from tunery.evaluate.loading import adapter_base, is_peft_adapter, load_for_inference, model_dir
+from tunery.generation.generate import decode_steps
+from tunery.generation.loading import adapter_base, is_peft_adapter, load_for_inference, model_dir
+from tunery.generation.sequence import GenerationParams, GenerationResult, _check_context, _Seq
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import place
 from tunery.models.resolve import resolve as resolve_model

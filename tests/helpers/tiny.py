@@ -216,7 +216,7 @@ def quick_run_config(model: str | Path, data: str | Path, output: str | Path, **
     `sets` are dotted config keys (`**{"hyperparameters.n_epochs": 2}`), applied as `--set` would;
     they override these defaults.
     """
-    from tunery.config import load_config
+    from tunery.plugins import load_config
 
     base: dict[str, Any] = {
         "model": str(model),

@@ -263,7 +263,7 @@ def round_length(n: int, cap: int | None) -> int:
 def recommend(
     model: str, data: str, memory: int, *, device: str | None = None, gflops: float | None = None
 ) -> Recommendation:
-    from tunery.evaluate.generate import bf16_supported
+    from tunery.generation.generate import bf16_supported
     from tunery.models.load import load_tokenizer
     from tunery.train.hparams import auto_batch_size
 

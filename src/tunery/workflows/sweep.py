@@ -148,10 +148,10 @@ def run_trial(spec: SweepSpec, index: int, sets: dict[str, Any], fraction: float
 def _validate(raw: dict[str, Any]):
     from pydantic import ValidationError
 
-    from tunery.config import TuneryConfig
+    from tunery.plugins import validate
 
     try:
-        return TuneryConfig.model_validate(raw)
+        return validate(raw)  # the option blocks through the registries, in the same pass
     except ValidationError as exc:
         raise ConfigError(
             f"sweep trial config is invalid: {exc.errors()[0]['msg']} at "

@@ -1,26 +1,20 @@
-"""The one generation code path: eval, compare, `tunery chat`, `tunery generate` and the server use it.
+"""One sequence being decoded: sampling settings, the sampler, stop strings, detokenization, logprobs.
 
-A hand-written decode loop over the KV cache rather than `model.generate`, because every caller needs
-something `generate` makes awkward: per-sequence stop strings and finish, per-sequence sampling
-parameters (the server batches unrelated requests), streaming text deltas, OpenAI-shaped logprobs, and
-dropping finished rows from the batch so they stop costing compute. Prompts are left-padded, the
-prefill computes logits only for the last position, and bf16 autocast is used where the device has
-native bf16 matmuls. Every tensor is made on the model's device (`models/placement.py`), and each
-sampling generator lives where the probabilities are, so the loop runs unchanged on a GPU.
+Everything here is shared by every serving engine (torch, llama.cpp, vLLM) so that they answer alike:
+`GenerationParams` checks a request, `_Seq` accepts tokens one at a time (stop strings, incremental
+detokenization that never splits a character, OpenAI-shaped logprobs), `_pick_tokens` samples a batch
+of rows, each with its own generator, and `check_context` clips a request to the model's context.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunery.errors import TuneryError
-from tunery.models import placement
-from tunery.models.unwrap import unwrap
 
 
 class ContextLengthError(TuneryError):
@@ -68,12 +62,6 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int  # tokens generated, the end-of-sequence token included
     index: int = 0  # which of the request's n choices
-
-
-def bf16_supported(device: Any = None) -> bool:
-    """True where bf16 compute is native on `device` (default: where inference runs): a GPU with bf16,
-    or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slow."""
-    return placement.bf16_supported(device)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -204,7 +192,7 @@ class _Seq:
             self.generator = torch.Generator(device=device).manual_seed(self.seed or 0)
         return self.generator
 
-    def accept(self, token_id: int, eos_ids: set[int], entry: dict[str, Any] | None) -> None:
+    def accept(self, token_id: int, eos_ids: Set[int], entry: dict[str, Any] | None) -> None:
         self.generated.append(token_id)
         if token_id in eos_ids:
             self.eos_hit = True
@@ -312,196 +300,3 @@ def _entries(logp: Any, row: int, token_id: int, seq: _Seq, tokenizer: Any) -> d
         top = [_token_entry(tokenizer, int(i), float(v)) for v, i in zip(values, ids, strict=True)]
     entry["top_logprobs"] = top
     return entry
-
-
-def _cache_arg(model: Any) -> str:
-    """The forward's KV-cache argument: transformers 5.24 renamed `past_key_values` to `cache` (the old
-    name warns, and goes in 5.40); older versions and remote-code models only take `past_key_values`."""
-    base = unwrap(model)
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _learned_prompt(model: Any, ids: Any, mask: Any) -> tuple[Any, dict[str, Any], Any, Any]:
-    """(model to call, first-step inputs, prefilled cache or None, attention mask) for the decode loop.
-
-    peft's forward adds a prompt-learning adapter's prompt on every call (for prefix tuning a fresh
-    prefix cache that replaces the caller's; otherwise virtual tokens prepended again), which is right for
-    one full forward but not for a KV-cached decode. So the prompt goes in once, before the first step,
-    and the base model runs every step."""
-    import torch
-
-    cfg = getattr(model, "active_peft_config", None)
-    if not getattr(cfg, "is_prompt_learning", False) or getattr(model, "_adapters_disabled", False):
-        return model, {"input_ids": ids}, None, mask
-    base = model.get_base_model()
-    prompt = model.get_prompt(ids.shape[0])
-    virtual = torch.ones((ids.shape[0], cfg.num_virtual_tokens), dtype=mask.dtype, device=mask.device)
-    mask = torch.cat([virtual, mask], dim=1)
-    if isinstance(prompt, torch.Tensor):  # prompt tuning, p-tuning: virtual-token embeddings
-        embeds = base.get_input_embeddings()(ids)
-        return base, {"inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1)}, None, mask
-    return base, {"input_ids": ids}, prompt, mask  # prefix tuning: the key/value prefixes, as a cache
-
-
-def _left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
-    """(ids, attention mask) of left-padded prompts, built on the host and copied to `device` once."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def decode_steps(
-    model: Any,
-    tokenizer: Any,
-    seqs: list[_Seq],
-    *,
-    autocast: bool | None = None,
-    mixed_adapters: bool = False,
-) -> Iterator[list[_Seq]]:
-    """Decode `seqs` together; yields the still-running sequences after every step.
-
-    Finished rows are removed from the batch (and from the KV cache) at once, so a long reply does
-    not make short ones keep paying for compute. With `mixed_adapters`, each row's `adapter` name is
-    passed to peft as `adapter_names=` so different LoRA adapters share one batch.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    from tunery.evaluate.skinny import skinny_linears
-
-    if not seqs:
-        return
-    device = placement.model_device(model)
-    use_bf16 = bf16_supported(device) if autocast is None else autocast
-    use_bf16 = use_bf16 and next(model.parameters()).dtype == torch.float32
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
-    ids, mask = _left_padded([s.prompt for s in seqs], pad_id, device)
-    active = list(seqs)
-    want_logprobs = any(s.params.logprobs for s in seqs)
-    with (
-        torch.inference_mode(),
-        placement.autocast(device, use_bf16),
-        skinny_linears(model),  # decode steps read the weights twice as fast (evaluate/skinny.py)
-    ):
-        forward, step, cache, mask = _learned_prompt(model, ids, mask)
-        if cache is None:
-            try:
-                cache = DynamicCache(config=model.config)
-            except TypeError:
-                cache = DynamicCache()
-        cache_arg = _cache_arg(forward)
-        # Positions follow the mask, virtual tokens included (peft numbers the real tokens after them);
-        # a prefix-tuning cache already holds the mask's first columns.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_pos = positions[:, cache.get_seq_length() :]
-        while True:
-            extra = {"adapter_names": [s.adapter or "__base__" for s in active]} if mixed_adapters else {}
-            out = forward(
-                **step,
-                attention_mask=mask,
-                position_ids=step_pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_arg: cache},
-                **extra,
-            )
-            logits = out.logits[:, -1, :].float()
-            logp = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-            chosen = _pick_tokens(logits, active)
-            for row, (seq, tok) in enumerate(zip(active, chosen, strict=True)):
-                seq.accept(tok, eos_ids, _entries(logp, row, tok, seq, tokenizer))
-            yield active
-            # Computed after the yield so a consumer can finish a row (a cancelled request) early.
-            keep = [row for row, s in enumerate(active) if not s.done]
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                chosen = [chosen[r] for r in keep]
-                active = [active[r] for r in keep]
-            step = {"input_ids": torch.tensor(chosen, dtype=torch.long, device=device)[:, None]}
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            positions = positions[:, -1:] + 1
-            step_pos = positions
-
-
-def generate_batch(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    params: GenerationParams,
-    *,
-    batch_size: int = 8,
-    autocast: bool | None = None,
-    on_done: Callable[[int], None] | None = None,
-) -> list[GenerationResult]:
-    """Generate a completion for every prompt (token ids); results come back in prompt order.
-
-    With `params.n > 1` the result list is prompt-major: n results for prompt 0, then prompt 1, ...
-    Prompts are sorted by length before batching so rows in a batch need little padding.
-    `on_done(k)` is called after each batch with the number of results it finished (progress bars).
-    """
-    jobs = []
-    for p_index, prompt in enumerate(prompts):
-        p = _check_context(model, list(prompt), params)
-        jobs.extend((p_index * params.n + i, list(prompt), p, i) for i in range(params.n))
-    jobs.sort(key=lambda job: -len(job[1]))
-    results: list[GenerationResult | None] = [None] * len(jobs)
-    for start in range(0, len(jobs), max(1, batch_size)):
-        chunk = jobs[start : start + batch_size]
-        seqs = [_Seq(prompt, p, tokenizer, index=i) for _, prompt, p, i in chunk]
-        for _ in decode_steps(model, tokenizer, seqs, autocast=autocast):
-            pass
-        for (slot, *_), seq in zip(chunk, seqs, strict=True):
-            results[slot] = seq.result()
-        if on_done is not None:
-            on_done(len(chunk))
-    return [r for r in results if r is not None]
-
-
-def stream(
-    model: Any,
-    tokenizer: Any,
-    prompt_ids: list[int],
-    params: GenerationParams,
-    *,
-    autocast: bool | None = None,
-) -> Iterator[str]:
-    """Yield text deltas of one completion as they are decoded (joined, they equal the full text)."""
-    p = _check_context(model, list(prompt_ids), params)
-    seq = _Seq(list(prompt_ids), GenerationParams(**{**p.__dict__, "n": 1}), tokenizer)
-    for _ in decode_steps(model, tokenizer, [seq], autocast=autocast):
-        delta, _lp = seq.take_delta()
-        if delta:
-            yield delta
-
-
-def chat_prompt(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-) -> list[int]:
-    """Token ids of a conversation rendered by the model's chat template, ready for the reply.
-
-    The same rendering as training (`tunery.data.encode_prompt`), so inference sees the ids the
-    model was trained on; models without a template get Tunery's default ChatML template.
-    """
-    from tunery.data import encode_prompt
-
-    return encode_prompt(messages, tokenizer, tools)
-
-
-def __getattr__(name: str) -> Any:
-    # The Engine lives in its own module; re-exported here so callers find the whole path in one place.
-    if name in ("Engine", "GenerationHandle"):
-        from tunery.evaluate import engine
-
-        return getattr(engine, name)
-    raise AttributeError(name)

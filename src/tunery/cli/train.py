@@ -1,4 +1,4 @@
-"""`tunery`: the command line. Each command is a thin shell over the library's one path."""
+"""`tunery train` (with its torchrun launcher) and `tunery methods`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tunery.cli_common import ProgressPrinter, console, user_errors
-
-app = typer.Typer(
-    help="Tunery: fine-tune, evaluate and serve LLMs on hardware you control.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+from tunery.terminal import ProgressPrinter, console, user_errors
 
 
 def _config_help() -> str:
@@ -40,9 +33,8 @@ def _config_help() -> str:
     return "".join(lines)
 
 
-@app.command(epilog=_config_help())
 @user_errors()
-def train(
+def train_command(
     config: Path | None = typer.Argument(None, help="YAML config file."),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a config key: --set hyperparameters.n_epochs=1"
@@ -67,8 +59,8 @@ def train(
 
     --nproc N (and --nnodes/--node-rank/--master-addr/--master-port) runs the same config on N
     processes per machine under torchrun; `distributed.strategy` picks ddp, fsdp or deepspeed."""
-    from tunery.config import load_config
-    from tunery.train import distributed, run
+    from tunery.plugins import load_config
+    from tunery.train import launch, run
 
     cfg = load_config(
         config,
@@ -86,26 +78,41 @@ def train(
     if resume:
         cfg.resume = True
     again = f"tunery train {config or ''} --set output={cfg.output} --resume"
-    if (nproc > 1 or nnodes > 1) and not distributed.launched():
+    final: dict = {}  # the last logged metrics (a launched run reports through its ranks)
+    if (nproc > 1 or nnodes > 1) and not launch.launched():
         status, model_dir = _launch(cfg, locals()), Path(cfg.output) / "model"
         again += f" --nproc {nproc}" + (f" --nnodes {nnodes} --node-rank {node_rank}" if nnodes > 1 else "")
     else:
-        main = distributed.is_main_process()
+        main = launch.is_main_process()
         printer = ProgressPrinter()
         try:
             result = run(cfg, subscribers=[printer] if main else [])
         finally:
             printer.close()
-        status, model_dir = result.status, result.model_dir
+        status, model_dir, final = result.status, result.model_dir, result.final_metrics
         # Ranks report through the `tunery train` that launched them, and exit 0 when interrupted
         # so that torchrun does not take a clean stop for a failed rank.
-        if distributed.launched() and (not main or distributed.under_tunery_launcher()):
+        if launch.launched() and (not main or launch.under_tunery_launcher()):
             return
     if status == "interrupted":
         console.print(f"[yellow]Interrupted.[/] Checkpoint saved; continue with `{again}`")
         raise typer.Exit(130)
     console.print(f"[green]Done.[/] Model saved to [bold]{model_dir}[/]")
+    _print_per_task(final)
     console.print(f"Chat with it:  tunery chat --adapter {model_dir}")
+
+
+def _print_per_task(metrics: dict) -> None:
+    """A multi-task run's last validation, task by task (`valid_loss/<task>`, `valid_accuracy/<task>`)."""
+    from tunery.train.events import per_task_losses
+
+    losses = per_task_losses(metrics)
+    if not losses:
+        return
+    console.print(f"Validation loss {metrics['valid_loss']:.4f}, per task:")
+    for task, loss in losses.items():
+        acc = metrics.get(f"valid_accuracy/{task}")
+        console.print(f"  {task}: loss {loss:.4f}" + (f", accuracy {acc:.1%}" if acc is not None else ""))
 
 
 # `train` options that configure torchrun rather than the run; each takes a value.
@@ -134,17 +141,17 @@ def _launch(cfg, params: dict) -> str:
     with the same arguments minus the launcher flags."""
     from tunery.errors import ConfigError
     from tunery.objectives import OBJECTIVES
-    from tunery.train import distributed
+    from tunery.train import launch
     from tunery.train.run import load_and_validate
 
-    # sys.argv is [<tunery script or .../tunery/cli.py>, "train", ...] both when run as `tunery` and
+    # sys.argv is [<tunery script or .../tunery/cli/__main__.py>, "train", ...] both when run as `tunery` and
     # after main()'s re-exec as `python -m tunery.cli`; anything else (an in-process call such as
     # typer's CliRunner) has no command line to forward.
     if sys.argv[1:2] != ["train"]:
         raise ConfigError("--nproc/--nnodes need the `tunery train` command line to pass on to the ranks.")
-    distributed.check(cfg)
+    launch.check(cfg)
     load_and_validate(cfg, OBJECTIVES.get(cfg.objective).data_kind, cfg.objective)
-    cmd = distributed.launch_command(
+    cmd = launch.launch_command(
         rank_args(sys.argv[2:]),
         nproc=params["nproc"],
         nnodes=params["nnodes"],
@@ -154,11 +161,10 @@ def _launch(cfg, params: dict) -> str:
     )
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     console.print(f"[dim]Launching {params['nproc']} processes per node on {params['nnodes']} node(s)[/]")
-    return distributed.launch(cmd, Path(cfg.output), main_node=params["node_rank"] == 0)
+    return launch.launch(cmd, Path(cfg.output), main_node=params["node_rank"] == 0)
 
 
-@app.command()
-def methods(options: bool = typer.Option(False, "--options", help="Also list each option.")) -> None:
+def methods_command(options: bool = typer.Option(False, "--options", help="Also list each option.")) -> None:
     """List tuning methods and objectives."""
     from rich.table import Table
 
@@ -184,89 +190,7 @@ def methods(options: bool = typer.Option(False, "--options", help="Also list eac
                 console.print(f"  {name}.{field} (default {f.default!r}): {f.description}")
 
 
-@app.command()
-@user_errors()
-def quickstart(
-    output: str = typer.Option("runs/quickstart", "--output", help="Where the run and results go."),
-    shots: int = typer.Option(3, "--shots", help="Demonstrations in the few-shot baseline."),
-    n_epochs: int = typer.Option(2, "--epochs", help="Training epochs."),
-    max_train: int | None = typer.Option(None, "--max-train", help="Use only this many training examples."),
-    max_test: int | None = typer.Option(None, "--max-test", help="Use only this many test examples."),
-    task: str = typer.Option("sentiment", "--task", help="The bundled task (sentiment)."),
-    head: bool = typer.Option(
-        False, "--head", help="Also train classification heads (minilm-l6, smollm2-135m)."
-    ),
-) -> None:
-    """The main job, offline: evaluate smollm2-135m on sentiment, fine-tune LoRA, evaluate again."""
-    from tunery.errors import ConfigError
-    from tunery.quickstart import QuickstartSettings, generative_row, run_quickstart
-
-    if task != "sentiment":
-        raise ConfigError(f"Unknown quickstart task {task!r}.", hint="Available: sentiment")
-    settings = QuickstartSettings(
-        output=output, shots=shots, n_epochs=n_epochs, max_train=max_train, max_test=max_test
-    )
-    summary = run_quickstart(settings, console)
-    if head:
-        from tunery.evaluate.classify import run_head_quickstart
-
-        run_head_quickstart(
-            console,
-            output=f"{output}/heads",
-            generative=generative_row(summary),
-            max_train=max_train,
-            max_test=max_test,
-        )
-
-
-def _mount() -> None:
-    """Sub-commands that live with their packages (their modules import nothing heavy)."""
-    from tunery import workflows_cli
-    from tunery.data.cli import data_app
-    from tunery.evaluate import cli as evaluate_cli
-    from tunery.export import cli as export_cli
-    from tunery.objectives import cli as objectives_cli
-    from tunery.serve.aliases_cli import aliases_app
-    from tunery.serve.cli import jobs_app, serve_command
-    from tunery.serve.keys_cli import keys_app
-    from tunery.serve.logs_cli import from_logs_command, logs_app
-    from tunery.serve.models_cli import models_app
-
-    evaluate_cli.register(app)
-    workflows_cli.register(app, data_app)
-    from tunery.evaluate import classify as classify_eval
-
-    classify_eval.register(app)
-    objectives_cli.register(app)
-    objectives_cli.register_data(data_app)
-    data_app.command("from-logs")(from_logs_command)
-    export_cli.register(app)
-    app.command("serve")(serve_command)
-    app.add_typer(keys_app, name="keys")
-    app.add_typer(jobs_app, name="jobs")
-    app.add_typer(logs_app, name="logs")
-    app.add_typer(aliases_app, name="aliases")
-    app.add_typer(models_app, name="models")
-    app.add_typer(data_app, name="data", help="Validate, inspect and judge training data.")
-
-
-_mount()
-
-
-# Commands that train in this process; they re-execute on jemalloc first (tunery/train/memory.py).
-TRAINING_COMMANDS = ("train", "quickstart", "sweep")
-
-
-def main() -> None:
-    from tunery.quiet import quiet_libraries
-
-    quiet_libraries()
-    if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS and "--help" not in sys.argv:
-        from tunery.train.memory import maybe_reexec
-
-        maybe_reexec(sys.argv[1:])
-    app(prog_name="tunery")  # also after a re-exec as `python -m tunery.cli`
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Mount `tunery train` and `tunery methods`."""
+    app.command("train", epilog=_config_help())(train_command)
+    app.command("methods")(methods_command)
