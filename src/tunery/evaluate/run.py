@@ -19,7 +19,8 @@ from typing import Any
 from tunery.data.types import Conversation, Message
 from tunery.errors import DataError
 from tunery.evaluate import metrics as M
-from tunery.evaluate.generate import GenerationParams, generate_batch
+from tunery.generation.generate import generate_batch
+from tunery.generation.sequence import GenerationParams
 
 DEFAULT_REFERENCE_TEXT = Path("datasets/reference/general_english.txt")
 
@@ -119,6 +120,40 @@ def _progress(enabled: bool, total: int, description: str):
     return progress
 
 
+def _scores(
+    predictions: list[str],
+    references: list[str],
+    label_set: bool,
+    labels: list[str] | None,
+    positive_class: str | None,
+    betas: list[float] | None,
+) -> dict[str, Any]:
+    """The metrics of `evaluate`'s result: classification ones for label replies, chrF and ROUGE-L
+    otherwise (loss and perplexity are filled in by the caller)."""
+    out: dict[str, Any] = {
+        "n": len(predictions),
+        "task": "classification" if label_set else "generation",
+        "exact_match": M.exact_match(predictions, references),
+        "accuracy": None,
+        "invalid": None,
+        "per_class": None,
+        "confusion_matrix": None,
+        "labels": None,
+        "macro_f1": None,
+        "weighted_f1": None,
+        "loss": None,
+        "perplexity": None,
+        "chrf": None,
+        "rouge_l": None,
+    }
+    if label_set:
+        out.update(M.classification_metrics(predictions, references, labels, positive_class, betas))
+    else:
+        out["chrf"] = M.chrf(predictions, references)
+        out["rouge_l"] = M.rouge_l(predictions, references)
+    return out
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -175,27 +210,8 @@ def evaluate(
     finally:
         model.train(was_training)
     predictions = [r.text for r in results]
-    out: dict[str, Any] = {
-        "n": len(convs),
-        "task": "classification" if label_set else "generation",
-        "exact_match": M.exact_match(predictions, references),
-        "accuracy": None,
-        "invalid": None,
-        "per_class": None,
-        "confusion_matrix": None,
-        "labels": None,
-        "macro_f1": None,
-        "weighted_f1": None,
-        "loss": loss,
-        "perplexity": ppl,
-        "chrf": None,
-        "rouge_l": None,
-    }
-    if label_set:
-        out.update(M.classification_metrics(predictions, references, labels, positive_class, betas))
-    else:
-        out["chrf"] = M.chrf(predictions, references)
-        out["rouge_l"] = M.rouge_l(predictions, references)
+    out = _scores(predictions, references, label_set, labels, positive_class, betas)
+    out.update(n=len(convs), loss=loss, perplexity=ppl)
     generated = sum(r.completion_tokens for r in results)
     out["generation"] = {
         "max_new_tokens": max_new_tokens,
@@ -235,11 +251,14 @@ def classification_eval(
     betas: list[float] | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    tasks: list[str] | None = None,
 ) -> dict[str, float]:
     """The training loop's `compute_classification_metrics` hook: flat metrics for metrics.jsonl.
 
     Keys are prefixed `valid_` (accuracy, exact_match, macro_f1, weighted_f1, invalid, and for binary
-    tasks precision/recall/f1/f-beta of the positive class). The model's train/eval mode is restored.
+    tasks precision/recall/f1/f-beta of the positive class). With `tasks` (each conversation's task,
+    several of them), each task whose references form a label set adds `valid_accuracy/<task>`.
+    The model's train/eval mode is restored; results.csv names these columns (train/events.py).
     """
     res = evaluate(
         model,
@@ -261,7 +280,27 @@ def classification_eval(
     for key, value in (res.get("binary") or {}).items():
         if key != "positive_class":
             flat[f"valid_{key}"] = value
+    if tasks and len(set(tasks)) > 1:
+        flat.update(_task_accuracies(conversations, res["predictions"], tasks, labels))
     return flat
+
+
+def _task_accuracies(
+    conversations: Sequence[Conversation], predictions: list[str], tasks: list[str], labels: list[str] | None
+) -> dict[str, float]:
+    """`valid_accuracy/<task>` of each classification task, scored as `compare` scores tasks."""
+    from tunery.evaluate.heldout import Example, per_task
+
+    pairs = [split_example(c) for c in conversations]
+    examples = [
+        Example(p, c.tools, ref, t) for c, (p, ref), t in zip(conversations, pairs, tasks, strict=True)
+    ]
+    scored = per_task(examples, {"model": predictions}, labels) or {}
+    return {
+        f"valid_accuracy/{name}": t["models"][0]["accuracy"]
+        for name, t in scored.items()
+        if t["task"] == "classification"
+    }
 
 
 def find_reference_text(path: str | Path | None = None) -> Path:
@@ -289,6 +328,16 @@ def forgetting(
     return M.text_perplexity(model, tokenizer, path.read_text(encoding="utf-8"), max_tokens=max_tokens)
 
 
+def forgetting_on_benchmark(
+    model: Any, tokenizer: Any, tasks: str, *, limit: int | None = None, batch_size: int = 8
+) -> dict[str, float]:
+    """General knowledge as lm-eval measures it: {"task metric": value} (accuracy where the task has
+    one) on `tasks`, e.g. the bundled `tunery_general_knowledge`; compare before and after."""
+    from tunery.evaluate.benchmark import primary, run_benchmark
+
+    return primary(run_benchmark(model, tokenizer, tasks, limit=limit, batch_size=batch_size))
+
+
 def compare(
     rows: Sequence[tuple[str, Any, Any, list[Conversation] | None]],
     data: str | Path | Sequence[Conversation],
@@ -299,16 +348,20 @@ def compare(
     positive_class: str | None = None,
     forgetting_text: str | Path | None = None,
     check_forgetting: bool = False,
+    forgetting_benchmark: str | None = None,
+    benchmark_limit: int | None = None,
     progress: bool = True,
     max_disagreements: int = 10,
 ) -> dict:
     """Evaluate every (label, model, tokenizer, few-shot demonstrations) row on the same data.
 
     Returns {"rows": [{"label", **metrics}], "disagreements": [examples where the rows' replies differ]}.
-    With `check_forgetting`, each row also gets its perplexity on the general-English reference text.
+    With `check_forgetting`, each row also gets its perplexity on the general-English reference text;
+    with `forgetting_benchmark` (lm-eval tasks, `evaluate/benchmark.py`), its scores on them too.
     """
     convs = load_conversations(data)
     results = []
+    probed: dict[int, dict[str, Any]] = {}  # a base model's zero- and few-shot rows share one probe
     for label, model, tok, shots in rows:
         res = evaluate(
             model,
@@ -324,8 +377,14 @@ def compare(
             description=f"Evaluating {label}",
         )
         res["label"] = label
-        if check_forgetting:
-            res["forgetting"] = forgetting(model, tok, forgetting_text)
+        if check_forgetting or forgetting_benchmark:
+            if id(model) not in probed:
+                probed[id(model)] = forgetting(model, tok, forgetting_text)
+                if forgetting_benchmark:
+                    probed[id(model)]["benchmark"] = forgetting_on_benchmark(
+                        model, tok, forgetting_benchmark, limit=benchmark_limit, batch_size=batch_size
+                    )
+            res["forgetting"] = probed[id(model)]
         results.append(res)
     disagreements = []
     for i, conv in enumerate(convs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,16 @@ from typing import Any
 Subscriber = Callable[[dict[str, Any]], None]
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+# `compute_classification_metrics`: the keys the classification hook (evaluate/run.py::
+# classification_eval) adds to an evaluated row, and their columns in OpenAI's results files. F-beta
+# keys (`valid_f1`, `valid_f0.5`) become `classification/f1.0`, `classification/f0.5`.
+CLASSIFICATION_COLUMNS = {
+    "valid_accuracy": "classification/accuracy",
+    "valid_weighted_f1": "classification/weighted_f1_score",
+    "valid_precision": "classification/precision",
+    "valid_recall": "classification/recall",
+}
+_F_BETA = re.compile(r"valid_f(\d+(?:\.\d+)?)")
 
 
 class EventLog:
@@ -52,6 +63,9 @@ class EventLog:
         msg = f"Step {row['step']}/{row['total_steps']}: training loss={row['train_loss']:.4f}"
         if row.get("valid_loss") is not None:
             msg += f", validation loss={row['valid_loss']:.4f}"
+            tasks = per_task_losses(row)
+            if tasks:  # multi-task validation (train/loop.py::evaluate)
+                msg += " (" + ", ".join(f"{t} {v:.4f}" for t, v in tasks.items()) + ")"
         self.emit(msg, type="metrics", data=row)
 
     def truncate_after(self, step: int) -> None:
@@ -78,13 +92,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(run_dir: Path) -> None:
-    """results.csv (OpenAI's columns) and loss.png from metrics.jsonl."""
+def per_task_losses(row: dict[str, Any]) -> dict[str, float]:
+    """{task: validation loss} of a row from a multi-task validation set; empty for one task."""
+    return {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("valid_loss/") and v is not None}
+
+
+def classification_columns(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """{metrics key: results.csv column} of the classification metrics the rows hold, in OpenAI's
+    order: accuracy, weighted F1, then (binary tasks) precision, recall and each F-beta by beta."""
+    keys = {k for r in rows for k in r}
+    out = {k: col for k, col in CLASSIFICATION_COLUMNS.items() if k in keys}
+    betas = sorted((float(m.group(1)), k) for k in keys if (m := _F_BETA.fullmatch(k)))
+    out.update({k: f"classification/f{beta}" for beta, k in betas})  # f1.0, as OpenAI writes it
+    return out
+
+
+def write_results(run_dir: Path, classification: bool = False) -> None:
+    """results.csv (OpenAI's columns) and loss.png from metrics.jsonl. With `classification` (the
+    run computed `compute_classification_metrics`), OpenAI's `classification/...` columns follow,
+    filled at the evaluated steps and blank elsewhere."""
     path = run_dir / "metrics.jsonl"
     rows = read_jsonl(path) if path.exists() else []
+    extra = classification_columns(rows) if classification else {}
     with open(run_dir / "results.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(RESULT_COLUMNS)
+        w.writerow(RESULT_COLUMNS + list(extra.values()))
         for r in rows:
             w.writerow(
                 [
@@ -93,6 +125,7 @@ def write_results(run_dir: Path) -> None:
                     _fmt(r.get("train_mean_token_accuracy")),
                     _fmt(r.get("valid_loss")),
                     _fmt(r.get("valid_mean_token_accuracy")),
+                    *(_fmt(r.get(k)) for k in extra),
                 ]
             )
     if rows:

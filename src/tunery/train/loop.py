@@ -22,6 +22,8 @@ from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train.batching import Step
 from tunery.train.events import EventLog
+from tunery.train.levers import DEFAULT as DEFAULT_LEVERS
+from tunery.train.levers import Levers
 from tunery.train.memory import rss_mb
 from tunery.train.shapes import pad_to_bucket
 
@@ -56,19 +58,27 @@ class LoopSetup:
     save_steps: int | None
     save_total_limit: int
     save_model: Callable[[Path], None]
+    # The processes of this run: distributed.Dist with several ranks, single.SingleProcess alone
+    # (collectives are then the identity), so the loop below has one path for both.
+    dist: Any
     aux_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
     extra_eval: Callable[[torch.nn.Module], dict[str, Any]] | None = None
     after_step: Callable[[torch.nn.Module, int, int], None] | None = None
     method_metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
-    dist: Any = None  # train.distributed.Dist when several processes train (None: this one alone)
     # round token-level batches up to shape buckets (bf16 on a CPU keeps memory per shape: shapes.py)
     shape_buckets: bool = False
+    levers: Levers = DEFAULT_LEVERS  # the benchmark's switches (train/levers.py)
+    # each validation feature's task, when the validation set holds several (else None): the
+    # evaluation then also reports `valid_loss/<task>`
+    val_tasks: list[str] | None = None
 
 
 def collate(s: LoopSetup, features: list[dict[str, Any]]) -> dict[str, Any]:
     batch = s.objective.collate(features, s.pad_id, s.packed)
     if s.shape_buckets and s.objective.token_level:
         batch = pad_to_bucket(batch, s.pad_id)
+    if not s.levers.supervised_head_only:  # read by forward.supervised_loss
+        batch["full_head"] = True
     return batch
 
 
@@ -110,11 +120,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _call(s: LoopSetup, fn: Callable[..., Any], *args: Any, train: bool = False) -> Any:
-    """fn(model, *args); with several processes through the wrapper that must see the forward."""
-    return fn(s.model, *args) if s.dist is None else s.dist.call(fn, *args, train=train)
-
-
 def _loss(s: LoopSetup, model: torch.nn.Module, batch: dict[str, Any]) -> tuple:
     out = s.objective.loss(model, batch, s.ctx)
     aux = s.aux_loss(model) if s.aux_loss is not None else None
@@ -127,28 +132,26 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     With several processes each rank runs its share of the step (`real` False marks padding passes)
     and the units, losses and metrics are summed over ranks, so the step is the one-process step."""
     model, obj, dist = s.model, s.objective, s.dist
-    plan = [(mb, True) for mb in step.micro_batches] if dist is None else dist.plan(step)
+    plan = dist.plan(step)
     batches = [collate(s, [s.features[i] for i in mb]) for mb, _ in plan]
     if obj.rollout is not None:  # online objectives sample first: their units exist only afterwards
-        batches = [_call(s, obj.rollout, b, s.ctx) for b in batches]
+        batches = [dist.call(obj.rollout, b, s.ctx) for b in batches]
     units = sum(b["n_units"] for b, (_, real) in zip(batches, plan, strict=True) if real)
-    scale = 1.0
-    if dist is not None:
-        units, scale = int(dist.all_sum([units])[0]), dist.loss_scale
+    units = int(dist.all_sum([units])[0])
     loss_total = 0.0
     sums: dict[str, float] = {}
     n_tokens = 0
     model.train()
     for k, (batch, (_, real)) in enumerate(zip(batches, plan, strict=True)):
-        if state.interrupted and dist is None:  # ranks stop together, at step boundaries only
+        if state.interrupted and dist.stops_alone:  # ranks stop together, at step boundaries only
             s.optimizer.zero_grad(set_to_none=True)
             return None
         batch = _to_device(batch, s.accelerator.device)
-        weight = scale * float(real)  # 1.0 for one process: the loss below is exactly loss_sum / units
-        sync = contextlib.nullcontext() if dist is None else dist.sync(k == len(batches) - 1)
-        with sync:
+        # 1.0 for one process: the loss below is exactly loss_sum / units
+        weight = dist.loss_scale * float(real)
+        with dist.sync(k == len(batches) - 1):
             with s.accelerator.autocast():
-                loss_sum, aux, metrics = _call(s, lambda m, b: _loss(s, m, b), batch, train=True)
+                loss_sum, aux, metrics = dist.call(lambda m, b: _loss(s, m, b), batch, train=True)
                 loss = loss_sum * weight / max(1, units)
                 if aux is not None:
                     loss = loss + aux * (batch["n_units"] * weight / max(1, units))
@@ -161,11 +164,11 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0.0) + v
         n_tokens += batch.get("n_tokens", 0)
-    if dist is not None:  # rank 0 logs the numbers of the whole step
-        names = sorted(sums)
-        total = dist.all_sum([loss_total, n_tokens, *(sums[n] for n in names)])
-        loss_total, n_tokens = total[0], int(total[1])
-        sums = dict(zip(names, total[2:], strict=True))
+    # rank 0 logs the numbers of the whole step (one process: its own)
+    names = sorted(sums)
+    total = dist.all_sum([loss_total, n_tokens, *(sums[n] for n in names)])
+    loss_total, n_tokens = total[0], int(total[1])
+    sums = dict(zip(names, total[2:], strict=True))
     if s.max_grad_norm:
         s.accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.max_grad_norm)
     s.optimizer.step()
@@ -179,36 +182,65 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     return metrics
 
 
-@torch.no_grad()
-def evaluate(s: LoopSetup) -> dict[str, Any]:
-    """Validation loss and metrics with the objective itself, per unit over the whole set."""
-    if not s.val_features:
-        return {}
-    model, obj = s.model, s.objective
-    model.eval()
+def _eval_sums(
+    s: LoopSetup, indices: list[int], lengths: list[int], budget: int
+) -> tuple[float, float, dict[str, float]]:
+    """(loss sum, units, metric sums) of the objective over the validation features `indices`."""
     from tunery.train.batching import split_micro_batches
 
-    lengths = [obj.length(f) for f in s.val_features]
-    budget = max(max(lengths), 4096)
+    model, obj = s.model, s.objective
     total = units = 0.0
     sums: dict[str, float] = {}
-    for mb in split_micro_batches(list(range(len(lengths))), lengths, budget):
+    for mb in split_micro_batches(indices, lengths, budget):
         batch = collate(s, [s.val_features[i] for i in mb])
         if obj.rollout is not None:
             batch = obj.rollout(model, batch, s.ctx)
         batch = _to_device(batch, s.accelerator.device)
         with s.accelerator.autocast():
-            out = _call(s, lambda m, b: obj.loss(m, b, s.ctx), batch)
+            out = s.dist.call(lambda m, b: obj.loss(m, b, s.ctx), batch)
         total += float(out.loss_sum)
         units += batch["n_units"]
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0.0) + v
+    return total, units, sums
+
+
+def task_groups(tasks: list[str] | None, n: int) -> dict[str | None, list[int]]:
+    """The validation features by task ({None: all} for one task), tasks in sorted order."""
+    if not tasks:
+        return {None: list(range(n))}
+    groups: dict[str | None, list[int]] = {}
+    for i, task in sorted(enumerate(tasks), key=lambda x: x[1]):
+        groups.setdefault(task, []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def evaluate(s: LoopSetup) -> dict[str, Any]:
+    """Validation loss and metrics with the objective itself, per unit over the whole set; with
+    several tasks also each task's loss (`valid_loss/<task>`), its units' share of the whole."""
+    if not s.val_features:
+        return {}
+    model = s.model
+    model.eval()
+    lengths = [s.objective.length(f) for f in s.val_features]
+    budget = max(max(lengths), 4096)
+    total = units = 0.0
+    sums: dict[str, float] = {}
+    per_task: dict[str, float] = {}
+    for task, indices in task_groups(s.val_tasks, len(lengths)).items():
+        t_total, t_units, t_sums = _eval_sums(s, indices, lengths, budget)
+        total, units = total + t_total, units + t_units
+        for k, v in t_sums.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if task is not None:
+            per_task[f"valid_loss/{task}"] = t_total / max(1, t_units)
     result = {"valid_loss": total / max(1, units)}
     result.update({f"valid_{k}": v / max(1, units) for k, v in sums.items()})
-    if s.extra_eval is not None and (s.dist is None or s.dist.extra_eval_here()):
-        result.update(_call(s, s.extra_eval))
-    if s.dist is not None:
-        s.dist.barrier()  # the other ranks wait for rank 0's generation-based metrics
+    result.update(per_task)
+    if s.extra_eval is not None and s.dist.extra_eval_here():
+        result.update(s.dist.call(s.extra_eval))
+    s.dist.barrier()  # the other ranks wait for rank 0's generation-based metrics
     model.train()
     return result
 
@@ -220,26 +252,15 @@ def save_checkpoint(s: LoopSetup, state: LoopState, step: Step) -> Path:
         "trained_tokens": state.trained_tokens,
         "metrics": {**state.last_metrics, **state.last_eval},
     }
-    if s.dist is None:
-        path = ckpt.write_checkpoint(
-            s.run_dir / "checkpoints",
-            state.step,
-            model=s.model,
-            optimizer=s.optimizer,
-            scheduler=s.scheduler,
-            meta=meta,
-            save_model=s.save_model,
-        )
-    else:
-        path = s.dist.write_checkpoint(
-            s.run_dir / "checkpoints",
-            state.step,
-            optimizer=s.optimizer,
-            scheduler=s.scheduler,
-            meta=meta,
-            save_model=s.save_model,
-        )
-    if s.dist is None or s.dist.is_main:
+    path = s.dist.write_checkpoint(
+        s.run_dir / "checkpoints",
+        state.step,
+        optimizer=s.optimizer,
+        scheduler=s.scheduler,
+        meta=meta,
+        save_model=s.save_model,
+    )
+    if s.dist.is_main:
         ckpt.rotate(s.run_dir / "checkpoints", s.save_total_limit)
     s.events.emit(
         f"Checkpoint created at step {state.step}",
@@ -264,8 +285,7 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
             metrics = run_step(s, step, state)
             if metrics is None:
                 break
-            if s.dist is not None:
-                state.interrupted = s.dist.any(state.interrupted)
+            state.interrupted = s.dist.any(state.interrupted)
             # With several ranks only the vote decides: a signal landing during the evaluation or the
             # save below reaches the ranks at different moments, and one rank leaving while another
             # steps on pairs unlike collectives (a hang). The next step's vote catches it on all.
@@ -293,10 +313,10 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
                 window_tokens, window_start = 0, time.perf_counter()
             if (last_of_epoch and step.index != total) or (s.save_steps and step.index % s.save_steps == 0):
                 save_checkpoint(s, state, step)
-            if stop or (s.dist is None and state.interrupted):
+            if stop or (s.dist.stops_alone and state.interrupted):
                 break
-        if s.dist is not None:  # a signal after the last vote, on some ranks only: all agree again
-            state.interrupted = s.dist.any(state.interrupted)
+        # a signal after the last vote, on some ranks only: all agree again
+        state.interrupted = s.dist.any(state.interrupted)
         if state.interrupted and state.step > 0:
             save_checkpoint(s, state, s.steps[state.step - 1])
     return state

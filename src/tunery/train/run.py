@@ -93,21 +93,17 @@ def merge_validation(vals: list) -> tuple[Any, list[str] | None]:
     file with none are `no_task`. Tasks are None when the set holds at most one."""
     if not vals:
         return None, None
-    from tunery.evaluate.heldout import file_task
-
-    tasks: list[str] = []
-    for ds in vals:
-        fallback = file_task(Path(ds.path)) if len(vals) > 1 else "no_task"
-        tasks += [metric_name(row_task(ex) or fallback) for ex in ds.examples]
+    merged, names = vals[0], ["no_task"]
     if len(vals) > 1:
+        from tunery.data.types import Dataset
+        from tunery.evaluate.heldout import file_task  # the name `tunery logs compare` gives a file
+
         names = [file_task(Path(ds.path)) for ds in vals]
         if len(set(names)) < len(names):
             raise ConfigError(
                 f"data.validation files share a task name ({', '.join(names)}): name them apart.",
                 param="data.validation",
             )
-        from tunery.data.types import Dataset
-
         merged = Dataset(
             path=",".join(ds.path for ds in vals),
             format=vals[0].format,
@@ -115,8 +111,9 @@ def merge_validation(vals: list) -> tuple[Any, list[str] | None]:
             examples=[ex for ds in vals for ex in ds.examples],
             content_hash="+".join(ds.content_hash for ds in vals),
         )
-    else:
-        merged = vals[0]
+    tasks = [
+        metric_name(row_task(ex) or name) for ds, name in zip(vals, names, strict=True) for ex in ds.examples
+    ]
     return merged, tasks if len(set(tasks)) > 1 else None
 
 

@@ -1,28 +1,45 @@
-"""Build everything the loop needs from a validated config: model, method, features, schedule."""
+"""The builders of a run: each returns one thing the loop needs (model, features, steps, optimizer,
+context, saver). train/run.py calls them in order; nothing here runs the loop or writes the run
+directory."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunery.config import TuneryConfig
-from tunery.errors import ConfigError, TuneryError
+from tunery.errors import TuneryError
 from tunery.methods import Method, count_parameters
 from tunery.models.placement import enable_tf32, load_dtype
 from tunery.models.unwrap import unwrap
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train import hparams
-from tunery.train.batching import schedule
+from tunery.train.attention import use_packed_attention
+from tunery.train.batching import Step, schedule
 from tunery.train.events import EventLog
-from tunery.train.loop import LoopSetup, LoopState, lr_lambda, train_loop
+from tunery.train.levers import Levers
+from tunery.train.loop import LoopSetup, LoopState, lr_lambda
+from tunery.train.lora_kernel import fuse_lora_layers
 from tunery.train.memory import active_allocator
 from tunery.train.precision import autocast_dtype, mixed_precision
+
+
+@dataclass
+class RunData:
+    """The run's validated data: the training files, their mix, the validation set (or None), and
+    each validation example's task when the set holds several (train/run.py::merge_validation)."""
+
+    datasets: list
+    examples: list
+    validation: Any = None
+    val_tasks: list[str] | None = None
 
 
 def build_model(config: TuneryConfig, method: Method, method_opts: Any, objective: Objective):
@@ -101,49 +118,15 @@ def make_optimizer(model: torch.nn.Module, method: Method, opts: Any, lr: float,
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def train(
-    config: TuneryConfig,
-    out: Path,
-    events: EventLog,
-    method: Method,
-    objective: Objective,
-    method_opts: Any,
-    objective_opts: Any,
-    datasets: list,
-    examples: list,
-    val,
-) -> Any:
-    from tunery.train import distributed
-
-    # A process launched as one of several ranks joins the group first (see train/distributed.py).
-    dist = distributed.start(config) if distributed.launched() else None
-    args = (config, out, events, method, objective, method_opts, objective_opts, datasets, examples, val)
-    try:
-        return _train(*args, dist)
-    finally:
-        if dist is not None:
-            dist.close()
-
-
-def _train(
-    config, out, events, method, objective, method_opts, objective_opts, datasets, examples, val, dist
-):
-    from accelerate import Accelerator
-
-    from tunery.train.attention import use_packed_attention
-    from tunery.train.lora_kernel import fuse_lora_layers
-    from tunery.train.run import RunResult, finish, seed_everything, write_config
-
-    main = dist is None or dist.is_main
-    seed_everything(config.seed)  # the same seed everywhere: every rank builds the same initial model
-    hp = config.hyperparameters
-    model, tokenizer = build_model(config, method, method_opts, objective)
-    if dist is not None:
-        dist.check_objective(objective)
-    content_hash = "+".join(d.content_hash for d in datasets) + f"/{config.data.weights}/{config.seed}"
-    with contextlib.nullcontext() if dist is None else dist.main_first():  # one writer of the cache
-        features = encode_all(examples, tokenizer, objective, config, content_hash)
-        val_features = encode_all(val.examples, tokenizer, objective, config, val.content_hash) if val else []
+def encode_data(
+    config: TuneryConfig, objective: Objective, tokenizer, data: RunData, dist: Any, events: EventLog
+) -> tuple[list, list, list[str] | None]:
+    """Training and validation features, tokenized (through the cache) by rank 0 first, and each
+    validation feature's task when the validation set holds several (else None)."""
+    content_hash = "+".join(d.content_hash for d in data.datasets) + f"/{config.data.weights}/{config.seed}"
+    with dist.main_first():  # one writer of the cache
+        features = encode_all(data.examples, tokenizer, objective, config, content_hash)
+        val_features, val_tasks = encode_validation(data, tokenizer, objective, config)
     if not features:
         raise TuneryError(
             "No example has anything to train on after encoding.",
@@ -151,24 +134,57 @@ def _train(
         )
     truncated = sum(1 for f in features if f.get("truncated"))
     if truncated:
+        max_length = config.hyperparameters.max_length
         events.emit(
-            f"{truncated} of {len(features)} training examples were truncated to {hp.max_length} tokens",
+            f"{truncated} of {len(features)} training examples were truncated to {max_length} tokens",
             level="warn",
             data={"truncated": truncated},
         )
+    return features, val_features, val_tasks
 
-    res = hparams.resolve(hp, len(features), method.base_learning_rate)
+
+def encode_validation(
+    data: RunData, tokenizer, objective: Objective, config: TuneryConfig
+) -> tuple[list, list[str] | None]:
+    """The validation features; with several tasks, encoded task by task (an example may encode to
+    several features or none) so that each feature keeps its task."""
+    val = data.validation
+    if not val:
+        return [], None
+    if not data.val_tasks:
+        return encode_all(val.examples, tokenizer, objective, config, val.content_hash), None
+    features: list = []
+    tasks: list[str] = []
+    for task in sorted(set(data.val_tasks)):
+        group = [ex for ex, t in zip(val.examples, data.val_tasks, strict=True) if t == task]
+        got = encode_all(group, tokenizer, objective, config, f"{val.content_hash}#task={task}")
+        features += got
+        tasks += [task] * len(got)
+    return features, tasks
+
+
+def plan_steps(
+    config: TuneryConfig, objective: Objective, features: list, res: hparams.Resolved
+) -> tuple[list[int], list[Step]]:
+    """Each feature's length and the run's optimizer steps (train/batching.py)."""
+    hp = config.hyperparameters
     lengths = [objective.length(f) for f in features]
     steps = schedule(
         lengths,
         batch_size=res.batch_size,
         n_epochs=res.n_epochs,
         seed=config.seed,
-        token_budget=max(hp.micro_batch_tokens, hp.max_length),
+        token_budget=token_budget(hp),
         max_steps=hp.max_steps,
     )
-    if main:
-        write_config(config, out, res.as_dict())
+    return lengths, steps
+
+
+def token_budget(hp: Any) -> int:
+    return max(hp.micro_batch_tokens, hp.max_length)
+
+
+def report_parameters(model: torch.nn.Module, events: EventLog) -> None:
     trainable, total = count_parameters(model)
     events.emit(
         f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.3f}%)",
@@ -176,8 +192,22 @@ def _train(
         data={"trainable_parameters": trainable, "total_parameters": total, "allocator": active_allocator()},
     )
 
-    packed = hp.packing and method.supports_packing and use_packed_attention(unwrap(model))
-    fused = fuse_lora_layers(model) > 0  # one autograd node per LoRA layer, exact (train/lora_kernel.py)
+
+def speedups(
+    model: torch.nn.Module, config: TuneryConfig, method: Method, levers: Levers
+) -> tuple[bool, bool]:
+    """(packed, fused): packed rows with per-example attention (train/attention.py) where the method
+    and architecture allow it, and LoRA layers as one autograd node each (train/lora_kernel.py)."""
+    hp = config.hyperparameters
+    packed = hp.packing and method.supports_packing and use_packed_attention(unwrap(model), levers.attention)
+    fused = fuse_lora_layers(model, levers.fused_lora) > 0 and levers.fused_lora  # exact: lora_kernel.py
+    return packed, fused
+
+
+def build_accelerator(hp: Any, dist: Any) -> tuple[Any, torch.dtype | None]:
+    """accelerate's Accelerator for this run, and the autocast dtype (None: fp32)."""
+    from accelerate import Accelerator
+
     cpu = not torch.cuda.is_available()
     dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
     enable_tf32()
@@ -185,83 +215,59 @@ def _train(
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision(dtype),  # fp16 brings accelerate's grad scaler
-        **(dist.accelerator_kwargs(hp.max_grad_norm) if dist is not None else {}),
+        **dist.accelerator_kwargs(hp.max_grad_norm),
     )
-    if dist is not None:  # FSDP shards before the optimizer sees the parameters
-        model = dist.shard(model, accelerator)
-        dist.lengths, dist.token_budget = lengths, max(hp.micro_batch_tokens, hp.max_length)
-    optimizer = make_optimizer(model, method, method_opts, res.learning_rate, hp.weight_decay)
-    warmup = int(hp.warmup_ratio * len(steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.lr_scheduler, warmup, len(steps)))
-    if dist is None:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    else:
-        optimizer = dist.prepare(optimizer)
+    return accelerator, dtype
 
+
+def build_optimizer(
+    model: torch.nn.Module,
+    method: Method,
+    method_opts: Any,
+    res: hparams.Resolved,
+    config: TuneryConfig,
+    n_steps: int,
+    accelerator: Any,
+    dist: Any,
+) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, optimizer, scheduler), placed by accelerate or sharded by the ranks."""
+    hp = config.hyperparameters
+    model = dist.shard(model, accelerator)  # FSDP shards before the optimizer sees the parameters
+    optimizer = make_optimizer(model, method, method_opts, res.learning_rate, hp.weight_decay)
+    warmup = int(hp.warmup_ratio * n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.lr_scheduler, warmup, n_steps))
+    model, optimizer = dist.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def build_context(model: torch.nn.Module, config: TuneryConfig, objective: Objective, tokenizer) -> Context:
     setup_extra = objective.setup(model, config, tokenizer) if objective.setup else {}
-    ctx = Context(
+    return Context(
         config=config,
-        options=objective_opts,
+        options=config.objective_options,
         tokenizer=tokenizer,
         reference=_reference(model),
         extra=setup_extra,
     )
+
+
+def model_saver(
+    model: torch.nn.Module,
+    config: TuneryConfig,
+    method: Method,
+    objective: Objective,
+    tokenizer,
+    accelerator,
+    dist,
+) -> Callable[[Path], None]:
+    """save(directory): the usable model (or adapter) with its tokenizer, gathered from the ranks."""
 
     def save_model(directory: Path) -> None:
         unwrapped = accelerator.unwrap_model(model)
         extra = objective.save_info(unwrapped, config) if objective.save_info else None
         save_trained(unwrapped, directory, config, method, objective, tokenizer, extra)
 
-    save = save_model if dist is None else functools.partial(dist.save_model, save_fn=save_model)
-    loop = LoopSetup(
-        model=model,
-        objective=objective,
-        ctx=ctx,
-        features=features,
-        val_features=val_features,
-        steps=steps,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        accelerator=accelerator,
-        events=events,
-        run_dir=out,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        packed=packed,
-        max_grad_norm=hp.max_grad_norm,
-        logging_steps=hp.logging_steps,
-        eval_steps=hp.eval_steps,
-        save_steps=hp.save_steps,
-        save_total_limit=hp.save_total_limit,
-        save_model=save,
-        aux_loss=method.aux_loss,
-        after_step=method.after_step,
-        method_metrics=method.metrics,
-        extra_eval=_classification_eval(config, tokenizer, val),
-        dist=dist,
-        shape_buckets=cpu and dtype == torch.bfloat16,
-    )
-    state = LoopState()
-    if config.resume:
-        state = resume(loop, events)
-    else:
-        # What actually runs, not what was asked for: a silent fallback (no packing, no fusion, another
-        # precision) would otherwise pass for the requested setting in tests and benchmarks.
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-        levers = {"packed": packed, "fused": fused, "precision": precision, "buckets": loop.shape_buckets}
-        events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict(), **levers})
-    state = train_loop(loop, state)
-    if state.interrupted:
-        events.emit(f"Training interrupted at step {state.step}; resume with --resume", level="warn")
-        if main:
-            finish(out, None)
-        return RunResult(out, None, "interrupted", state.trained_tokens, state.last_metrics)
-    model_dir = out / "model"
-    save(model_dir)
-    events.emit(f"New fine-tuned model created: {model_dir}", data={"kind": "model", "path": "model"})
-    if main:
-        finish(out, model_dir)
-    events.emit("The job has successfully completed", data={"trained_tokens": state.trained_tokens})
-    return RunResult(out, model_dir, "succeeded", state.trained_tokens, state.last_metrics)
+    return functools.partial(dist.save_model, save_fn=save_model)
 
 
 def _reset_accelerate_state(dist: Any) -> None:
@@ -270,30 +276,20 @@ def _reset_accelerate_state(dist: Any) -> None:
     PartialState: the process group it describes lives on."""
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=dist is None)
+    AcceleratorState._reset_state(reset_partial_state=not dist.launched)
 
 
 def resume(loop: LoopSetup, events: EventLog) -> LoopState:
     dist = loop.dist
-    if dist is None or dist.is_main:
+    if dist.is_main:
         ckpt.clean_stale(loop.run_dir / "checkpoints")
-    if dist is not None:
-        dist.barrier()
+    dist.barrier()
     found = ckpt.list_checkpoints(loop.run_dir / "checkpoints")
     state = LoopState()
     if not found:
         events.emit("No checkpoint to resume from; starting from the beginning", level="warn")
         return state
-    if dist is not None:
-        meta = dist.restore(found[-1], loop.optimizer, loop.scheduler)
-    elif not (found[-1] / "trainable.safetensors").exists():
-        raise ConfigError(
-            f"{found[-1]} holds sharded state from a multi-process run.",
-            hint="Resume it with the same --nproc and distributed.strategy.",
-        )
-    else:
-        model = loop.accelerator.unwrap_model(loop.model)
-        meta = ckpt.restore(found[-1], model, loop.optimizer, loop.scheduler)
+    meta = dist.restore(found[-1], loop.optimizer, loop.scheduler)
     state.step, state.trained_tokens = meta["step"], meta.get("trained_tokens", 0)
     events.truncate_after(state.step)
     events.emit(f"Resumed from checkpoint at step {state.step}", data={"step": state.step})
@@ -309,7 +305,9 @@ def _reference(model: torch.nn.Module):
     return contextlib.nullcontext
 
 
-def _classification_eval(config: TuneryConfig, tokenizer, val):
+def classification_eval(config: TuneryConfig, tokenizer, val, tasks: list[str] | None = None):
+    """The `compute_classification_metrics` hook (None when off): generated-label metrics on the
+    validation set, per task too (`valid_accuracy/<task>`) when `tasks` names several."""
     # A classify head reports its own validation metrics; generated-label metrics apply to LMs only.
     if not (config.compute_classification_metrics and val) or config.objective == "classify":
         return None
@@ -323,6 +321,7 @@ def _classification_eval(config: TuneryConfig, tokenizer, val):
             val.examples,
             positive_class=config.classification_positive_class,
             betas=config.classification_betas,
+            tasks=tasks,
         )
 
     return run

@@ -19,23 +19,37 @@ def quickstart_command(
     n_epochs: int = typer.Option(2, "--epochs", help="Training epochs."),
     max_train: int | None = typer.Option(None, "--max-train", help="Use only this many training examples."),
     max_test: int | None = typer.Option(None, "--max-test", help="Use only this many test examples."),
-    task: str = typer.Option("sentiment", "--task", help="The bundled task (sentiment)."),
+    task: str = typer.Option("sentiment", "--task", help="The bundled task: sentiment or routing."),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", help="The base model: an alias (smollm2-135m, gemma3-270m) or a model dir."
+    ),
     head: bool = typer.Option(
-        False, "--head", help="Also train classification heads (minilm-l6, smollm2-135m)."
+        False, "--head", help="Also train classification heads (minilm-l6, smollm2-135m) on sentiment."
     ),
 ) -> None:
-    """The main job, offline: evaluate smollm2-135m on sentiment, fine-tune LoRA, evaluate again."""
+    """The main job, offline: evaluate a model on a bundled task, fine-tune LoRA, evaluate again."""
     from tunery.workflows.quickstart import (
+        TASKS,
         QuickstartSettings,
         generative_row,
         run_head_quickstart,
         run_quickstart,
     )
 
-    if task != "sentiment":
-        raise ConfigError(f"Unknown quickstart task {task!r}.", hint="Available: sentiment")
+    if task not in TASKS:
+        raise ConfigError(f"Unknown quickstart task {task!r}.", hint=f"Available: {', '.join(TASKS)}.")
+    if head and task != "sentiment":
+        raise ConfigError(
+            "--head trains on the sentiment task only.", hint="Drop --head or use --task sentiment."
+        )
     settings = QuickstartSettings(
-        output=output, shots=shots, n_epochs=n_epochs, max_train=max_train, max_test=max_test
+        model=model,
+        task=task,
+        output=output,
+        shots=shots,
+        n_epochs=n_epochs,
+        max_train=max_train,
+        max_test=max_test,
     )
     summary = run_quickstart(settings, console)
     if head:

@@ -1,6 +1,7 @@
-"""`tunery quickstart`: the main job, offline, on the embedded default model.
+"""`tunery quickstart`: the main job, offline, on the embedded default model (or `--model`).
 
-Loads smollm2-135m, evaluates it zero-shot and few-shot on the bundled sentiment test set, fine-tunes a
+Loads smollm2-135m, evaluates it zero-shot and few-shot on a bundled task's test set (sentiment by
+default, or the 5-way intent routing of `datasets/routing`), fine-tunes a
 LoRA adapter on the training split, evaluates again, and prints the before/after table. Every step goes
 through the same `train.run` and `evaluate.evaluate` the CLI commands use. With `--head`,
 `run_head_quickstart` also trains classification heads and prints them beside the generated labels.
@@ -14,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LABELS = ["positive", "negative", "mixed"]
+# The bundled tasks the quickstart runs, with their label sets (datasets/<task>/README.md).
+TASKS = {
+    "sentiment": ["positive", "negative", "mixed"],
+    "routing": ["billing", "technical", "shipping", "account", "sales"],
+}
 
 
 @dataclass
 class QuickstartSettings:
     model: str = "smollm2-135m"
+    task: str = "sentiment"
     output: str = "runs/quickstart"
     shots: int = 3
     n_epochs: int = 2
@@ -54,8 +60,9 @@ def _evaluate_base(s: QuickstartSettings, console, train: Path, test: Path) -> l
     rows = []
     console.rule("[bold]2/4 Evaluate the base model: zero-shot and few-shot")
     t = time.perf_counter()
+    labels = TASKS[s.task]
     zero = evaluate(
-        base, tok, test, labels=LABELS, batch_size=16, description="zero-shot", n_shown=0, compute_loss=False
+        base, tok, test, labels=labels, batch_size=16, description="zero-shot", n_shown=0, compute_loss=False
     )
     rows.append(_row(f"{s.model} zero-shot", zero, time.perf_counter() - t))
     t = time.perf_counter()
@@ -64,7 +71,7 @@ def _evaluate_base(s: QuickstartSettings, console, train: Path, test: Path) -> l
         base,
         tok,
         test,
-        labels=LABELS,
+        labels=TASKS[s.task],
         batch_size=16,
         few_shot=shots,
         description=f"{s.shots}-shot",
@@ -113,9 +120,9 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(s.output)
     out.mkdir(parents=True, exist_ok=True)
-    train = dataset_subset(dataset_file("sentiment", "train"), s.max_train, out / "train.jsonl")
-    valid = dataset_file("sentiment", "validation")
-    test = dataset_subset(dataset_file("sentiment", "test"), s.max_test, out / "test.jsonl")
+    train = dataset_subset(dataset_file(s.task, "train"), s.max_train, out / "train.jsonl")
+    valid = dataset_file(s.task, "validation")
+    test = dataset_subset(dataset_file(s.task, "test"), s.max_test, out / "test.jsonl")
 
     rows = _evaluate_base(s, console, train, test)
 
@@ -131,7 +138,7 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
         tuned,
         tok,
         test,
-        labels=LABELS,
+        labels=TASKS[s.task],
         batch_size=16,
         description="fine-tuned",
         n_shown=5,
@@ -139,6 +146,8 @@ def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     )
     rows.append(_row("LoRA fine-tuned", after, time.perf_counter() - t))
     summary = {
+        "model": s.model,
+        "task": s.task,
         "rows": rows,
         "train_seconds": round(train_seconds, 1),
         "examples_per_second": after["generation"]["tokens_per_second"]
@@ -157,7 +166,7 @@ def generative_row(summary: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuned generative row, in the shape the head quickstart prints beside its own."""
     last = summary["rows"][-1]
     return {
-        "label": "smollm2-135m LoRA, generated label",
+        "label": f"{summary.get('model', 'smollm2-135m')} LoRA, generated label",
         "accuracy": last["accuracy"],
         "macro_f1": last["macro_f1"],
         "train_seconds": summary["train_seconds"],
@@ -168,7 +177,8 @@ def generative_row(summary: dict[str, Any]) -> dict[str, Any]:
 def _print(console, summary: dict[str, Any], s: QuickstartSettings) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Sentiment test set ({summary['n_test']} reviews): before and after fine-tuning")
+    title = f"{s.task.capitalize()} test set ({summary['n_test']} examples): before and after fine-tuning"
+    table = Table(title=title)
     for col in ("model", "accuracy", "macro F1", "off-label replies", "eval seconds"):
         table.add_column(col)
     for r in summary["rows"]:
@@ -190,7 +200,7 @@ def _print(console, summary: dict[str, Any], s: QuickstartSettings) -> None:
     )
     console.print(
         f"Evaluate again: tunery eval --model {s.model} --adapter {adapter} "
-        "--data datasets/sentiment/test.jsonl"
+        f"--data datasets/{s.task}/test.jsonl"
     )
 
 
