@@ -250,13 +250,16 @@ class Engine:
         key, adapter = self.resolve(model_spec, adapter_dir)
         params = self.check(model_spec, adapter_dir, prompt_ids, params)
         handle = GenerationHandle(params.n)
-        req = _Request(key, adapter, list(prompt_ids), params, handle)
+        self._enqueue(_Request(key, adapter, list(prompt_ids), params, handle))
+        return handle
+
+    def _enqueue(self, req: _Request) -> None:
+        """Hand a request to the worker thread."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
             self._pending.append(req)
             self._cv.notify()
-        return handle
 
     def generate(
         self,

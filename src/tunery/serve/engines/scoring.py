@@ -132,12 +132,9 @@ class TorchEngine(Engine):
         check_token_ids(prompt_ids, embedding_rows(model))
         _check_context(model, list(prompt_ids), GenerationParams(max_new_tokens=1))
         handle = GenerationHandle(1)
-        req = _Score(key, adapter, list(prompt_ids), GenerationParams(max_new_tokens=1), handle, top=top)
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("engine is closed")
-            self._pending.append(req)
-            self._cv.notify()
+        self._enqueue(
+            _Score(key, adapter, list(prompt_ids), GenerationParams(max_new_tokens=1), handle, top=top)
+        )
         return handle
 
     def _take_batch(self) -> list[_Request]:
