@@ -30,8 +30,8 @@ from tests.helpers.tiny import DECODER_ARCHS, TINY_WINDOW, make_tiny_model_dir, 
 from tunery.errors import ConfigError, ModelError
 from tunery.export import export
 from tunery.export.gguf_file import gguf_refusal
-from tunery.train import attention
-from tunery.train.forward import (
+from tunery.modeling import attention
+from tunery.modeling.forward import (
     IGNORE,
     SoftCappedHead,
     forward_kwargs,
@@ -119,7 +119,7 @@ def test_packed_logits_equal_unpacked(arch, model_dirs, monkeypatch):
 def test_bidirectional_attention_is_not_packed(model_dirs, caplog):
     model = _load(model_dirs["gemma3"])
     model.config.use_bidirectional_attention = True
-    with caplog.at_level("INFO", logger="tunery.train.attention"):
+    with caplog.at_level("INFO", logger="tunery.modeling.attention"):
         assert not attention.use_packed_attention(model)
     assert "gemma3_text" in caplog.text and "bidirectional" in caplog.text
 

@@ -338,8 +338,8 @@ def test_varlen_packed_attention_equals_per_segment_attention(lm):
     """The varlen layout (one kernel call per layer for the packed row) gives the per-segment logits.
     On a CPU the kernel is the per-segment reference, so this checks the layout code; on a GPU
     (TUNERY_TEST_DEVICE=cuda) it is the real flash kernel, in bf16, and must not read the host."""
-    from tunery.train import attention
-    from tunery.train.forward import forward_kwargs, packed_inputs
+    from tunery.modeling import attention
+    from tunery.modeling.forward import forward_kwargs, packed_inputs
 
     _, model, _ = lm
     model = copy.deepcopy(model)
@@ -366,7 +366,7 @@ def test_varlen_packed_attention_equals_per_segment_attention(lm):
 @contextlib.contextmanager
 def _host_reads():
     """Records device-to-host reads (`tolist`, `item`) made inside packed attention."""
-    from tunery.train import attention
+    from tunery.modeling import attention
 
     reads: list[str] = []
     inner = attention.varlen_attention

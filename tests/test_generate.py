@@ -252,3 +252,51 @@ def test_engine_adapter_switching_and_mixed_batches(tiny, tmp_path):
         assert "".join(h.text_stream()) == h.result()[0].text == tok.decode(out2[0])
     finally:
         engine.close()
+
+
+def _base_model_tokenizer():
+    """A tokenizer like a base model's (Gemma 3's): no chat template, no `<|im_end|>` token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["positive negative mixed"] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def test_default_template_turn_end_ends_a_base_models_reply():
+    """Tunery's default ChatML template ends an assistant turn with `<|im_end|>` + EOS. For a tokenizer
+    without that token the marker is text, and it must end the reply (and never appear in it), streamed
+    or not: a fine-tuned base model otherwise answers "positive<|im_end|>" and every label is off."""
+    from tests.helpers.tiny import tiny_tokenizer
+    from tunery.generation.sequence import _Seq, turn_end_markers
+
+    tok = _base_model_tokenizer()
+    assert turn_end_markers(tok) == ("<|im_end|>",)
+    assert turn_end_markers(tiny_tokenizer()) == ()  # its own template; `<|im_end|>` is its EOS token
+    ids = tok.encode("positive<|im_end|>\nmore")
+    seq = _Seq([1], GenerationParams(max_new_tokens=len(ids) + 1), tok)
+    streamed = ""
+    for token in ids:
+        if seq.done:
+            break
+        seq.accept(token, {tok.eos_token_id}, None)
+        streamed += seq.take_delta()[0]
+    result = seq.result()
+    assert result.text == "positive" == streamed and result.finish_reason == "stop"
+    # a user's own stop strings still apply beside the marker
+    seq = _Seq([1], GenerationParams(max_new_tokens=len(ids) + 1, stop=["iti"]), tok)
+    for token in ids:
+        if not seq.done:
+            seq.accept(token, {tok.eos_token_id}, None)
+    assert seq.result().text == "pos"

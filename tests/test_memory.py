@@ -73,7 +73,7 @@ def test_training_rss_stays_flat(tmp_path, precision):
     users): RSS must stop growing once warm. Issue #20: jemalloc told never to return freed pages
     (dirty_decay_ms:-1) grew without bound on varied shapes; a slope between the middle and the end
     of the run above the bound fails here. Under bf16 autocast oneDNN keeps memory for every new
-    input shape; the loop's shape buckets (train/shapes.py) bound the number of shapes, and the run
+    input shape; the loop's shape buckets (modeling/shapes.py) bound the number of shapes, and the run
     must level off once it has met them (here by about step 100 of 300). On this tiny model bf16
     without buckets levels off within 300 steps as well, so this case guards growth in Tunery's own
     code under bf16, not the buckets themselves (tests/test_shapes.py checks those are exact)."""

@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers as tf
 
-from tunery.train.attention import use_packed_attention
-from tunery.train.forward import IGNORE, packed_inputs, padded_inputs, supervised_loss
+from tunery.modeling.attention import use_packed_attention
+from tunery.modeling.forward import IGNORE, packed_inputs, padded_inputs, supervised_loss
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])

@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers as tf
 
-from tunery.train import forward
-from tunery.train.attention import block_causal_mask, use_packed_attention
-from tunery.train.forward import IGNORE, packed_inputs, supervised_loss
+from tunery.modeling import forward
+from tunery.modeling.attention import block_causal_mask, use_packed_attention
+from tunery.modeling.forward import IGNORE, packed_inputs, supervised_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import common  # noqa: E402

@@ -1,4 +1,4 @@
-"""Shape buckets (train/shapes.py): lengths rounded up so bf16 on a CPU sees few shapes, and the
+"""Shape buckets (modeling/shapes.py): lengths rounded up so bf16 on a CPU sees few shapes, and the
 padding changes nothing a token-level objective computes."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tunery.modeling.forward import supervised_loss
+from tunery.modeling.shapes import bucket, pad_to_bucket
 from tunery.objectives import OBJECTIVES
-from tunery.train.forward import supervised_loss
-from tunery.train.shapes import bucket, pad_to_bucket
 
 
 @pytest.mark.parametrize(

@@ -146,6 +146,21 @@ def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any
     return {"token": bytes(raw).decode("utf-8", errors="replace"), "logprob": logprob, "bytes": raw}
 
 
+TURN_END = "<|im_end|>"
+
+
+def turn_end_markers(tokenizer: Any) -> tuple[str, ...]:
+    """Text that ends a reply besides the EOS token: Tunery's default ChatML template (for models that
+    ship none, data/encode.py) closes each assistant turn with `<|im_end|>` and then EOS. A base model's
+    tokenizer (Gemma 3's, for one) has no such token, so the marker is plain text that a fine-tuned model
+    writes before its EOS; without this it would end every reply (measured: gemma3-270m fine-tuned on
+    sentiment answered "positive<|im_end|>" and scored 0%)."""
+    if getattr(tokenizer, "chat_template", None):
+        return ()  # the model's own template: its turn end is a token among the EOS ids
+    token = tokenizer.convert_tokens_to_ids(TURN_END)  # a dict lookup: unknown -> the unk id or None
+    return () if token is not None and token != tokenizer.unk_token_id else (TURN_END,)
+
+
 class _Seq:
     """One sequence being decoded: its params, sampler state, text and pending stream output."""
 
@@ -177,7 +192,9 @@ class _Seq:
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else random.getrandbits(62)
             self.seed = (seed * 1_000_003 + index) % (2**63)
-        self.max_stop = max((len(s) for s in params.stop), default=0)
+        # The request's stop strings and the template's turn end: both cut the text and finish with "stop".
+        self.stops = [*params.stop, *turn_end_markers(tokenizer)]
+        self.max_stop = max((len(s) for s in self.stops), default=0)
 
     @property
     def done(self) -> bool:
@@ -205,7 +222,7 @@ class _Seq:
         if delta:
             start = max(0, len(self.text) - self.max_stop + 1)
             self.text += delta
-            for stop in self.params.stop:
+            for stop in self.stops:
                 pos = self.text.find(stop, start)
                 if pos != -1:
                     self.text = self.text[:pos]
@@ -220,7 +237,7 @@ class _Seq:
         end = len(self.text)
         if not self.done:
             for k in range(min(self.max_stop - 1, end), 0, -1):
-                if any(s.startswith(self.text[end - k :]) for s in self.params.stop):
+                if any(s.startswith(self.text[end - k :]) for s in self.stops):
                     end -= k
                     break
         delta = self.text[self.emitted : end]

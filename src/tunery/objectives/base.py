@@ -61,7 +61,7 @@ class Objective:
     # tokens per feature row, for batching by token budget
     length: Callable[[dict[str, Any]], int] = lambda f: len(f["input_ids"])
     # the loss sums over labelled tokens only, so trailing positions labelled IGNORE change nothing
-    # and the loop may pad lengths to shape buckets (train/shapes.py)
+    # and the loop may pad lengths to shape buckets (modeling/shapes.py)
     token_level: bool = False
     # optional hook: setup(model, config, tokenizer) -> dict stored in ctx.extra (teacher, reward fns)
     setup: Callable[[torch.nn.Module, Any, Any], dict[str, Any]] | None = None

@@ -3,7 +3,7 @@ log-probabilities, and the frozen reference.
 
 A "row" is one prompt + completion sequence. Collated rows are packed end to end (one segment
 each, attention isolated per segment) or right-padded, exactly as SFT batches are, and labels are
-pre-shifted per row (`train/forward.py`), so the hidden state at position t scores `labels[t]`.
+pre-shifted per row (`modeling/forward.py`), so the hidden state at position t scores `labels[t]`.
 Only labelled (completion) positions go through the LM head, in checkpointed chunks: prompt tokens
 never cost a vocabulary projection and the full logits tensor is never built.
 """
@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tunery.objectives.base import Context
-from tunery.train.forward import (
+from tunery.modeling.forward import (
     IGNORE,
     decoder_hidden,
     forward_kwargs,
@@ -27,6 +26,7 @@ from tunery.train.forward import (
     run_decoder,
     split_lm,
 )
+from tunery.objectives.base import Context
 
 LOGIT_CHUNK = 1024
 

@@ -16,13 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.checkpoint import checkpoint
 
 from tunery.errors import ConfigError
+from tunery.modeling.forward import IGNORE, decoder_hidden, split_lm
 from tunery.models.unwrap import unwrap
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
 from tunery.objectives.common import LOGIT_CHUNK, full_logits
 from tunery.objectives.losses import distill_loss
 from tunery.objectives.sft import collate, encode
-from tunery.train.forward import IGNORE, decoder_hidden, split_lm
 
 
 class DistillOptions(BaseModel):
@@ -68,8 +68,8 @@ def check_tokenizers(student: Any, teacher: Any, teacher_spec: str) -> None:
 
 def setup(model: torch.nn.Module, config: Any, tokenizer: Any) -> dict[str, Any]:
     from tunery.methods import load_trained
+    from tunery.modeling.attention import use_packed_attention
     from tunery.models import load_tokenizer
-    from tunery.train.attention import use_packed_attention
 
     o: DistillOptions = config.objective_options
     if not o.teacher and not o.teacher_adapter:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.data.types import Conversation
 from tunery.errors import ConfigError
+from tunery.modeling.forward import IGNORE
 from tunery.models.placement import model_device, place, to_device
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
@@ -35,7 +36,6 @@ from tunery.objectives.common import (
 )
 from tunery.objectives.losses import group_advantages, grpo_loss
 from tunery.objectives.rewards import RewardSpec, bind
-from tunery.train.forward import IGNORE
 
 # A scorer rates a batch of completions: (texts, examples) -> one reward each.
 Scorer = tuple[str, float, Callable[[list[str], list[dict[str, Any]]], list[float]]]

@@ -119,7 +119,7 @@ def parse_score(reply: str, max_score: float) -> float | None:
 class Judge:
     """Asks a judge model for a score per (prompt, completion). `generate(texts) -> replies`, when
     given, answers for a local `model` instead of loading it here (a server's engine already holds
-    it: `data/relabel.py`)."""
+    it: `workflows/relabel.py`)."""
 
     def __init__(self, options: JudgeOptions, generate: Callable[[list[str]], list[str]] | None = None):
         if options.endpoint and not options.base_url:

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunery.modeling.forward import IGNORE, packed_inputs, padded_inputs, supervised_loss
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
-from tunery.train.forward import IGNORE, packed_inputs, padded_inputs, supervised_loss
 
 
 class SFTOptions(BaseModel):

@@ -6,7 +6,7 @@ become one file object and the test slice (the most recent examples) a second; t
 train file object with a `tunery` field: the build report and the test file object, if any. Both
 files count against the key's file and storage quotas, like uploads.
 
-`relabel` rewrites the train replies no reviewer wrote with a stronger model (`data/relabel.py`):
+`relabel` rewrites the train replies no reviewer wrote with a stronger model (`workflows/relabel.py`):
 `{"model": NAME}` names one the key may call (builtin, registered with `tunery models add`, its own
 `ft:` model or alias), run by the server's engine; `{"endpoint": NAME, "model_name": M}` names a
 judge/teacher endpoint the operator registered (`tunery serve --judge NAME=URL`). `judge` with a
@@ -143,8 +143,8 @@ def _endpoint(request: Request, name: str, param: str) -> tuple[str, str | None]
 
 def _relabeler(request: Request, who: Principal, block: dict[str, Any]) -> Any:
     """`reply(conversations) -> replies` of the `relabel` block."""
-    from tunery.data import relabel
     from tunery.serve.engines import get_engine
+    from tunery.workflows import relabel
 
     max_tokens = int(block.get("max_tokens") or 256)
     if block.get("endpoint"):
@@ -156,10 +156,10 @@ def _relabeler(request: Request, who: Principal, block: dict[str, Any]) -> Any:
 
 def _judge(request: Request, who: Principal, block: dict[str, Any], relabel_block: dict[str, Any]) -> Any:
     """The `Judge` of the `judge` block; with neither `model` nor `endpoint`, the relabeler itself."""
-    from tunery.data import relabel
     from tunery.objectives.rlaif import Judge, JudgeOptions
     from tunery.serve.engines import get_engine
     from tunery.serve.resolver import get_resolver
+    from tunery.workflows import relabel
 
     if not (block.get("model") or block.get("endpoint")):
         block = {**block, **{k: relabel_block.get(k) for k in ("model", "endpoint", "model_name")}}

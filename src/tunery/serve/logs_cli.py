@@ -318,7 +318,8 @@ def _judge_options(
 
 def _relabel(built: Any, relabeler: tuple, judge: Any, min_score: float | None) -> None:
     """Rewrite the train replies no reviewer wrote, then let the judge drop the poor rewrites."""
-    from tunery.data import from_logs, relabel
+    from tunery.data import from_logs
+    from tunery.workflows import relabel
 
     name, url, key_env, max_tokens = relabeler
     if judge is not None:

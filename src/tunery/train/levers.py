@@ -16,7 +16,7 @@ AttentionMode = Literal["auto", "segments", "varlen", "mask"]
 
 @dataclass(frozen=True)
 class Levers:
-    # How packed rows are isolated (train/attention.py): "auto" = "varlen" on a GPU for
+    # How packed rows are isolated (modeling/attention.py): "auto" = "varlen" on a GPU for
     # half-precision inputs, else "segments"; "mask" is one SDPA call with a dense 4D block mask.
     attention: AttentionMode = "auto"
     # False applies the LM head at every position (prompt tokens too), as stock trainers do.

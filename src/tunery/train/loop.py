@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tunery.modeling.shapes import pad_to_bucket
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train.batching import Step
@@ -25,7 +26,6 @@ from tunery.train.events import EventLog
 from tunery.train.levers import DEFAULT as DEFAULT_LEVERS
 from tunery.train.levers import Levers
 from tunery.train.memory import rss_mb
-from tunery.train.shapes import pad_to_bucket
 
 
 @dataclass

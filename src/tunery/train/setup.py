@@ -16,12 +16,12 @@ import torch
 from tunery.config import TuneryConfig
 from tunery.errors import TuneryError
 from tunery.methods import Method, count_parameters
+from tunery.modeling.attention import use_packed_attention
 from tunery.models.placement import enable_tf32, load_dtype
 from tunery.models.unwrap import unwrap
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
 from tunery.train import hparams
-from tunery.train.attention import use_packed_attention
 from tunery.train.batching import Step, schedule
 from tunery.train.events import EventLog
 from tunery.train.levers import Levers
@@ -196,7 +196,7 @@ def report_parameters(model: torch.nn.Module, events: EventLog) -> None:
 def speedups(
     model: torch.nn.Module, config: TuneryConfig, method: Method, levers: Levers
 ) -> tuple[bool, bool]:
-    """(packed, fused): packed rows with per-example attention (train/attention.py) where the method
+    """(packed, fused): packed rows with per-example attention (modeling/attention.py) where the method
     and architecture allow it, and LoRA layers as one autograd node each (train/lora_kernel.py)."""
     hp = config.hyperparameters
     packed = hp.packing and method.supports_packing and use_packed_attention(unwrap(model), levers.attention)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from tunery.data.types import IGNORE
+from tunery.modeling.shapes import bucket
 from tunery.models.unwrap import unwrap
-from tunery.train.shapes import bucket
 
 LOGIT_CHUNK = 1024
 
