@@ -82,11 +82,15 @@ def counted(ids: list[int], eos: set[int]) -> int:
     return len(ids)
 
 
-def run_tunery(model, tok, prompts, batch: int, max_new: int) -> tuple[int, list[list[int]]]:
+def run_tunery(
+    model, tok, prompts, batch: int, max_new: int, skinny: bool = True
+) -> tuple[int, list[list[int]]]:
+    """`skinny=False` runs without Tunery's skinny decode matmuls (the lever's contribution)."""
     from tunery.generation.generate import generate_batch
     from tunery.generation.sequence import GenerationParams
 
-    res = generate_batch(model, tok, prompts, GenerationParams(max_new_tokens=max_new), batch_size=batch)
+    params = GenerationParams(max_new_tokens=max_new)
+    res = generate_batch(model, tok, prompts, params, batch_size=batch, skinny=skinny)
     return sum(r.completion_tokens for r in res), [r.token_ids for r in res]
 
 
@@ -124,20 +128,6 @@ def timed(fns: list, repeats: int) -> list[tuple[float, int, list[list[int]]]]:
             if elapsed < best[i][0]:
                 best[i] = (elapsed, tokens, outs)
     return best
-
-
-def without_skinny(fn):
-    """`fn` with Tunery's skinny decode matmuls turned off (the lever's contribution)."""
-    from tunery.generation import skinny
-
-    def run():
-        skinny.ENABLED = False
-        try:
-            return fn()
-        finally:
-            skinny.ENABLED = True
-
-    return run
 
 
 def switch_latency(model_spec: str, adapters: list[str], prompt: list[int], rounds: int) -> dict:
@@ -189,9 +179,10 @@ def main() -> None:
         for name, mdl in variants.items():
             for batch in (1, 8):
                 ours = lambda m=mdl, b=batch: run_tunery(m, tok, prompts, b, max_new)  # noqa: E731
+                plain = lambda m=mdl, b=batch: run_tunery(m, tok, prompts, b, max_new, skinny=False)  # noqa: E731
                 theirs = lambda m=mdl, b=batch: run_hf(m, tok, prompts, b, max_new, eos)  # noqa: E731
                 (t_s, n_t, out_t), (t_p, n_p, _), (t_h, n_h, out_h) = timed(
-                    [ours, without_skinny(ours), theirs], args.repeats
+                    [ours, plain, theirs], args.repeats
                 )
                 same = sum(a == b for a, b in zip(out_t, out_h, strict=True))
                 rows.append(

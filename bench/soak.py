@@ -2,7 +2,19 @@
 
     python bench/soak.py                                          # smollm2-135m: the real soak
     python bench/soak.py --model tiny --steps-b1 60 --steps-b8 10 --requests 40 --out /tmp/soak  # smoke
+    python bench/soak.py --only b8           # batch 8 only; the other parts of OUT/soak.json are kept
     python bench/soak.py --skip-serve        # training only; the serving part of OUT/soak.json is kept
+
+Parts: `b1` (training at batch 1), `b8` (training at batch 8) and `serve`, run in that order. A part
+that is not run keeps its result from OUT/soak.json, so parts can be measured at different times:
+`--only b8` (or `--only b1 serve`) runs just those; `--steps-b1 0`, `--steps-b8 0`, `--requests 0`,
+`--skip-train` and `--skip-serve` leave parts out. Parts are only kept from a soak.json of the same
+model, data and warm-up (otherwise the script stops before running anything); with nothing left to
+run, it rewrites OUT/soak.md and OUT/soak.png from OUT/soak.json. Each part records its own date,
+command and load average, and soak.md lists them, so the reader sees which run measured what.
+OUT/soak.{json,md,png} are rewritten after every part: a soak stopped by hand (Ctrl-C, or SIGTERM
+from `timeout`) keeps the parts already done and records the running one as stopped, with the steps
+and RSS samples it had.
 
 Data: about 1,000 chat examples built deterministically from the bundled datasets (chat_bench,
 sentiment, routing, qa, extraction, rewrite): most are one conversation, the rest join two to eight
@@ -10,9 +22,10 @@ conversations into one multi-turn example, so lengths run from about 30 to about
 almost every step has a new shape, which is what made jemalloc without decay grow (issue 20).
 
 Training: `python -m tunery.cli train` in a child process, as a user runs it, so the allocator
-re-exec applies: `--steps-b1` optimizer steps at batch 1, then `--steps-b8` at batch 8. RSS per
-step is the loop's own `rss_mb` in metrics.jsonl; the RSS of the whole process tree is also sampled
-from outside every `--sample-seconds`, to catch what the loop does not see (loading, saving).
+re-exec applies (os.execve: the pid stays): `--steps-b1` optimizer steps at batch 1, then
+`--steps-b8` at batch 8. RSS per step is the loop's own `rss_mb` in metrics.jsonl; the RSS of the
+whole process tree is also sampled from outside every `--sample-seconds`, to catch what the loop
+does not see (loading, saving).
 
 Serving: one `tunery serve` on 127.0.0.1 (a free port, an API key, its own data dir) runs three
 fine-tuning jobs back to back through the official `openai` SDK, then answers `--requests` chat
@@ -21,9 +34,10 @@ The RSS of the server and of every child (the job workers) is sampled throughout
 
 Analysis: the first 10% of steps (or requests) are warm-up. A least-squares line through the rest
 gives the growth per 1,000 steps (training) or over all the requests (serving), as a percentage of
-the part's peak RSS. Target: under 2%. Writes OUT/soak.json, OUT/soak.md and OUT/soak.png (RSS
-against steps for each training run, RSS against requests for the server). Exits 1 when a part
-failed or missed the target.
+the part's peak RSS. Target: under 2%. A figure that cannot be made (no samples, or one after the
+warm-up) says why in soak.md and is not a pass. Writes OUT/soak.json, OUT/soak.md and OUT/soak.png
+(RSS against steps for each training run, RSS against requests for the server). Exits 1 when a part
+run this time failed, missed the target or lacks a figure; 130 when stopped by hand.
 """
 
 from __future__ import annotations
@@ -31,8 +45,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -207,8 +223,45 @@ class MetricsTail:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
         for line in complete.splitlines():
-            self.step = max(self.step, int(json.loads(line).get("step", 0)))
+            try:  # this runs in the sampler's thread: an exception there would end the sampling
+                self.step = max(self.step, int(json.loads(line).get("step") or 0))
+            except (ValueError, TypeError, AttributeError):
+                continue
         return self.step
+
+
+class Stopped(Exception):
+    """The soak was stopped by hand (Ctrl-C, or SIGTERM from `timeout` or `kill`)."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while the soak runs. Both set `event`; outside a training child's run they
+    also raise Stopped at once. While a child trains they only set the flag, which `run_sampled`
+    polls: the main thread is then blocked waiting for the child, and a signal delivered to the
+    sampler's thread would raise only once the child had exited, somewhere after the wait, too late
+    to record the part as stopped (`timeout` signals the whole process group: the child stops too)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.raising = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.event.set()
+        if self.raising:
+            raise Stopped
+
+
+STOP = StopSignals()
 
 
 def train_command(
@@ -226,40 +279,92 @@ def train_command(
     return cmd
 
 
+def run_sampled(cmd: list[str], log_path: Path, metrics: Path, interval: float) -> dict[str, Any]:
+    """Run `cmd` with its process tree sampled. Stopped by hand (STOP), the child is asked to stop
+    (it checkpoints at the next step boundary) and the run is reported as `interrupted`, with what
+    was sampled until then."""
+    t0 = time.perf_counter()
+    STOP.raising = False
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            with Sampler(proc.pid, MetricsTail(metrics), interval) as sampler:
+                while proc.poll() is None and not STOP.event.is_set():
+                    STOP.event.wait(1.0)
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=180)  # a batch-8 step of the real model takes ~15 s, then a save
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+    finally:
+        STOP.raising = True
+    return {
+        "returncode": proc.returncode,
+        "interrupted": STOP.event.is_set(),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "samples": sampler.samples,
+        "processes": sampler.processes,
+    }
+
+
+def sampled_note(samples: list[dict[str, Any]], g: dict[str, Any]) -> str | None:
+    """Why the process-tree samples give no growth figure; None when they give one."""
+    if g.get("growth_pct") is not None:
+        return None
+    if not samples:
+        return "no sample: the process had exited before the first one"
+    return (
+        f"{len(samples)} samples, {g.get('points', 0)} after warm-up: too few for a slope "
+        "(the run was shorter than a few sample intervals)"
+    )
+
+
+def logged_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; none when it was never written, less a last row cut by a kill."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def train_part(model: str, data: Path, batch: int, steps: int, tmp: Path, args: argparse.Namespace) -> dict:
     run_dir = tmp / f"train-b{batch}"
     n_examples = sum(1 for _ in data.open())
     cmd = train_command(model, data, run_dir, batch, steps, n_examples, tiny=args.model == "tiny")
     log_path = tmp / f"train-b{batch}.log"
-    print(f"training: batch {batch}, {steps} steps", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        with Sampler(proc.pid, MetricsTail(run_dir / "metrics.jsonl"), args.sample_seconds) as sampler:
-            proc.wait()
-    wall = time.perf_counter() - t0
     metrics = run_dir / "metrics.jsonl"
-    if proc.returncode != 0 or not metrics.exists():
-        tail = log_path.read_text(errors="replace")[-3000:]
-        return {"batch": batch, "steps": steps, "error": f"exit code {proc.returncode}", "log_tail": tail}
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if "rss_mb" in r]
+    print(f"training: batch {batch}, {steps} steps", flush=True)
+    child = run_sampled(cmd, log_path, metrics, args.sample_seconds)
+    rows = [r for r in logged_rows(metrics) if "rss_mb" in r]
     step_x, step_rss = [r["step"] for r in rows], [r["rss_mb"] for r in rows]
-    samples = sampler.samples
-    return {
+    samples = child["samples"]
+    sampled = growth(
+        [s["x"] for s in samples], [s["total_mb"] for s in samples], STEPS_PER, args.warmup_fraction
+    )
+    out = {
         "batch": batch,
         "steps": steps,
         "steps_done": step_x[-1] if step_x else 0,
-        "wall_s": round(wall, 1),
+        "wall_s": child["wall_s"],
         "command": " ".join(cmd[1:]),
         "per_step": growth(step_x, step_rss, STEPS_PER, args.warmup_fraction),
-        "sampled": growth(
-            [s["x"] for s in samples], [s["total_mb"] for s in samples], STEPS_PER, args.warmup_fraction
-        ),
+        "sampled": sampled,
+        "sampled_note": sampled_note(samples, sampled),
         "series": {"step": step_x, "rss_mb": step_rss},
         "samples": samples,
-        "processes": sampler.processes,
+        "processes": child["processes"],
     }
+    if child["interrupted"]:
+        return {**out, "error": f"stopped by hand after {out['steps_done']} steps", "interrupted": True}
+    if child["returncode"] != 0 or not rows:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        return {**out, "error": f"exit code {child['returncode']}", "log_tail": tail}
+    return out
 
 
 # ---------------------------------------------------------------- serving part
@@ -341,8 +446,11 @@ def chat_burst(client: Any, names: list[str], rows: list[dict], answered: Answer
         return reply.usage.completion_tokens
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
+    pool = ThreadPoolExecutor(args.concurrency)
+    try:
         tokens = sum(pool.map(ask, range(args.requests)))
+    finally:  # stopped by hand: the requests in flight finish, the queued ones are dropped
+        pool.shutdown(cancel_futures=True)
     wall = time.perf_counter() - t0
     return {
         "wall_s": round(wall, 1),
@@ -393,19 +501,42 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def table_row(part: str, count: str, g: dict[str, Any]) -> str:
-    if not g.get("points"):
-        return f"| {part} | {count} | n/a | n/a | n/a | n/a | no |"
+def table_row(part: str, count: str, g: dict[str, Any], why: str | None = None) -> str:
+    """One row of soak.md's table; a figure that could not be made says why, and is no verdict."""
+    if g.get("growth_pct") is None:
+        points = g.get("points", 0)
+        why = why or (f"{points} points after warm-up, too few for a slope" if points else "no points")
+        return f"| {part} | {count} | n/a: {why} | {fmt(g.get('peak_mb'))} | n/a | n/a |"
     rss = " / ".join(fmt(g[k]) for k in ("rss_warmup_end_mb", "rss_middle_mb", "rss_end_mb"))
     met = "yes" if g["target_met"] else "**no**"
     return f"| {part} | {count} | {rss} | {fmt(g['peak_mb'])} | {fmt(g['growth_pct'], 2)} | {met} |"
 
 
+def not_sampled(run: dict[str, Any]) -> str | None:
+    """Why a training part has no process-tree figure: its own note, or (a part written before the
+    notes, or by hand) that no samples were kept with it."""
+    if run.get("sampled_note"):
+        return run["sampled_note"]
+    return None if run.get("samples") else "no process-tree samples were kept with this part"
+
+
+def train_rows(run: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    part = f"train, batch {run['batch']}"
+    if "error" in run:
+        done = f" ({run['steps_done']} done)" if "steps_done" in run else ""
+        failed = "" if str(run["error"]).startswith("stopped") else "failed: "
+        return [f"| {part} | {run['steps']}{done} | {failed}{run['error']} | | | **no** |"]
+    secs = run.get("sample_seconds", report["sample_seconds"])
+    count = str(run["steps_done"])
+    return [
+        table_row(f"{part} (loop's rss_mb, every step)", count, run["per_step"]),
+        table_row(f"{part} (process tree, every {secs:g} s)", count, run["sampled"], not_sampled(run)),
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     data = report["data"]
     chars, tokens = data["chars"], data["approx_tokens"]
-    parts = [*report.get("train", []), report.get("serve") or {}]
-    commands = " and ".join(sorted({f"`{p['bench_command']}`" for p in parts if "bench_command" in p}))
     lines = [
         "# Soak: RSS over long training runs and many requests",
         "",
@@ -413,24 +544,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{chars['min']} to {chars['max']} characters, about {tokens['min']} to {tokens['max']} tokens). "
         f"Warm-up: the first {report['warmup_fraction']:.0%} of steps or requests. Growth: least-squares "
         "slope after warm-up, per 1,000 steps (training) or over all the requests (serving), as % of "
-        f"the part's peak RSS; target under {TARGET_PCT:g}%. Reproduce with {commands}.",
+        f"the part's peak RSS; target under {TARGET_PCT:g}%. Parts may come from different runs of "
+        "`bench/soak.py` (`--only`); each one's date and command are listed under the figure.",
         "",
         "| part | steps / requests | RSS at warm-up end / middle / end (MB) | peak (MB) | growth % "
         "| target met |",
         "|---|---|---|---|---|---|",
     ]
     for run in report.get("train", []):
-        part = f"train, batch {run['batch']}"
-        if "error" in run:
-            lines.append(f"| {part} | {run['steps']} | failed: {run['error']} | | | **no** |")
-            continue
-        lines.append(
-            table_row(f"{part} (loop's rss_mb, every step)", str(run["steps_done"]), run["per_step"])
-        )
-        secs = report["sample_seconds"]
-        lines.append(
-            table_row(f"{part} (process tree, every {secs:g} s)", str(run["steps_done"]), run["sampled"])
-        )
+        lines += train_rows(run, report)
     serve = report.get("serve")
     if serve and "error" in serve:
         lines.append(f"| serve | {serve.get('requests')} | failed: {serve['error']} | | | **no** |")
@@ -452,14 +574,25 @@ def allocators(part: dict[str, Any]) -> str:
     return "; ".join(sorted(seen)) or "not seen"
 
 
+def provenance(part: dict[str, Any]) -> str:
+    """The run that measured a part: when, under what load, with which command."""
+    load = f", load average at its start {part['load_average']}" if part.get("load_average") else ""
+    command = f"`{part['bench_command']}`" if part.get("bench_command") else "an unrecorded command"
+    return f"Measured {part.get('when', 'at an unrecorded date')}{load}, by {command}."
+
+
+def train_note(run: dict[str, Any]) -> str:
+    head = f"- Training at batch {run['batch']}: "
+    if "error" in run:
+        done = f", in {run['wall_s']:,.0f} s" if "wall_s" in run else ""
+        head += f"{run['error']} (asked for {run['steps']} steps{done}); "
+    else:
+        head += f"{run['steps_done']} steps in {run['wall_s']:,.0f} s; "
+    return head + f"allocators: {allocators(run)}. {provenance(run)}"
+
+
 def notes(report: dict[str, Any]) -> list[str]:
-    lines = []
-    for run in report.get("train", []):
-        if "error" not in run:
-            lines.append(
-                f"- Training at batch {run['batch']}: {run['steps_done']} steps in {run['wall_s']:,.0f} s; "
-                f"allocators: {allocators(run)}."
-            )
+    lines = [train_note(run) for run in report.get("train", [])]
     serve = report.get("serve") or {}
     if "jobs" in serve:
         walls = ", ".join(f"{j['wall_s']:,.0f}" for j in serve["jobs"])
@@ -469,15 +602,33 @@ def notes(report: dict[str, Any]) -> list[str]:
             f"- Serving: three jobs took {walls} s; the server's RSS after each: {after} MB. "
             f"{serve['requests']} chat requests from {serve['concurrency']} threads, `max_tokens` "
             f"{serve['max_tokens']}, took {burst['wall_s']:,.0f} s ({burst['requests_per_s']} requests/s); "
-            f"allocators: {allocators(serve)}.",
+            f"allocators: {allocators(serve)}. {provenance(serve)}",
         ]
+    elif serve:
+        lines.append(f"- Serving: {serve.get('error')}. {provenance(serve)}")
     machine = report["machine"]
     lines.append(
         f"- Machine: {machine['cpu']['model']}, {machine['cpus']} CPUs, flags {machine['cpu']['flags']}, "
         f"torch {machine['torch']}, {machine['threads']} threads, matmul peaks {report['matmul_gflops']} "
-        f"GFLOPS, load average at the start {machine['load_average']}; {report['when']}."
+        f"GFLOPS at {report['when']} (the last run that measured a part)."
     )
     return lines
+
+
+def plot_training(ax: Any, report: dict[str, Any]) -> None:
+    for run in report.get("train", []):
+        series = run.get("series") or run.get("series_partial")  # a stopped part keeps what it logged
+        if not series:
+            continue
+        label = f"batch {run['batch']}" + (" (stopped)" if "error" in run else "")
+        label += f", {str(run['when'])[:10]}" if run.get("when") else ""
+        ax.plot(series["step"], series["rss_mb"], label=f"{label}: loop rss_mb")
+        if run.get("samples"):
+            samples = run["samples"]
+            ax.scatter(
+                [s["x"] for s in samples], [s["total_mb"] for s in samples], s=6, label=f"{label}: tree"
+            )
+    ax.set(xlabel="optimizer step", ylabel="RSS (MB)", title="training")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -487,15 +638,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in report.get("train", []):
-        if "series" not in run:
-            continue
-        left.plot(run["series"]["step"], run["series"]["rss_mb"], label=f"batch {run['batch']}: loop rss_mb")
-        xs = [s["x"] for s in run["samples"]]
-        left.scatter(
-            xs, [s["total_mb"] for s in run["samples"]], s=6, label=f"batch {run['batch']}: tree, sampled"
-        )
-    left.set(xlabel="optimizer step", ylabel="RSS (MB)", title="training")
+    plot_training(left, report)
     serve = report.get("serve") or {}
     chat = serve.get("samples", [])[serve.get("first_chat_sample", 0) :]
     if chat:
@@ -506,7 +649,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         right.plot(
             [s["x"] for s in chat], [s["procs"].get(pid, 0.0) for s in chat], marker=".", label="server"
         )
-    right.set(xlabel="chat requests answered", ylabel="RSS (MB)", title="serving (after 3 fine-tuning jobs)")
+    elif not serve.get("jobs"):
+        why = f": {str(serve.get('error'))[:60]}" if serve else ""
+        right.text(0.5, 0.5, "no serving part" + why, ha="center", transform=right.transAxes)
+    title = "serving (after 3 fine-tuning jobs)" + (
+        f", {str(serve['when'])[:10]}" if serve.get("when") else ""
+    )
+    right.set(xlabel="chat requests answered", ylabel="RSS (MB)", title=title)
     for ax in (left, right):
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -517,15 +666,45 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def verdict(*figures: dict[str, Any]) -> bool | None:
+    """True when every figure meets the target, False when one misses it, None when one is missing."""
+    if any(g.get("growth_pct") is not None and not g["target_met"] for g in figures):
+        return False
+    return None if any(g.get("growth_pct") is None for g in figures) else True
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, bool | None]:
+    """Per part: true, false (failed, or a figure over the target), or null (a figure is missing)."""
+    out = {}
+    for run in report.get("train", []):
+        out[f"train_b{run['batch']}"] = False if "error" in run else verdict(run["per_step"], run["sampled"])
+    serve = report.get("serve")
+    if serve:
+        out["serve"] = False if "error" in serve else verdict(serve["tree"])
+    return out
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """OUT/soak.json (replaced whole, so a stop mid-write leaves the previous one), .md and .png."""
+    report["verdicts"] = verdicts(report)
+    tmp = out / "soak.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(out / "soak.json")
+    (out / "soak.md").write_text(markdown(report))
+    plot(report, out / "soak.png")
+
+
 # ---------------------------------------------------------------- main
+
+PARTS = ("b1", "b8", "serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="alias, model dir, or `tiny` (random, smoke run)")
-    p.add_argument("--steps-b1", type=int, default=1000, help="optimizer steps at batch 1")
-    p.add_argument("--steps-b8", type=int, default=200, help="optimizer steps at batch 8")
-    p.add_argument("--requests", type=int, default=500, help="chat requests after the jobs")
+    p.add_argument("--steps-b1", type=int, default=1000, help="optimizer steps at batch 1 (0: keep b1)")
+    p.add_argument("--steps-b8", type=int, default=200, help="optimizer steps at batch 8 (0: keep b8)")
+    p.add_argument("--requests", type=int, default=500, help="chat requests after the jobs (0: keep serve)")
     p.add_argument("--concurrency", type=int, default=4, help="client threads sending chat requests")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--job-steps", type=int, default=30, help="max_steps of each fine-tuning job")
@@ -535,75 +714,141 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-seconds", type=float, default=3.0, help="RSS sampling interval")
     p.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION, help="left out of the fit")
-    p.add_argument("--skip-train", action="store_true", help="keep the training part of OUT/soak.json")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        help="run only these parts; the others are kept from OUT/soak.json",
+    )
+    p.add_argument("--skip-train", action="store_true", help="keep the training parts of OUT/soak.json")
     p.add_argument("--skip-serve", action="store_true", help="keep the serving part of OUT/soak.json")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     return p.parse_args(argv)
 
 
-def run_parts(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, Any]:
-    """The training runs and the serving part, in one temp dir; a failed part is recorded and the
-    others still run (a soak takes hours: one failure should not void the rest). A skipped part keeps
-    its result from the previous soak.json, so the two parts can be run at different times."""
-    rows = build_soak_set(args.examples, args.seed)
-    out: dict[str, Any] = {
-        "data": length_stats(rows),
-        "train": previous.get("train", []),
-        "serve": previous.get("serve"),
+def selected_parts(args: argparse.Namespace) -> list[str]:
+    """The parts this run measures, in order; every other part is kept from OUT/soak.json."""
+    left_out = {
+        "b1": args.skip_train or args.steps_b1 <= 0,
+        "b8": args.skip_train or args.steps_b8 <= 0,
+        "serve": args.skip_serve or args.requests <= 0,
     }
-    stamp = {"bench_command": args.bench_command, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return [p for p in PARTS if p in (args.only or PARTS) and not left_out[p]]
+
+
+def kept_parts(previous: dict[str, Any], report: dict[str, Any], parts: list[str], out: Path) -> tuple:
+    """The training runs and the serving part of `previous` that this run does not measure again.
+    They must be of the same model, data and warm-up as this run, or the merged report would mix
+    two soaks: stop before anything runs."""
+    train = [t for t in previous.get("train", []) if f"b{t['batch']}" not in parts]
+    serve = None if "serve" in parts else previous.get("serve")
+    clash = [k for k in ("model", "data", "warmup_fraction") if k in previous and previous[k] != report[k]]
+    if (train or serve) and clash:
+        kept = [f"b{t['batch']}" for t in train] + (["serve"] if serve else [])
+        raise SystemExit(
+            f"{out / 'soak.json'} differs from this run in {', '.join(clash)}: its parts {', '.join(kept)} "
+            f"cannot be kept. Run every part (--only {' '.join(PARTS)}) or use another --out."
+        )
+    return train, serve
+
+
+def restore_unreached(report: dict[str, Any], previous: dict[str, Any]) -> None:
+    """After a stop: the parts this run never reached keep their result in `previous` (when it is
+    of the same soak), rather than vanish from soak.json."""
+    if any(previous.get(k) != report[k] for k in ("model", "data", "warmup_fraction")):
+        return
+    reached = {t["batch"] for t in report["train"]}
+    unreached = [t for t in previous.get("train", []) if t["batch"] not in reached]
+    report["train"] = sorted([*report["train"], *unreached], key=lambda t: t["batch"])
+    if report.get("serve") is None:
+        report["serve"] = previous.get("serve")
+
+
+def run_part(
+    name: str, model: str, data: Path, rows: list[dict], tmp: Path, args: argparse.Namespace
+) -> dict:
+    if name != "serve":
+        batch = int(name[1:])
+        return train_part(model, data, batch, getattr(args, f"steps_b{batch}"), tmp, args)
+    try:
+        return serve_part(model, rows, tmp, args)
+    except (RuntimeError, OSError, openai.OpenAIError) as exc:  # a failed job, a refused request
+        return {"requests": args.requests, "error": str(exc)[-3000:]}
+    except (KeyboardInterrupt, Stopped):
+        return {"requests": args.requests, "error": "stopped by hand", "interrupted": True}
+
+
+def run_parts(args: argparse.Namespace, parts: list[str], rows: list[dict], report: dict[str, Any]) -> bool:
+    """Each part in turn, in one temp dir, written to OUT as soon as it is done; a failed part is
+    recorded and the others still run (a soak takes hours: one failure should not void the rest).
+    Returns True when stopped by hand (the part then running is recorded as stopped)."""
     with tempfile.TemporaryDirectory(prefix="tunery-soak-") as tmp_name:
         tmp = Path(tmp_name)
         model = str(make_tiny_model_dir(tmp / "tiny")) if args.model == "tiny" else args.model
         data = write_jsonl(tmp / "soak.jsonl", rows)
-        if not args.skip_train:
-            runs = [(1, args.steps_b1), (8, args.steps_b8)]
-            out["train"] = [
-                {**train_part(model, data, batch, steps, tmp, args), **stamp}
-                for batch, steps in runs
-                if steps
-            ]
-        if not args.skip_serve:
-            try:
-                out["serve"] = {**serve_part(model, rows, tmp, args), **stamp}
-            except (RuntimeError, OSError, openai.OpenAIError) as exc:  # a failed job, a refused request
-                out["serve"] = {"requests": args.requests, "error": str(exc)[-3000:], **stamp}
-    return out
+        for name in parts:
+            stamp = {
+                "bench_command": args.bench_command,
+                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "sample_seconds": args.sample_seconds,
+            }
+            result = {**run_part(name, model, data, rows, tmp, args), **stamp}
+            if name == "serve":
+                report["serve"] = result
+            else:
+                others = [t for t in report["train"] if t["batch"] != result["batch"]]
+                report["train"] = sorted([*others, result], key=lambda t: t["batch"])
+            write_report(report, args.out)
+            if result.get("interrupted"):
+                return True
+    return False
 
 
-def verdicts(report: dict[str, Any]) -> dict[str, bool]:
-    out = {}
-    for run in report.get("train", []):
-        ok = "error" not in run and run["per_step"]["target_met"] and run["sampled"]["target_met"]
-        out[f"train_b{run['batch']}"] = bool(ok)
-    serve = report.get("serve")
-    if serve:
-        out["serve"] = "error" not in serve and serve["tree"]["target_met"]
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "soak.json"
-    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
-    args.bench_command = "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
+def new_report(
+    args: argparse.Namespace, rows: list[dict], previous: dict[str, Any], parts: list[str]
+) -> dict:
     report: dict[str, Any] = {
         "model": args.model,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "target_pct": TARGET_PCT,
         "warmup_fraction": args.warmup_fraction,
         "sample_seconds": args.sample_seconds,
-        "machine": {**common.machine_info(), "cpu": cpu_info(), "psutil": psutil is not None},
-        "matmul_gflops": {d: round(common.matmul_peak(d), 1) for d in ("fp32", "bf16")},
+        "data": length_stats(rows),
     }
-    report.update(run_parts(args, previous))
-    report["verdicts"] = verdicts(report)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "soak.md").write_text(markdown(report))
-    plot(report, args.out / "soak.png")
+    report["train"], report["serve"] = kept_parts(previous, report, parts, args.out)
+    if parts or "machine" not in previous:
+        report["machine"] = {**common.machine_info(), "cpu": cpu_info(), "psutil": psutil is not None}
+        report["matmul_gflops"] = {d: round(common.matmul_peak(d), 1) for d in ("fp32", "bf16")}
+    else:  # only rewriting soak.md and soak.png: the machine as the last run measured it
+        for key in ("machine", "matmul_gflops", "when"):
+            report[key] = previous[key]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.bench_command = "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "soak.json"
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    parts = selected_parts(args)
+    rows = build_soak_set(args.examples, args.seed)
+    report = new_report(args, rows, previous, parts)
+    print(f"parts run: {', '.join(parts) or 'none (rewriting soak.md, soak.png)'}", flush=True)
+    try:
+        with STOP:
+            stopped = run_parts(args, parts, rows, report) if parts else False
+    except Stopped:  # between parts, or while one was being written: the report is written below
+        stopped = True
+    if stopped:
+        restore_unreached(report, previous)
+    write_report(report, args.out)
     print(markdown(report))
-    return 0 if report["verdicts"] and all(report["verdicts"].values()) else 1
+    if stopped:
+        return 130
+    mine = [report["verdicts"].get("serve" if p == "serve" else f"train_{p}") for p in parts]
+    return 0 if all(v is True for v in mine) else 1
 
 
 if __name__ == "__main__":

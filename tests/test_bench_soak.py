@@ -91,3 +91,89 @@ def test_soak_set_is_deterministic_and_varied() -> None:
     for row in rows:  # what tunery's validator expects of a chat example
         roles = [m["role"] for m in row["messages"] if m["role"] != "system"]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+
+
+def test_parts_left_out_are_kept_from_the_previous_soak_json() -> None:
+    assert soak.selected_parts(soak.parse_args([])) == ["b1", "b8", "serve"]
+    assert soak.selected_parts(soak.parse_args(["--only", "b8"])) == ["b8"]
+    assert soak.selected_parts(soak.parse_args(["--steps-b1", "0", "--skip-serve"])) == ["b8"]
+    assert soak.selected_parts(soak.parse_args(["--requests", "0", "--only", "b1", "serve"])) == ["b1"]
+    previous = {
+        "model": "m",
+        "data": {"examples": 3},
+        "warmup_fraction": 0.1,
+        "train": [{"batch": 1, "when": "then"}, {"batch": 8, "error": "stopped by hand after 13 steps"}],
+        "serve": {"requests": 500, "when": "then"},
+    }
+    now = {"model": "m", "data": {"examples": 3}, "warmup_fraction": 0.1}
+    train, serve = soak.kept_parts(previous, now, ["b8"], Path("out"))
+    assert train == [{"batch": 1, "when": "then"}] and serve == {"requests": 500, "when": "then"}
+    # Parts of another model (or data, or warm-up) are not merged into this run's report.
+    with pytest.raises(SystemExit, match="model"):
+        soak.kept_parts(previous, {**now, "model": "tiny"}, ["b8"], Path("out"))
+    assert soak.kept_parts(previous, {**now, "model": "tiny"}, list(soak.PARTS), Path("out")) == ([], None)
+    # `--only b8 serve` stopped during b8: the serving part it never reached keeps its old result.
+    stopped = {
+        **now,
+        "train": [{"batch": 1}, {"batch": 8, "error": "stopped by hand after 2 steps"}],
+        "serve": None,
+    }
+    soak.restore_unreached(stopped, previous)
+    assert stopped["serve"] == previous["serve"] and stopped["train"][1]["error"].endswith("2 steps")
+
+
+def test_a_missing_figure_says_why_and_is_no_pass() -> None:
+    row = soak.table_row("train, batch 1 (process tree)", "1000", soak.growth([], [], per=1000), "lost")
+    assert row.endswith("| n/a: lost | n/a | n/a | n/a |") and "no |" not in row
+    one = soak.table_row("x", "5", soak.growth([0, 0, 100], [900, 950, 1000], per=1000))
+    assert "1 points after warm-up, too few for a slope" in one
+    assert soak.not_sampled({"samples": []}) == "no process-tree samples were kept with this part"
+    assert soak.sampled_note([], soak.growth([], [], per=1000)).startswith("no sample")
+    flat = soak.growth(STEPS, [1000.0] * 1000, per=1000)
+    run = {"batch": 1, "per_step": flat, "sampled": soak.growth([], [], per=1000)}
+    assert soak.verdicts({"train": [run]}) == {"train_b1": None}  # incomplete, not failed
+    assert soak.verdicts({"train": [{**run, "sampled": flat}]}) == {"train_b1": True}
+    assert soak.verdicts({"train": [{**run, "error": "exit code 1"}]}) == {"train_b1": False}
+
+
+def test_markdown_names_the_run_of_each_part() -> None:
+    flat = soak.growth(STEPS, [1000.0] * 1000, per=1000)
+    stamp = {"bench_command": "python bench/soak.py --only b8", "when": "2026-12-07 09:00:00"}
+    report = {
+        "model": "m",
+        "when": "2026-12-07 09:00:00",
+        "warmup_fraction": 0.1,
+        "sample_seconds": 3.0,
+        "data": soak.length_stats(soak.build_soak_set(20)),
+        "train": [
+            {
+                "batch": 1,
+                "steps": 1000,
+                "steps_done": 1000,
+                "wall_s": 1845.0,
+                "per_step": flat,
+                "sampled": flat,
+                "bench_command": "python bench/soak.py --skip-serve",
+                "when": "2026-12-06 10:39:00",
+            },
+            {
+                "batch": 8,
+                "steps": 200,
+                "steps_done": 200,
+                "wall_s": 2400.0,
+                "per_step": flat,
+                "sampled": flat,
+                "load_average": [2.0, 2.0, 2.0],
+                **stamp,
+            },
+        ],
+        "serve": None,
+        "machine": {"cpu": {"model": "cpu", "flags": []}, "cpus": 2, "torch": "2", "threads": 2},
+        "matmul_gflops": {"fp32": 1.0},
+    }
+    md = soak.markdown(report)
+    assert "Measured 2026-12-06 10:39:00, by `python bench/soak.py --skip-serve`" in md
+    assert (
+        "Measured 2026-12-07 09:00:00, load average at its start [2.0, 2.0, 2.0], "
+        "by `python bench/soak.py --only b8`" in md
+    )

@@ -127,7 +127,7 @@ def test_chat_labels_convert_and_cli_writes_probabilities(tmp_path, tiny_bert):
     from typer.testing import CliRunner
 
     from tunery.data import load_dataset
-    from tunery.evaluate.classify import register
+    from tunery.evaluate.classify_cli import register
 
     chat = [
         {

@@ -235,7 +235,7 @@ def test_cli_renders_errors_and_exports(prompt_tuning_dir, adapters, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from tunery.export.cli import register
+    from tunery.cli.export import register
 
     app = typer.Typer()
     register(app)

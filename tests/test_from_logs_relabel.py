@@ -21,7 +21,7 @@ from tunery.jobs.store import Store
 from tunery.serve.completions_store import CompletionLog, StoredCompletion
 
 OWNER = "key_alice"
-JUDGE_ASKS = "Rate how helpful"  # a line of rlaif.DEFAULT_JUDGE_TEMPLATE: the judge's prompt
+JUDGE_ASKS = "Rate how helpful"  # a line of judge.DEFAULT_JUDGE_TEMPLATE: the judge's prompt
 
 
 def _add(logs, n, prompt, reply, t, rating=None, corrected=None):
@@ -226,7 +226,7 @@ def test_api_relabels_with_a_registered_endpoint_and_judge(served):
 def test_api_relabels_and_judges_with_a_registered_model_through_the_engine(served):
     """The registered model rewrites and judges; each rewrite and each score is what the server
     itself answers that model, greedily, for the same messages (one engine, deterministic)."""
-    from tunery.objectives.rlaif import DEFAULT_JUDGE_TEMPLATE, parse_score, render_prompt
+    from tunery.objectives.judge import DEFAULT_JUDGE_TEMPLATE, parse_score, render_prompt
 
     relabel, judge = {"model": "reg-teacher", "max_tokens": 4}, {"model": "reg-teacher", "min_score": 5}
     got = _dataset(served, served.alice, {"relabel": relabel, "judge": judge})

@@ -369,7 +369,7 @@ def _judge_reply(messages: list[dict]) -> str:
 
 
 def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama, chat_stub):
-    from tunery.objectives.rlaif import parse_score
+    from tunery.objectives.judge import parse_score
 
     assert parse_score("Score: 7/10", 10) == 0.7 and parse_score("12", 10) == 1.0
     assert parse_score("no idea", 10) is None
@@ -433,7 +433,7 @@ def test_rlaif_judge_scores_rollouts_and_labels_pairs(tmp_path, tiny_llama, chat
 
 def test_rlaif_local_judge_scores_its_own_replies(tmp_path, tiny_llama):
     """The local-model judge: each score is the parse of the judge's own (greedy, so repeatable) reply."""
-    from tunery.objectives.rlaif import Judge, JudgeOptions, parse_score
+    from tunery.objectives.judge import Judge, JudgeOptions, parse_score
 
     judge = Judge(JudgeOptions(model=str(tiny_llama), max_tokens=4))
     prompts = [[{"role": "user", "content": f"Say hi {i}"}] for i in range(3)]

@@ -5,6 +5,7 @@ are the ones evaluated and trained (the test split's size, the labels the replie
 model), and that unknown tasks and `--head` off sentiment are refused with a message."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -43,6 +44,10 @@ def test_quickstart_runs_the_routing_task_on_the_model_given(tmp_path, tiny_long
         "1",
     )
     assert res.exit_code == 0, res.output
+    # What the user sees (issue 20 §6): Tunery's training bar with its ETA, tokens/s and RSS, and none
+    # of transformers' own bars (the model loads and the LoRA wraps go through tunery/quiet.py).
+    assert re.search(r"training .*\d+/\d+ \d+:\d\d:\d\d loss .* tok/s  RSS ", res.output), res.output
+    assert "it/s]" not in res.output and "Loading weights" not in res.output, res.output
     summary = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
     assert summary["task"] == "routing" and summary["model"] == str(tiny_long)
     assert summary["n_test"] == 5

@@ -370,7 +370,7 @@ def test_serve_refuses_bad_judge_and_worker_env_flags(tmp_path, flags, message):
 def test_local_runs_keep_base_url_and_api_key_env(monkeypatch):
     """`tunery train` is the trusted local user: its config still names an endpoint and a key variable."""
     from tunery.errors import ConfigError
-    from tunery.objectives.rlaif import Judge, JudgeOptions
+    from tunery.objectives.judge import Judge, JudgeOptions
 
     monkeypatch.setenv("MY_JUDGE_KEY", "local-key")
     with Listener() as listener:

@@ -46,8 +46,7 @@ def test_context_swaps_large_models_only_and_restores(monkeypatch):
         assert n == len(plain) and all(type(m) is SkinnyLinear for m in plain)
         raise RuntimeError("a failing decode still gives the layers back")
     assert all(type(m) is torch.nn.Linear for m in plain)
-    monkeypatch.setattr(skinny, "ENABLED", False)
-    with skinny_linears(peft_model) as n:
+    with skinny_linears(peft_model, enabled=False) as n:
         assert n == 0
 
 
@@ -58,10 +57,8 @@ def test_decode_with_skinny_linears_matches_plain(monkeypatch):
             p.mul_(8)
     prompts = [[5, 9, 33, 40], [12, 13, 14, 15, 16, 17, 18], [100, 101]]
     params = GenerationParams(max_new_tokens=12)
-    monkeypatch.setattr(skinny, "ENABLED", False)
-    expected = [r.token_ids for r in generate_batch(model, tok, prompts, params, batch_size=3)]
-    monkeypatch.setattr(skinny, "ENABLED", True)
     monkeypatch.setattr(skinny, "MIN_WEIGHT_BYTES", 0)
+    expected = [r.token_ids for r in generate_batch(model, tok, prompts, params, batch_size=3, skinny=False)]
     calls = []
     original = SkinnyLinear.forward
     monkeypatch.setattr(SkinnyLinear, "forward", lambda self, x: calls.append(1) or original(self, x))

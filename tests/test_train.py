@@ -6,13 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.tiny import write_chat_jsonl
 from tunery.plugins import load_config
-from tunery.train import run
+from tunery.train import loop, run
 from tunery.train.events import read_jsonl
 
 # The machine's cores are shared: one torch thread per process runs tiny models several times faster
@@ -371,3 +372,34 @@ def test_autocast_dtype_follows_the_cpu_flags(monkeypatch, cpuinfo, auto_cpu):
             assert precision.autocast_dtype("auto", torch.device("cuda")) == dtype
     finally:
         precision.cpu_has_bf16.cache_clear()  # the next caller reads the real flags
+
+
+def test_tokens_per_second_leaves_evaluations_and_saves_out(tmp_path, tiny_llama, monkeypatch):
+    """tokens/s is training throughput: a step that evaluates or checkpoints must not look slower. A
+    fake clock advances 1 s per optimizer step and 1,000 s per evaluation and save, so every row's
+    rate is exactly its step's tokens per second."""
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    tokens: list[int] = []
+    step, evaluate, save = loop.run_step, loop.evaluate, loop.save_checkpoint
+
+    def timed(fn, seconds, record=False):
+        def wrapped(*args):
+            clock[0] += seconds
+            out = fn(*args)
+            if record and out is not None:
+                tokens.append(out["n_tokens"])
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "run_step", timed(step, 1.0, record=True))
+    monkeypatch.setattr(loop, "evaluate", timed(evaluate, 1000.0))
+    monkeypatch.setattr(loop, "save_checkpoint", timed(save, 1000.0))
+    sets = {"hyperparameters.n_epochs": 2, "hyperparameters.batch_size": 4, "n": 16}
+    sets |= {"data.validation": str(write_chat_jsonl(tmp_path / "val.jsonl", n=4))}
+    sets |= {"hyperparameters.eval_steps": 2, "hyperparameters.save_steps": 3}
+    result = run(_config(tmp_path, tiny_llama, **sets))
+    rows = read_jsonl(Path(result.output_dir) / "metrics.jsonl")
+    assert len(rows) == len(tokens) == 8 and any("valid_loss" in r for r in rows)
+    assert [r["tokens_per_second"] for r in rows] == pytest.approx([float(n) for n in tokens])

@@ -14,14 +14,13 @@ from pydantic import BaseModel
 
 from tunery.config import TuneryConfig, read_config
 from tunery.errors import ConfigError
+from tunery.methods import METHODS
+from tunery.objectives import OBJECTIVES
 
 
 def option_schema(name: str) -> type[BaseModel] | None:
     # The registries load torch and peft: imported when first asked, so that modules which only
     # name this function (the server's resolver) stay light to import.
-    from tunery.methods import METHODS
-    from tunery.objectives import OBJECTIVES
-
     if name in METHODS:
         return METHODS.get(name).options
     if name in OBJECTIVES:

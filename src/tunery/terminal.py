@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Column
 
 from tunery.errors import TuneryError
 
@@ -40,18 +41,25 @@ def user_errors(exit_code: int = 2) -> Callable:
 
 
 class ProgressPrinter:
-    """Subscribes to a run's events: a rich progress bar with loss, tokens/s and ETA."""
+    """Subscribes to a run's events: one rich progress bar with steps, ETA, loss, tokens/s and RSS.
+
+    On a terminal it redraws in place; without one (CI logs, pipes) rich prints only its last state
+    when the run ends, one plain line. Every column but the bar keeps its width, so on a narrow
+    terminal or an 80-column log the bar shrinks (or goes) and ETA, tokens/s and RSS stay whole."""
 
     def __init__(self, console: Console = console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        def whole() -> Column:
+            return Column(no_wrap=True)
+
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]training"),
+            TextColumn("[bold]training", table_column=whole()),
             BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            MofNCompleteColumn(table_column=whole()),
+            TimeRemainingColumn(table_column=whole()),  # the ETA
+            TextColumn("{task.fields[info]}", table_column=whole()),
             console=console,
             transient=False,
         )

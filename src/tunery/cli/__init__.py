@@ -3,9 +3,10 @@
     __init__.py  the app, and where every command group is mounted
     train.py     `tunery train` (and its torchrun launcher), `tunery methods`
     data.py      the `tunery data` group
+    export.py    `tunery export` (importing `tunery.export` imports torch)
 
-The other commands live beside the code they drive (`register(app)` in evaluate/, export/, objectives/,
-serve/ and workflows/); their modules import nothing heavy, and they render user errors and progress
+The other commands live beside the code they drive (`register(app)` in evaluate/, objectives/, serve/
+and workflows/); their modules import nothing heavy, and they render user errors and progress
 with `tunery/terminal.py`.
 """
 
@@ -15,11 +16,11 @@ import sys
 
 import typer
 
+from tunery.cli import export as export_cli
 from tunery.cli import train as train_cli
 from tunery.cli.data import data_app
-from tunery.evaluate import classify as classify_eval
+from tunery.evaluate import classify_cli
 from tunery.evaluate import cli as evaluate_cli
-from tunery.export import cli as export_cli
 from tunery.objectives import cli as objectives_cli
 from tunery.serve.aliases_cli import aliases_app
 from tunery.serve.cli import jobs_app, serve_command
@@ -40,7 +41,7 @@ app = typer.Typer(
 train_cli.register(app)
 workflows_cli.register(app)
 evaluate_cli.register(app)
-classify_eval.register(app)
+classify_cli.register(app)
 objectives_cli.register(app)
 export_cli.register(app)
 app.command("serve")(serve_command)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from tunery.terminal import ProgressPrinter, console, user_errors
 
@@ -166,8 +167,6 @@ def _launch(cfg, params: dict) -> str:
 
 def methods_command(options: bool = typer.Option(False, "--options", help="Also list each option.")) -> None:
     """List tuning methods and objectives."""
-    from rich.table import Table
-
     from tunery.methods import METHODS
     from tunery.objectives import OBJECTIVES
 

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tunery.data.validate import validate_file
 from tunery.errors import DataError, TuneryError
 from tunery.fsutil import replace_durably
 
@@ -344,8 +345,6 @@ def holdout_path(output: Path) -> Path:
 def write_validated(rows: list[dict[str, Any]], path: Path, shape: str) -> None:
     """Write `rows` as JSONL, check the file with Tunery's validator for `shape`, then move it into
     place: a file that would not train is never left where a job would pick it up."""
-    from tunery.data.validate import validate_file
-
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:

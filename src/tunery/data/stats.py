@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunery.data.formats import load_dataset
 from tunery.data.labels import is_label_set
 from tunery.data.labels import normalize as label_norm
 from tunery.data.types import Conversation, Labeled, PreferencePair, Text, Unpaired
@@ -79,8 +81,6 @@ class MinHasher:
     """MinHash signatures with N_BANDS * BAND_ROWS universal hash functions (fixed seeds)."""
 
     def __init__(self, num_perm: int = N_BANDS * BAND_ROWS, seed: int = 1):
-        import random
-
         rng = random.Random(seed)
         self.params = [(rng.randrange(1, _PRIME), rng.randrange(0, _PRIME)) for _ in range(num_perm)]
 
@@ -308,8 +308,6 @@ def data_stats(
 ) -> dict[str, Any]:
     """Everything `tunery data stats` shows, as a dict; with `output`, also stats.json,
     lengths.png and lengths.txt in that directory."""
-    from tunery.data.formats import load_dataset
-
     ds = load_dataset(path)
     lengths, unit = token_lengths(ds.examples, tokenizer)
     labels = labels_of(ds.examples)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from tunery.data.readers import read_records
 from tunery.data.stats import jaccard, normalize, shingles
 from tunery.errors import DataError, TuneryError
 
@@ -94,8 +95,6 @@ class SynthResult:
 def read_seeds(path: str | Path) -> list[dict[str, str]]:
     """Seed examples as {"input", "output"}: from chat rows (last user / last assistant message),
     prompt/completion rows, or input/output rows."""
-    from tunery.data.readers import read_records
-
     seeds = []
     for line, rec in read_records(path).records:
         if not isinstance(rec, dict):

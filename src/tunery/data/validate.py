@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunery.data.formats import FORMAT_KIND, convert_records
+from rich.table import Table
+
+from tunery.data import encode as enc
+from tunery.data.formats import FORMAT_KIND, convert_records, detect_format
 from tunery.data.readers import Records, read_records
 from tunery.data.types import Conversation, Labeled, PreferencePair, Text, Unpaired
 from tunery.errors import ConfigError, DataError
@@ -148,8 +151,6 @@ class ValidationReport:
 
     def render(self, console: Any) -> None:
         """Print the report with rich: summary, problems by line, statistics."""
-        from rich.table import Table
-
         console.print(
             f"[bold]{self.path}[/]: {self.n} example(s), format [cyan]{self.format}[/], "
             f"checked for [cyan]{self.method}[/] (data kind {self.kind})"
@@ -262,8 +263,6 @@ def validate_records(
 
 
 def _first_format(records: Any) -> str:
-    from tunery.data.formats import detect_format
-
     for _, rec in records.records:
         fmt = detect_format(rec)
         if fmt:
@@ -348,8 +347,6 @@ def _percentile(values: list[int], q: float) -> int:
 
 def _length(example: Any, tokenizer: Any, kind: str) -> tuple[int, int]:
     """(total tokens, trained tokens) of one example, without truncation."""
-    from tunery.data import encode as enc
-
     if isinstance(example, Conversation):
         if kind == "prompt":  # RL data: the prompt with its generation header; the model writes the rest
             return len(enc.encode_prompt(example.messages, tokenizer, example.tools)), 0

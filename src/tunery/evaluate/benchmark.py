@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from rich.table import Table
+
 from tunery.errors import DataError, TuneryError
 
 BUNDLED_DIR = Path(__file__).parent / "benchmarks"
@@ -107,8 +110,6 @@ def resolve_tasks(items: Iterable[str]) -> TaskSpecs:
 def load_task_yaml(path: Path) -> dict[str, Any]:
     """One lm-eval task YAML (its `include:` and `!function` resolved), relative data files made
     absolute against its folder. DataError for anything that is not a readable task config."""
-    import yaml
-
     require_lm_eval()
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -282,8 +283,6 @@ def primary(summary: dict[str, Any]) -> dict[str, float]:
 
 def render_benchmark(summary: dict[str, Any], title: str) -> Any:
     """A rich table: one row per task and metric, with its standard error and item count."""
-    from rich.table import Table
-
     table = Table(title=title)
     for col, justify in (
         ("task", "left"),

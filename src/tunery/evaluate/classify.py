@@ -1,6 +1,5 @@
-"""Classification heads after training: load, predict probabilities, evaluate with calibration, the
-`tunery classify` command (`tunery quickstart --head` trains and scores heads with these:
-workflows/quickstart.py).
+"""Classification heads after training: load, predict probabilities, evaluate with calibration
+(`tunery classify`, classify_cli.py, and `tunery quickstart --head`, workflows/quickstart.py, use these).
 
 Metrics are the ones `tunery eval` reports for generated labels (`classification_metrics`), plus log
 loss and calibration: the expected calibration error (ECE) over equal-width confidence bins, and
@@ -15,18 +14,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-import typer
+from rich.table import Table
 
+from tunery.data import load_dataset
 from tunery.errors import DataError, ModelError, TuneryError
-from tunery.terminal import console, user_errors
+from tunery.evaluate.metrics import classification_metrics
+from tunery.methods import read_info
+from tunery.methods.loading import load_saved_method, saved_tokenizer
+from tunery.models import load_model, load_tokenizer
+from tunery.models.placement import model_device, place
+from tunery.objectives.classify import (
+    check_labels,
+    class_logits,
+    encode_text,
+    is_encoder,
+    load_classification_model,
+    scoring_only,
+)
+from tunery.objectives.common import collate_rows
+from tunery.terminal import console
 
 
 def is_classifier(adapter: str | Path | None) -> bool:
     """True when `adapter` is a saved model dir of a `classify` run."""
     if not adapter:
         return False
-    from tunery.methods import read_info
-
     try:
         return read_info(adapter).get("objective") == "classify"
     except TuneryError:
@@ -36,17 +48,9 @@ def is_classifier(adapter: str | Path | None) -> bool:
 def load_classifier(model: str | None, adapter: str | Path | None = None, dtype: Any = None):
     """(classifier, tokenizer, info) from a saved `classify` model dir (adapter), or a plain
     sequence-classification model dir with id2label (model only). `info` has labels/multi_label/threshold."""
-    from tunery.methods import read_info
-    from tunery.methods.loading import load_saved_method, saved_tokenizer
-    from tunery.models import load_tokenizer
-    from tunery.models.placement import place
-    from tunery.objectives.classify import load_classification_model, scoring_only
-
     if adapter is None:
         if model is None:
             raise TuneryError("Pass --model, --adapter, or both.")
-        from tunery.models import load_model
-
         clf = place(scoring_only(load_model(model, dtype=dtype, task="sequence-classification")).eval())
         labels = [clf.config.id2label[i] for i in range(clf.config.num_labels)]
         multi = clf.config.problem_type == "multi_label_classification"
@@ -80,10 +84,6 @@ def predict_proba(
 ) -> list[list[float]]:
     """Probabilities per text and label (softmax, or a sigmoid per label with multi_label)."""
     import torch
-
-    from tunery.models.placement import model_device
-    from tunery.objectives.classify import class_logits, encode_text, is_encoder
-    from tunery.objectives.common import collate_rows
 
     encoder = is_encoder(model)
     device = model_device(model)
@@ -122,8 +122,6 @@ def calibration(confidences: list[float], correct: list[bool], n_bins: int = 10)
 
 
 def load_labeled(path: str | Path) -> list[Any]:
-    from tunery.data import load_dataset
-
     return load_dataset(path, kind="labeled").examples
 
 
@@ -180,9 +178,6 @@ def evaluate_classifier(
 ) -> dict[str, Any]:
     """Accuracy/precision/recall/F1/confusion (as for generated labels), log loss and calibration,
     and inference throughput, on a labeled (or chat-with-label-reply) file or examples."""
-    from tunery.evaluate.metrics import classification_metrics
-    from tunery.objectives.classify import check_labels
-
     examples = load_labeled(data) if isinstance(data, str | Path) else list(data)
     if not examples:
         raise DataError("No examples to evaluate.", file=str(data))
@@ -227,8 +222,6 @@ def evaluate_classifier(
 
 
 def render_classifier_eval(res: dict[str, Any], title: str) -> Any:
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value")
@@ -242,60 +235,6 @@ def render_classifier_eval(res: dict[str, Any], title: str) -> Any:
     return table
 
 
-# --------------------------------------------------------------------------- tunery classify
-
-
-def read_texts(path: Path) -> list[str]:
-    """Texts of a JSONL (`text`, or chat `messages`: the last user message) or a plain-text file."""
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix not in {".jsonl", ".json"}:
-        return lines
-    texts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise DataError("Not valid JSON.", file=str(path), line=n) from None
-        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-            texts.append(rec["text"])
-        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            users = [
-                m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"
-            ]
-            if not users:
-                raise DataError("No user message to classify.", file=str(path), line=n, field="messages")
-            texts.append(str(users[-1] or ""))
-        else:
-            raise DataError(
-                "Expected a 'text' string or chat 'messages'.", file=str(path), line=n, field="text"
-            )
-    return texts
-
-
-@user_errors()
-def classify_command(
-    model: str | None = typer.Option(None, "--model", help="Base model (default: the adapter's base)."),
-    adapter: str | None = typer.Option(None, "--adapter", help="Saved model dir of a classify run."),
-    input: Path = typer.Option(
-        ..., "--input", help="JSONL with 'text' (or chat) rows, or one text per line."
-    ),
-    output: Path | None = typer.Option(None, "--output", help="Write JSONL here (default: stdout)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-) -> None:
-    """Label each text with a classification head; writes {text, label, probabilities} per line."""
-    clf, tok, info = load_classifier(model, adapter)
-    texts = read_texts(input)
-    probs = predict_proba(clf, tok, texts, multi_label=bool(info["multi_label"]), batch_size=batch_size)
-    rows = [prediction_row(t, p, info) for t, p in zip(texts, probs, strict=True)]
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if output is None:
-        typer.echo(body, nl=False)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(body, encoding="utf-8")
-        console.print(f"Wrote {len(rows)} labels to [bold]{output}[/]")
-
-
 def prediction_row(text: str | None, probs: list[float], info: dict[str, Any]) -> dict[str, Any]:
     labels = info["labels"]
     if info.get("multi_label"):
@@ -304,11 +243,6 @@ def prediction_row(text: str | None, probs: list[float], info: dict[str, Any]) -
         label = labels[max(range(len(probs)), key=probs.__getitem__)]
     row = {"label": label, "probabilities": dict(zip(labels, probs, strict=True))}
     return {"text": text, **row} if text is not None else row
-
-
-def register(app: typer.Typer) -> None:
-    """Mount `tunery classify` on the main app."""
-    app.command("classify")(classify_command)
 
 
 # --------------------------------------------------------------------------- quickstart --head

@@ -32,11 +32,14 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from tunery.data.types import Conversation, Message, PreferencePair, Unpaired
+from tunery.data import load_dataset
+from tunery.data.tasks import file_task
+from tunery.data.types import Conversation, PreferencePair, Unpaired
 from tunery.errors import DataError
 from tunery.evaluate import metrics as M
 from tunery.evaluate.report import _clip, _num, _pct
 from tunery.evaluate.run import _default_max_new_tokens, _last_user, split_example
+from tunery.evaluate.scoring import Example, per_task, scores
 from tunery.generation.generate import chat_prompt
 from tunery.generation.sequence import GenerationParams
 
@@ -48,14 +51,6 @@ class Contender:
     label: str
     spec: str | None  # a base spec (alias or path); None: the adapter's own base
     adapter: str | None = None  # a saved model/adapter dir
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: list[Message]
-    tools: list[dict[str, Any]] | None
-    reference: str
-    task: str | None = None  # the row's task, when it names one (multi-task data)
 
 
 def _task_name(row: Any) -> str | None:
@@ -101,17 +96,9 @@ def _row_tasks(path: Path) -> dict[int, str]:
     return out
 
 
-def file_task(path: Path) -> str:
-    """A file's task name when several files are compared: `routing.test.jsonl` -> `routing`."""
-    name = path.name.split(".")[0]
-    return name or path.name
-
-
 def load_heldout(path: str | Path | Sequence[str | Path]) -> tuple[list[Example], int]:
     """The held-out slice in `path` (SFT, DPO or KTO JSONL), or in several files (one per task);
     a file with no reference is refused."""
-    from tunery.data import load_dataset
-
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     examples: list[Example] = []
     skipped = 0
@@ -175,43 +162,6 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.fmean(values), 2), "p50": statistics.median(values), "p95": p95}
 
 
-def _scores(
-    replies: list[str], refs: list[str], label_set: bool, labels: list[str] | None, per_class: bool = True
-) -> dict:
-    out: dict[str, Any] = {"exact_match": M.exact_match(replies, refs)}
-    if label_set:
-        cls = M.classification_metrics(replies, refs, labels)
-        keys = ("accuracy", "macro_f1", "weighted_f1", "invalid", *(("per_class",) if per_class else ()))
-        out.update({k: cls[k] for k in keys})
-    else:
-        out["chrf"] = M.chrf(replies, refs)
-    return out
-
-
-def per_task(
-    examples: list[Example], replies: dict[str, list[str]], labels: list[str] | None
-) -> dict[str, Any] | None:
-    """Each task's own scores, when the examples name tasks: a label set is detected per task (a mix
-    may hold a classification task and a generation task). None when no example names one."""
-    if not any(e.task for e in examples):
-        return None
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        groups.setdefault(ex.task or "(no task)", []).append(i)
-    out = {}
-    for name, idx in sorted(groups.items()):
-        refs = [examples[i].reference for i in idx]
-        seen = {M.normalize(r) for r in refs}
-        wanted = [x for x in labels if M.normalize(x) in seen] if labels else None
-        label_set = bool(wanted) or M.is_label_set(refs)
-        models = [
-            {"label": label, **_scores([got[i] for i in idx], refs, label_set, wanted, per_class=False)}
-            for label, got in replies.items()
-        ]
-        out[name] = {"n": len(idx), "task": "classification" if label_set else "generation", "models": models}
-    return out
-
-
 def compare_on_heldout(
     engine: Any,
     contenders: list[Contender],
@@ -237,7 +187,7 @@ def compare_on_heldout(
     for who in contenders:
         answered = _answer(engine, who, examples, max_new_tokens, label_set, step)
         replies[who.label] = answered.pop("replies")
-        rows.append({"label": who.label, **_scores(replies[who.label], refs, label_set, labels), **answered})
+        rows.append({"label": who.label, **scores(replies[who.label], refs, label_set, labels), **answered})
     differ = [
         {
             "prompt": _last_user(ex.prompt),

@@ -14,6 +14,8 @@ from typing import Any
 
 from tunery.data.labels import is_label_set, normalize  # noqa: F401  (M.is_label_set for evaluation)
 from tunery.data.types import IGNORE
+from tunery.errors import TuneryError
+from tunery.models import placement
 from tunery.models.unwrap import unwrap
 
 _WS = re.compile(r"\s+")
@@ -61,8 +63,6 @@ def classification_metrics(
     under `invalid` / `invalid_replies`. For two labels a `binary` block gives precision, recall, F1 and
     each requested F-beta for `positive_class` (default: a label named like "positive"/"yes", else the last).
     """
-    from tunery.errors import TuneryError
-
     refs = [normalize(r) for r in references]
     preds = [normalize(p) for p in predictions]
     labels = [normalize(x) for x in labels] if labels else sorted(set(refs))
@@ -194,8 +194,6 @@ def sequence_nll(
     Only positions with a label reach the LM head, so long prompts cost no vocabulary projection.
     """
     import torch
-
-    from tunery.models import placement
 
     device = placement.model_device(model)
     use_bf16 = (placement.bf16_supported(device) if autocast is None else autocast) and next(

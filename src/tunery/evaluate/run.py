@@ -13,12 +13,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from tunery.data import encode_chat, encode_prompt, load_dataset
 from tunery.data.types import Conversation, Message
 from tunery.errors import DataError
 from tunery.evaluate import metrics as M
+from tunery.evaluate.benchmark import primary, run_benchmark
+from tunery.evaluate.scoring import Example, per_task
 from tunery.generation.generate import generate_batch
 from tunery.generation.sequence import GenerationParams
 
@@ -37,8 +41,6 @@ def split_example(conv: Conversation) -> tuple[list[Message], str]:
 
 def load_conversations(data: str | Path | Sequence[Conversation]) -> list[Conversation]:
     if isinstance(data, str | Path):
-        from tunery.data import load_dataset
-
         return list(load_dataset(data, kind="chat").examples)
     return list(data)
 
@@ -103,8 +105,6 @@ def _default_max_new_tokens(tokenizer: Any, references: list[str], label_set: bo
 
 
 def _progress(enabled: bool, total: int, description: str):
-    from contextlib import nullcontext
-
     if not enabled:
         return nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -172,8 +172,6 @@ def evaluate(
     description: str = "Evaluating",
 ) -> dict:
     """Generate a reply for each chat example and score it; the dict is what `eval.json` holds."""
-    from tunery.data import encode_chat, encode_prompt
-
     convs = load_conversations(dataset_path)
     if not convs:
         raise DataError("the evaluation file has no examples", file=str(dataset_path))
@@ -289,8 +287,6 @@ def _task_accuracies(
     conversations: Sequence[Conversation], predictions: list[str], tasks: list[str], labels: list[str] | None
 ) -> dict[str, float]:
     """`valid_accuracy/<task>` of each classification task, scored as `compare` scores tasks."""
-    from tunery.evaluate.heldout import Example, per_task
-
     pairs = [split_example(c) for c in conversations]
     examples = [
         Example(p, c.tools, ref, t) for c, (p, ref), t in zip(conversations, pairs, tasks, strict=True)
@@ -333,8 +329,6 @@ def forgetting_on_benchmark(
 ) -> dict[str, float]:
     """General knowledge as lm-eval measures it: {"task metric": value} (accuracy where the task has
     one) on `tasks`, e.g. the bundled `tunery_general_knowledge`; compare before and after."""
-    from tunery.evaluate.benchmark import primary, run_benchmark
-
     return primary(run_benchmark(model, tokenizer, tasks, limit=limit, batch_size=batch_size))
 
 

@@ -12,6 +12,8 @@ Every export carries a model card (`card.py`). The output is built in a temporar
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +22,13 @@ from typing import Any
 
 from tunery.errors import ConfigError, ModelError, TuneryError
 from tunery.export import card as cards
-from tunery.export.gguf_file import FLOAT_TYPES, GGUF_TYPES, check_type
+from tunery.export.gguf_file import FLOAT_TYPES, GGUF_TYPES, check_type, write_gguf
+from tunery.export.ollama import modelfile
+from tunery.export.vllm import vllm_issues
+from tunery.methods import METHODS, read_info
+from tunery.methods.loading import load_saved_method, saved_tokenizer
+from tunery.models import ALIASES, load_model, resolve
+from tunery.models.gguf import source_info
 
 FORMATS = ("hf", "gguf", "adapter")
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -133,8 +141,6 @@ def _check_options(fmt: str, dtype: str | None, quant: str | None) -> None:
 
 
 def _source(model: str | None, adapter: str | Path | None) -> Source:
-    from tunery.methods import read_info
-
     if adapter is None:
         if not model:
             raise ConfigError("Pass --model, --adapter, or both.", param="model")
@@ -154,8 +160,6 @@ def check_mergeable(source: Source, fmt: str) -> None:
     """Refuse, with the options, a method whose result cannot be folded into plain weights."""
     if source.model_dir is None:
         return
-    from tunery.methods import METHODS
-
     peft_type = (source.adapter_config() or {}).get("peft_type")
     reason = None
     if peft_type in PROMPT_LEARNING:
@@ -183,10 +187,6 @@ def check_mergeable(source: Source, fmt: str) -> None:
 def load_merged(source: Source, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(plain transformers model in f32 with the method folded in, tokenizer)."""
     import torch
-
-    from tunery.methods import METHODS
-    from tunery.methods.loading import load_saved_method, saved_tokenizer
-    from tunery.models import load_model
 
     tokenizer = saved_tokenizer(source.info, source.base, trust_remote_code)
 
@@ -246,8 +246,6 @@ def _write_hf(
 
 def stored_dtype(spec: str) -> str | None:
     """The weight type the base was published in (its config.json), so bf16 models stay bf16."""
-    from tunery.models import resolve
-
     try:
         config = json.loads((resolve(spec).path / "config.json").read_text())
     except (OSError, ValueError, TuneryError):
@@ -259,9 +257,6 @@ def stored_dtype(spec: str) -> str | None:
 def _write_gguf(
     model: Any, tokenizer: Any, out: Path, source: Source, out_type: str, dtype: str | None
 ) -> list[str]:
-    from tunery.export.gguf_file import write_gguf
-    from tunery.export.ollama import modelfile
-
     _fix_tokenizer_limits(model, tokenizer)
     stem = _slug(export_name(source))
     path = out / f"{stem}-{out_type}.gguf"
@@ -299,9 +294,6 @@ def export_name(source: Source) -> str:
 
 def _source_pre(base: str) -> str | None:
     """The pre-tokenizer name in the GGUF the base was converted from, if it came from one."""
-    from tunery.models import resolve
-    from tunery.models.gguf import source_info
-
     src = source_info(resolve(base).path).get("source")
     if not src or not Path(src).is_file():
         return None
@@ -315,8 +307,6 @@ def _source_pre(base: str) -> str | None:
 
 
 def _write_adapter(source: Source, out: Path, model: str | None, dtype: str | None, label: str) -> list[str]:
-    from tunery.export.vllm import vllm_issues
-
     cfg = source.adapter_config()
     if cfg is None or source.model_dir is None:
         raise TuneryError(
@@ -369,8 +359,6 @@ def _cast_safetensors(src: Path, dst: Path, dtype: str) -> None:
 
 def base_license(spec: str) -> str | None:
     """The base model's license: the builtin alias table, else the model card / GGUF metadata."""
-    from tunery.models import ALIASES, resolve
-
     if spec in ALIASES:
         return ALIASES[spec].license
     try:
@@ -380,15 +368,11 @@ def base_license(spec: str) -> str | None:
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
 def _share(folder: Path) -> None:
     """mkdtemp makes a private 0700 dir; an export is meant to be shared like any saved model."""
-    import os
-
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunery.errors import TuneryError
+from tunery.errors import ModelError, TuneryError
 from tunery.generation.generate import decode_steps
 from tunery.generation.loading import adapter_base, is_peft_adapter, load_for_inference, model_dir
 from tunery.generation.sequence import GenerationParams, GenerationResult, _check_context, _Seq
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import place
 from tunery.models.resolve import resolve as resolve_model
+from tunery.quiet import quiet_loading
 
 Loader = Callable[[str, str | None], tuple[Any, Any]]
 
@@ -161,8 +162,6 @@ def request_key(
         adapter_dir = str(model_dir(adapter_dir).resolve())
     spec = model_spec or (adapter_base(adapter_dir) if adapter_dir else None)
     if spec is None:
-        from tunery.errors import ModelError
-
         raise ModelError("No model given, and the adapter does not name its base model.", param="model")
     if spec not in resolved:
         resolved[spec] = str(Path(resolve_model(spec).path).resolve())
@@ -299,14 +298,12 @@ class Engine:
                 base.adapters.move_to_end(name)
                 continue
             if not Path(path).is_dir():
-                from tunery.errors import ModelError
-
                 raise ModelError(f"Adapter directory not found: {path}", param="model")
             t0 = time.perf_counter()
             if base.peft is None:
                 from peft import PeftModel
 
-                with LOAD_LOCK:
+                with LOAD_LOCK, quiet_loading():
                     base.peft = PeftModel.from_pretrained(
                         base.model, path, adapter_name=name, is_trainable=False
                     )

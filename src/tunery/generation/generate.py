@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tunery.data import encode_prompt
 from tunery.generation.sequence import (
     GenerationParams,
     GenerationResult,
@@ -26,6 +27,7 @@ from tunery.generation.sequence import (
     _Seq,
     eos_token_ids,
 )
+from tunery.generation.skinny import skinny_linears
 from tunery.models import placement
 from tunery.models.unwrap import unwrap
 
@@ -85,17 +87,17 @@ def decode_steps(
     *,
     autocast: bool | None = None,
     mixed_adapters: bool = False,
+    skinny: bool = True,
 ) -> Iterator[list[_Seq]]:
     """Decode `seqs` together; yields the still-running sequences after every step.
 
     Finished rows are removed from the batch (and from the KV cache) at once, so a long reply does
     not make short ones keep paying for compute. With `mixed_adapters`, each row's `adapter` name is
-    passed to peft as `adapter_names=` so different LoRA adapters share one batch.
+    passed to peft as `adapter_names=` so different LoRA adapters share one batch. `skinny=False`
+    turns off the skinny decode matmuls (generation/skinny.py; the benchmark measures the lever).
     """
     import torch
     from transformers import DynamicCache
-
-    from tunery.generation.skinny import skinny_linears
 
     if not seqs:
         return
@@ -110,7 +112,7 @@ def decode_steps(
     with (
         torch.inference_mode(),
         placement.autocast(device, use_bf16),
-        skinny_linears(model),  # decode steps read the weights twice as fast (generation/skinny.py)
+        skinny_linears(model, skinny),  # decode steps read the weights twice as fast (generation/skinny.py)
     ):
         forward, step, cache, mask = _learned_prompt(model, ids, mask)
         if cache is None:
@@ -165,6 +167,7 @@ def generate_batch(
     batch_size: int = 8,
     autocast: bool | None = None,
     on_done: Callable[[int], None] | None = None,
+    skinny: bool = True,
 ) -> list[GenerationResult]:
     """Generate a completion for every prompt (token ids); results come back in prompt order.
 
@@ -181,7 +184,7 @@ def generate_batch(
     for start in range(0, len(jobs), max(1, batch_size)):
         chunk = jobs[start : start + batch_size]
         seqs = [_Seq(prompt, p, tokenizer, index=i) for _, prompt, p, i in chunk]
-        for _ in decode_steps(model, tokenizer, seqs, autocast=autocast):
+        for _ in decode_steps(model, tokenizer, seqs, autocast=autocast, skinny=skinny):
             pass
         for (slot, *_), seq in zip(chunk, seqs, strict=True):
             results[slot] = seq.result()
@@ -215,6 +218,4 @@ def chat_prompt(
     The same rendering as training (`tunery.data.encode_prompt`), so inference sees the ids the
     model was trained on; models without a template get Tunery's default ChatML template.
     """
-    from tunery.data import encode_prompt
-
     return encode_prompt(messages, tokenizer, tools)

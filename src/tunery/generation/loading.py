@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import ModelError
+from tunery.methods import load_trained
 
 
 def model_dir(adapter: str | Path) -> Path:
@@ -47,8 +48,6 @@ def load_for_inference(
     """(model in eval mode, tokenizer) for a base spec plus an optional saved model/adapter dir."""
     if adapter is not None and not Path(adapter).is_dir():
         raise ModelError(f"Adapter directory not found: {adapter}", param="adapter")
-    from tunery.methods import load_trained  # imports torch: only once a model is loaded
-
     mdl, tok = load_trained(model, adapter, dtype=dtype, trust_remote_code=trust_remote_code)
     mdl.eval()
     return mdl, tok

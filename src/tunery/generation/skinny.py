@@ -26,8 +26,6 @@ MIN_ROWS = 2
 # Below this many bytes of linear weights a model's decode step reads them from cache, where F.linear
 # is faster (measured on the 2-layer test model: 0.85x); SmolLM2-135M has 540 MB.
 MIN_WEIGHT_BYTES = 64 * 2**20
-# The benchmark turns this off to measure the lever (bench/generate_throughput.py).
-ENABLED = True
 
 
 class SkinnyLinear(torch.nn.Linear):
@@ -50,13 +48,15 @@ class SkinnyLinear(torch.nn.Linear):
 
 
 @contextlib.contextmanager
-def skinny_linears(model: torch.nn.Module) -> Iterator[int]:
+def skinny_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Run `model`'s plain linear layers as `SkinnyLinear` inside the block; yields how many.
 
     Only the class of each module changes (weights, hooks and wrappers such as peft's stay), and it is
     changed back on exit, so the model is untouched for training or for other code after the block.
+    With `enabled=False` none is swapped: the benchmark measures the lever that way
+    (`generate_batch(..., skinny=False)`, bench/generate_throughput.py).
     """
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if ENABLED else []
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if enabled else []
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     swapped = linears if size >= MIN_WEIGHT_BYTES else []
     for m in swapped:

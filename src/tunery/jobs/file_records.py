@@ -23,8 +23,6 @@ from tunery.jobs.tables import FileRow, new_id, now
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from sqlalchemy.orm import Session
-
 
 def _unexpired():
     """Files whose `expires_after` has not passed (the SQL side of `get_file`'s check)."""

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tunery.jobs.store import Store
 from tunery.jobs.tables import Job, ModelRow, now
 
@@ -39,8 +41,6 @@ def last_metrics(path: Path) -> dict[str, Any]:
 
 def resolved_hparams(config_path: Path, hp: dict[str, Any]) -> dict[str, Any]:
     """The numbers `auto` became, from the run's resolved config.yaml."""
-    import yaml
-
     try:
         resolved = (yaml.safe_load(config_path.read_text()) or {}).get("hyperparameters") or {}
     except (OSError, yaml.YAMLError):

@@ -18,9 +18,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tunery.config import REQUEST_RANGES, check_request_hyperparameters
 from tunery.errors import TuneryError
-from tunery.objectives import OPENAI_METHOD_TYPES
+from tunery.methods import METHODS
+from tunery.objectives import OBJECTIVES, OPENAI_METHOD_TYPES
+from tunery.plugins import option_schema, validate
 
 # OpenAI's `reinforcement` type carries a `grader`, which the server does not turn into GRPO rewards
 # yet: it is refused by name rather than trained without its grader (`tunery.objective: grpo` works).
@@ -116,9 +120,6 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
 
 def _names(body: dict[str, Any], ext: dict[str, Any], mtype: str) -> tuple[str, str]:
     """(objective, method) of a request: named under `tunery`, or the objective from OpenAI's type."""
-    from tunery.methods import METHODS
-    from tunery.objectives import OBJECTIVES
-
     objective = ext.get("objective") or body.get("objective")
     if objective is None:
         if mtype not in OBJECTIVE_FOR_TYPE:
@@ -283,10 +284,6 @@ def _apply_resolved(raw: dict[str, Any], resolved: dict[str, Any], data_dir: Pat
 
 
 def _validate(raw: dict[str, Any]):
-    from pydantic import ValidationError
-
-    from tunery.plugins import option_schema, validate
-
     def fail(exc: ValidationError, prefix: str) -> InvalidRequest:
         err = exc.errors()[0]
         loc = ".".join([prefix, *(str(x) for x in err["loc"])]).strip(".")

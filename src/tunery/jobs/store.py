@@ -425,6 +425,13 @@ class Store(FileRecords):
             base = (job.tunery or {}).get("base_spec") or job.model
             return base, c.path
 
+    def model_owner(self, name: str) -> str | None:
+        """The key that owns the fine-tuned model or checkpoint `name` (the operator's view)."""
+        with self.tx() as s:
+            m = s.get(ModelRow, name)
+            where = select(CheckpointRow.owner).where(CheckpointRow.model_name == name).limit(1)
+            return m.owner if m is not None else s.scalar(where)
+
     def delete_model(self, owner: str, name: str) -> None:
         with self.tx() as s:
             m = s.get(ModelRow, name)

@@ -8,6 +8,7 @@ adds them to tables an older version created; `normalize_url` picks the PostgreS
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import secrets
 import string
 import time
@@ -169,8 +170,6 @@ def add_missing_columns(engine: Any) -> None:
 def normalize_url(url: str) -> str:
     """`postgresql://` picks psycopg (v3) when it is the driver installed, as SQLAlchemy won't."""
     if url.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
         if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
             return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url

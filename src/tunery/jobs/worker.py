@@ -18,6 +18,10 @@ import traceback
 from pathlib import Path
 
 from tunery.errors import TuneryError
+from tunery.jobs.spec import build_config
+from tunery.jobs.store import Store
+from tunery.quiet import quiet_libraries
+from tunery.train import run
 from tunery.train.rundir import write_status
 
 
@@ -43,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
 
-    from tunery.quiet import quiet_libraries
-
     quiet_libraries()  # the job's log is read by people on the dashboard: same noise rules as the CLI
-    from tunery.jobs.spec import build_config
-    from tunery.jobs.store import Store
-
     store = Store(args.data_dir, args.database_url)
     job = store.get_job(None, args.job_id)
     run_dir = store.path(job.run_dir)
@@ -63,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         store.close()  # training can take hours; hold no database connection meanwhile
         watch_parent()
-        from tunery.train import run
-
         run(config)
         return 0
     except TuneryError as exc:

@@ -1,38 +1,19 @@
 """Tuning methods, one module each, registered explicitly here."""
 
 from tunery.methods.base import Method, count_parameters
-from tunery.registry import Registry
-
-METHODS: Registry[Method] = Registry("method", loader=lambda: _load_builtin())
+from tunery.methods.loading import continue_training, load_trained, read_info
+from tunery.methods.moe_base import with_routers
+from tunery.methods.registry import METHODS
 
 
 def register(method: Method) -> Method:
-    # Every method gains a `moe` options block (router loss, router freezing, expert logging) that
-    # acts only on MoE bases; see methods/moe_base.py for why this sits across methods.
-    from tunery.methods.moe_base import with_moe
+    """Register `method`, its steps followed by the router layer of MoE bases (router loss, router
+    freezing, expert logging; a no-op on dense bases), which its options' `moe` block configures:
+    see methods/moe_base.py for why this sits across methods."""
+    if "moe" not in method.options.model_fields:
+        raise TypeError(f"{method.options.__name__} must declare `moe: MoeBlock` (methods/base.py).")
+    return METHODS.register(method.name, with_routers(method))
 
-    return METHODS.register(method.name, with_moe(method))
-
-
-def _load_builtin() -> None:
-    # Each import registers one method. Order is the order `tunery methods` lists them in.
-    from tunery.methods import (  # noqa: F401, I001 (listing order, not alphabetical)
-        full,
-        freeze,
-        lora,
-        qlora,
-        adalora,
-        ia3,
-        prompt_tuning,
-        prefix_tuning,
-        p_tuning,
-        adapter,
-        unipelt,
-        moe_lora,
-    )
-
-
-from tunery.methods.loading import continue_training, load_trained, read_info  # noqa: E402
 
 __all__ = [
     "METHODS",

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 from tunery.models.shape import ModelShape
 
 PLACEHOLDER_STEPS = 1_000_000  # peft needs a total at creation; the real one is set on the first step
@@ -35,6 +35,7 @@ class AdaLoraOptions(BaseModel):
     beta1: float = Field(0.85, description="EMA coefficient of the importance (sensitivity).")
     beta2: float = Field(0.85, description="EMA coefficient of the importance's uncertainty.")
     orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser.")
+    moe: MoeBlock
 
 
 def peft_config(options: AdaLoraOptions):

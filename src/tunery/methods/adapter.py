@@ -21,15 +21,19 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.base import Method
-from tunery.methods.freeze import decoder_layers
+from tunery.methods.base import Method, MoeBlock
+from tunery.methods.layers import (
+    ATTENTION_NAMES,
+    MLP_NAMES,
+    decoder_layers,
+    float_dtype,
+    map_output,
+    sublayer,
+)
 from tunery.models.shape import ModelShape
 
 MARK = "tunery_adapter"
-ATTENTION_NAMES = ("self_attn", "attention", "attn")
-MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
 
 
@@ -41,6 +45,7 @@ class AdapterOptions(BaseModel):
     )
     reduction_factor: int = Field(16, ge=1, description="Bottleneck size = hidden size / this.")
     nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Between projections.")
+    moe: MoeBlock
 
 
 class Bottleneck(torch.nn.Module):
@@ -58,31 +63,9 @@ class Bottleneck(torch.nn.Module):
         return self.up(self.act(self.down(h)))
 
 
-def map_output(output, fn):
-    """Apply fn to a sublayer's hidden-state output, whether it is a tensor or a tuple."""
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    return fn(output)
-
-
 def _adapter_hook(module: torch.nn.Module, args, output):
     adapter = getattr(module, MARK)
     return map_output(output, lambda h: h + adapter(h).to(h.dtype))
-
-
-def sublayer(layer: torch.nn.Module, names: tuple[str, ...], what: str) -> torch.nn.Module:
-    for name in names:
-        if isinstance(getattr(layer, name, None), torch.nn.Module):
-            return getattr(layer, name)
-    raise ConfigError(f"Decoder layers of this model have no {what} sublayer ({'/'.join(names)}).")
-
-
-def float_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype new parameters should use: the module's own float dtype (fp32 for 4-bit bases)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def apply(model: torch.nn.Module, options: AdapterOptions) -> torch.nn.Module:

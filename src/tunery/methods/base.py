@@ -2,6 +2,9 @@
 
 A method module defines an options model (pydantic), builds a `Method`, and registers it in
 `tunery.methods.METHODS`. The training loop, evaluation, serving and export only talk to this shape.
+
+Every method's options end with a `moe: MoeBlock` field: the router options of MoE bases, which
+`methods.register` acts on around the method's own steps (methods/moe_base.py).
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not to import the registry
     import torch
@@ -19,8 +22,22 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, not to import the
     from tunery.models.shape import ModelShape
 
 
-class NoOptions(BaseModel):
+# Options for MoE base models (Mixtral, Qwen-MoE, OLMoE...); on a dense base they do nothing.
+class MoeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="Weight of the router load-balancing loss; default: the base's config."
+    )
+    train_router: bool | None = Field(
+        None, description="Train (true) or freeze (false) the routers; default: as the method decides."
+    )
+
+
+# The `moe` field every method's options declare, last: `lora: {r: 8, moe: {train_router: false}}`.
+MoeBlock = Annotated[
+    MoeOptions, Field(default_factory=MoeOptions, description="MoE base models: router options.")
+]
 
 
 @dataclass

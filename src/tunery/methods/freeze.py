@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
+from tunery.methods.layers import decoder_layers
 from tunery.models.shape import ModelShape
 
 
@@ -26,18 +27,7 @@ class FreezeOptions(BaseModel):
         default_factory=list,
         description="Also train modules with these names (e.g. lm_head, embed_tokens, norm).",
     )
-
-
-def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """(qualified name, list) of the decoder's layer stack: the ModuleList as long as the depth."""
-    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == depth and name.endswith("layers"):
-            return name, module
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
-            return name, module
-    raise ConfigError("Could not find the decoder layers of this model.", param="method")
+    moe: MoeBlock
 
 
 def trained_names(model: torch.nn.Module, options: FreezeOptions) -> list[str]:

@@ -5,20 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from tunery.errors import TuneryError
 from tunery.methods import register
-from tunery.methods.base import Method, NoOptions
+from tunery.methods.base import Method, MoeBlock
+from tunery.quiet import quiet_loading
 
 
-def apply(model: torch.nn.Module, options: NoOptions) -> torch.nn.Module:
+class FullOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    moe: MoeBlock
+
+
+def apply(model: torch.nn.Module, options: FullOptions) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
 def save(model: torch.nn.Module, out: Path) -> None:
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_loading():  # no "Writing model shards" bar
+        model.save_pretrained(out, safe_serialization=True)
 
 
 def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
@@ -57,7 +66,7 @@ register(
     Method(
         name="full",
         description="All parameters train. Best quality per example, most memory, risk of forgetting.",
-        options=NoOptions,
+        options=FullOptions,
         apply=apply,
         save=save,
         load=load,

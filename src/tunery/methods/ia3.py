@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 from tunery.models.shape import ModelShape
 
 
@@ -23,6 +23,7 @@ class IA3Options(BaseModel):
     feedforward_modules: list[str] | None = Field(
         None, description="Which targets are feed-forward (scaled at their input, not output)."
     )
+    moe: MoeBlock
 
 
 def peft_config(options: IA3Options, model: torch.nn.Module | None = None):

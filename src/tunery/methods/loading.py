@@ -10,6 +10,10 @@ from typing import Any
 import torch
 
 from tunery.errors import ModelError
+from tunery.methods.registry import METHODS
+from tunery.models import load_model, load_tokenizer
+from tunery.models.load import ensure_pad_token
+from tunery.models.placement import place
 
 
 def read_info(adapter: str | Path) -> dict[str, Any]:
@@ -36,12 +40,8 @@ def saved_tokenizer(info: dict[str, Any] | None, spec: str, trust_remote_code: b
     """The tokenizer a model was trained with: the saved dir's own (its chat template) when the run
     saved one there, else the base spec's. The saved dir is not a model spec, so it is read as it is,
     not resolved."""
-    from tunery.models import load_tokenizer
-
     if info and (Path(info["path"]) / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
-
-        from tunery.models.load import ensure_pad_token
 
         tokenizer = AutoTokenizer.from_pretrained(info["path"], trust_remote_code=trust_remote_code)
         ensure_pad_token(tokenizer, info["path"])
@@ -55,8 +55,6 @@ def load_saved_method(
     """The saved method of `info` (`read_info`) restored onto the base `build_base(**load_kwargs)`
     returns. The caller builds the base for its task (causal LM, reward or class head, f32 for
     export); the method adds what it needs to load as it trained (qlora: the 4-bit config)."""
-    from tunery.methods import METHODS
-
     method = METHODS.get(info["method"])
     opts = method.options.model_validate(info.get("method_options") or {})
     kwargs = dict(method.load_kwargs(opts)) if method.load_kwargs else {}
@@ -74,9 +72,6 @@ def load_trained(
     """(model, tokenizer): the base `model` spec, with the saved `adapter` dir applied when given.
 
     Models loaded for inference are placed where inference runs (`models.placement.place`)."""
-    from tunery.models import load_model
-    from tunery.models.placement import place
-
     info = read_info(adapter) if adapter else None
     spec = model or (info or {}).get("base_model")
     if not spec:

@@ -12,11 +12,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 from tunery.models.shape import ModelShape
 
 
-class LoraOptions(BaseModel):
+class LoraFields(BaseModel):
+    """The LoRA options `lora` and `qlora` share (qlora adds its own after them)."""
+
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(16, ge=1, description="Rank of the update.")
@@ -40,7 +42,11 @@ class LoraOptions(BaseModel):
     )
 
 
-def peft_config(options: LoraOptions, task_type: str = "CAUSAL_LM"):
+class LoraOptions(LoraFields):
+    moe: MoeBlock
+
+
+def peft_config(options: LoraFields, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     init: Any = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[options.init]
@@ -57,11 +63,11 @@ def peft_config(options: LoraOptions, task_type: str = "CAUSAL_LM"):
     )
 
 
-def apply(model: torch.nn.Module, options: LoraOptions) -> torch.nn.Module:
+def apply(model: torch.nn.Module, options: LoraFields) -> torch.nn.Module:
     return peft_common.apply_config(model, peft_config(options))
 
 
-def param_groups(model: torch.nn.Module, options: LoraOptions, lr: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, options: LoraFields, lr: float) -> list[dict[str, Any]]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not options.loraplus_lr_ratio:
         return [{"params": [p for _, p in params], "lr": lr}]
@@ -70,7 +76,7 @@ def param_groups(model: torch.nn.Module, options: LoraOptions, lr: float) -> lis
     return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * options.loraplus_lr_ratio}]
 
 
-def trainable_parameters(shape: ModelShape, options: LoraOptions) -> tuple[int, str]:
+def trainable_parameters(shape: ModelShape, options: LoraFields) -> tuple[int, str]:
     return shape.low_rank_parameters(options.r), f"rank-{options.r} adapters on every linear layer"
 
 

@@ -1,9 +1,11 @@
-"""Options for MoE base models (Mixtral, Qwen-MoE, OLMoE...), applied on top of every method.
+"""The router layer for MoE base models (Mixtral, Qwen-MoE, OLMoE...), run around every method.
 
 Why a layer over all methods rather than a method: the router loss and router freezing matter
-whatever trains the experts (full, freeze, LoRA, adapters...), so `register` wraps each method and
-its options gain a `moe` block: `lora: {r: 8, moe: {router_aux_loss_coef: 0.01, train_router:
-false}}`. On a dense base the block does nothing.
+whatever trains the experts (full, freeze, LoRA, adapters...). So every method's options declare a
+`moe` block (`moe: MoeBlock`, methods/base.py): `lora: {r: 8, moe: {router_aux_loss_coef: 0.01,
+train_router: false}}`, and `methods.register` registers each method `with_routers`: its apply,
+save, load, aux_loss and metrics run the method's own step and then this layer's. On a dense base
+the layer does nothing.
 
 The training loop runs the decoder itself and never asks for the model's own aux loss, so the
 router logits are captured with forward hooks on the router modules (the classes transformers
@@ -16,28 +18,18 @@ in router order, so they load back whatever wrapping (peft or not) the method us
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeOptions
 
 ROUTER_FILE = "moe_router.safetensors"
-
-
-class MoeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    router_aux_loss_coef: float | None = Field(
-        None, ge=0, description="Weight of the router load-balancing loss; default: the base's config."
-    )
-    train_router: bool | None = Field(
-        None, description="Train (true) or freeze (false) the routers; default: as the method decides."
-    )
 
 
 class RouterState:
@@ -163,52 +155,52 @@ def _saved_moe_options(path: Path) -> MoeOptions:
     return MoeOptions()
 
 
-def with_moe(method: Method) -> Method:
-    """The method with a `moe` options block and router loss/freezing/logging on MoE bases."""
-    if "moe" in method.options.model_fields:
-        return method
-    options = create_model(
-        method.options.__name__,
-        __base__=method.options,
-        __module__=method.options.__module__,
-        moe=(MoeOptions, Field(default_factory=MoeOptions, description="MoE base models: router options.")),
-    )
-    inner = method
-
-    def apply(model: torch.nn.Module, opts: Any) -> torch.nn.Module:
-        model = inner.apply(model, opts)
-        attach(model, opts.moe)
-        return model
-
-    def save(model: torch.nn.Module, out: Path) -> None:
-        inner.save(model, out)
-        state = getattr(model, "tunery_moe", None)
-        if state is not None and any(p.requires_grad for r in state.routers for p in r.parameters()):
-            save_routers(model, out)
-
-    def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
-        model = inner.load(base, path, trainable=trainable)
-        if (Path(path) / ROUTER_FILE).exists():
-            load_routers(model, path)
-        attach(model, _saved_moe_options(path), trainable=trainable)
-        return model
-
-    def both_aux(model: torch.nn.Module) -> torch.Tensor | None:
-        own = inner.aux_loss(model) if inner.aux_loss else None
-        router = aux_loss(model)
-        if own is None:
-            return router
-        return own if router is None else own + router
-
-    def both_metrics(model: torch.nn.Module) -> dict[str, Any]:
-        return {**(inner.metrics(model) if inner.metrics else {}), **metrics(model)}
-
+def with_routers(method: Method) -> Method:
+    """`method` with the router layer after each of its own steps (see the module docstring)."""
     return dataclasses.replace(
         method,
-        options=options,
-        apply=apply,
-        save=save,
-        load=load,
-        aux_loss=both_aux,
-        metrics=both_metrics,
+        apply=functools.partial(_apply, method.apply),
+        save=functools.partial(_save, method.save),
+        load=functools.partial(_load, method.load),
+        aux_loss=functools.partial(_aux_loss, method.aux_loss),
+        metrics=functools.partial(_metrics, method.metrics),
     )
+
+
+def _apply(own: Callable[..., torch.nn.Module], model: torch.nn.Module, opts: Any) -> torch.nn.Module:
+    model = own(model, opts)
+    attach(model, opts.moe)
+    return model
+
+
+def _save(own: Callable[[torch.nn.Module, Path], None], model: torch.nn.Module, out: Path) -> None:
+    own(model, out)
+    state = getattr(model, "tunery_moe", None)
+    if state is not None and any(p.requires_grad for r in state.routers for p in r.parameters()):
+        save_routers(model, out)
+
+
+def _load(
+    own: Callable[..., torch.nn.Module], base: torch.nn.Module, path: Path, trainable: bool = False
+) -> torch.nn.Module:
+    model = own(base, path, trainable=trainable)
+    if (Path(path) / ROUTER_FILE).exists():
+        load_routers(model, path)
+    attach(model, _saved_moe_options(path), trainable=trainable)
+    return model
+
+
+def _aux_loss(
+    own: Callable[[torch.nn.Module], torch.Tensor | None] | None, model: torch.nn.Module
+) -> torch.Tensor | None:
+    mine = own(model) if own else None
+    router = aux_loss(model)
+    if mine is None:
+        return router
+    return mine if router is None else mine + router
+
+
+def _metrics(
+    own: Callable[[torch.nn.Module], dict[str, Any]] | None, model: torch.nn.Module
+) -> dict[str, Any]:
+    return {**(own(model) if own else {}), **metrics(model)}

@@ -22,9 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.adapter import float_dtype
-from tunery.methods.base import Method
-from tunery.methods.freeze import decoder_layers
+from tunery.methods.base import Method, MoeBlock
+from tunery.methods.layers import decoder_layers, float_dtype
 from tunery.models.shape import ModelShape
 
 MARK = "tunery_moe_lora"
@@ -41,6 +40,7 @@ class MoELoraOptions(BaseModel):
         "all-linear", description="Linear layer names in the decoder layers, or all-linear."
     )
     aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the load-balancing loss.")
+    moe: MoeBlock
 
     @model_validator(mode="after")
     def _check(self) -> MoELoraOptions:

@@ -39,7 +39,7 @@ def read_options(path: Path, options_type: type[BaseModel]) -> BaseModel:
     if not file.exists():
         raise ModelError(f"{path} has no {OPTIONS}; it was not saved by this method.", param="adapter")
     saved = json.loads(file.read_text())["options"]
-    # Cross-method blocks (e.g. `moe`, see moe_base) are restored by their own layer.
+    # Only the fields these options have: the `moe` block is restored by its own layer (moe_base).
     return options_type.model_validate({k: v for k, v in saved.items() if k in options_type.model_fields})
 
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 
 
 class PTuningOptions(BaseModel):
@@ -20,6 +20,7 @@ class PTuningOptions(BaseModel):
     encoder_hidden_size: int = Field(128, ge=1, description="Hidden size of the prompt encoder.")
     encoder_num_layers: int = Field(2, ge=1, description="Layers of the prompt encoder.")
     encoder_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the prompt encoder.")
+    moe: MoeBlock
 
 
 def apply(model: torch.nn.Module, options: PTuningOptions) -> torch.nn.Module:

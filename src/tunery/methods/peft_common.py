@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from tunery.models.load_lock import LOAD_LOCK
+from tunery.quiet import quiet_loading
 
 
 def apply_config(model: torch.nn.Module, config) -> torch.nn.Module:
     from peft import get_peft_model
 
-    return get_peft_model(model, config)
+    with quiet_loading():  # peft reads a deprecated transformers property (tunery/quiet.py)
+        return get_peft_model(model, config)
 
 
 def save(model: torch.nn.Module, out: Path) -> None:
@@ -26,7 +28,7 @@ def save(model: torch.nn.Module, out: Path) -> None:
 def load(base: torch.nn.Module, path: Path, trainable: bool = False) -> torch.nn.Module:
     from peft import PeftModel
 
-    with LOAD_LOCK:
+    with LOAD_LOCK, quiet_loading():
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     if not trainable:  # peft leaves prompt-learning embeddings trainable even in inference mode
         for p in model.parameters():

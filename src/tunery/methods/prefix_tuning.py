@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.methods import peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 
 
 class PrefixTuningOptions(BaseModel):
@@ -19,6 +19,7 @@ class PrefixTuningOptions(BaseModel):
     num_virtual_tokens: int = Field(20, ge=1, description="Prefix length per layer.")
     projection: bool = Field(False, description="Reparameterise the prefix through a 2-layer MLP.")
     encoder_hidden_size: int | None = Field(None, description="Hidden size of that MLP (default: model's).")
+    moe: MoeBlock
 
 
 def apply(model: torch.nn.Module, options: PrefixTuningOptions) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError
 from tunery.methods import peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 from tunery.models.shape import ModelShape
 
 
@@ -23,6 +23,7 @@ class PromptTuningOptions(BaseModel):
     num_virtual_tokens: int = Field(20, ge=1, description="Length of the learned soft prompt.")
     init: Literal["random", "text"] = Field("random", description="Start from random vectors or from text.")
     init_text: str | None = Field(None, description="With init=text: the text whose embeddings start it.")
+    moe: MoeBlock
 
 
 def apply(model: torch.nn.Module, options: PromptTuningOptions) -> torch.nn.Module:

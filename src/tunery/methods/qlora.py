@@ -15,17 +15,19 @@ import torch
 from pydantic import Field
 
 from tunery.methods import lora, peft_common, register
-from tunery.methods.base import Method
+from tunery.methods.base import Method, MoeBlock
 from tunery.models.placement import bf16_supported
+from tunery.quiet import quiet_loading
 
 
-class QLoraOptions(lora.LoraOptions):
+class QLoraOptions(lora.LoraFields):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Dtype the 4-bit weights are dequantized to for each matmul; auto = bfloat16 on a GPU "
         "that computes it natively (Ampere and later), else float32.",
     )
     double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit).")
+    moe: MoeBlock
 
 
 def load_kwargs(options: QLoraOptions) -> dict[str, Any]:
@@ -72,7 +74,8 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize()
     base = base.float()
-    fresh = get_peft_model(base, config)
+    with quiet_loading():
+        fresh = get_peft_model(base, config)
     set_peft_model_state_dict(fresh, state)
     return fresh.merge_and_unload()
 

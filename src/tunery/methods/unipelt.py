@@ -26,16 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.adapter import (
+from tunery.methods.adapter import Bottleneck
+from tunery.methods.base import Method, MoeBlock
+from tunery.methods.layers import (
     ATTENTION_NAMES,
     MLP_NAMES,
-    Bottleneck,
+    decoder_layers,
     float_dtype,
     map_output,
     sublayer,
 )
-from tunery.methods.base import Method
-from tunery.methods.freeze import decoder_layers
 
 MARK = "tunery_unipelt"
 ATTENTION = "tunery_unipelt"
@@ -53,6 +53,7 @@ class UniPeltOptions(BaseModel):
     prefix_tokens: int = Field(10, ge=1, description="Learned key/value prefix length per layer.")
     reduction_factor: int = Field(16, ge=1, description="Adapter bottleneck = hidden size / this.")
     nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Adapter activation.")
+    moe: MoeBlock
 
 
 class Gate(torch.nn.Module):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from tunery.errors import ModelError
+from tunery.models.gguf import cache_root
 
 ModelKind = Literal["causal-lm", "encoder"]
 
@@ -59,8 +60,6 @@ class Alias:
 
     def _assembled(self) -> Path:
         """The GGUF reassembled from its chunk packages into the cache (once; checked by sha256)."""
-        from tunery.models.gguf import cache_root
-
         missing = [p for p in (self.package, *self.chunk_packages) if importlib.util.find_spec(p) is None]
         if missing:
             names = " ".join(p.replace("_", "-") for p in (self.package, *self.chunk_packages))

@@ -24,8 +24,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows has none: _file_lock is a no-op there
+    fcntl = None
+
 from tunery.errors import ModelError
 from tunery.models.load_lock import LOAD_LOCK
+from tunery.quiet import quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         # dequantize=True: for architectures with packed GGUF kernels transformers would otherwise
         # keep the weights in quantized blocks, which cannot be trained or saved as safetensors.
-        with LOAD_LOCK:
+        # quiet_loading: transformers' per-tensor bars would print into Tunery's output.
+        with LOAD_LOCK, quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
                 folder,
                 gguf_file=fname,
@@ -125,7 +132,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:
         tokenizer.model_max_length = max_positions
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_loading():
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _share(out)
     seconds = round(time.perf_counter() - start, 2)
@@ -201,9 +209,7 @@ def drop_quantizer(model) -> None:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock for the duration of a conversion (POSIX `flock`; a no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: fall back to rename-wins in ensure_converted
+    if fcntl is None:  # Windows: fall back to rename-wins in ensure_converted
         yield
         return
     with open(path, "a+") as fh:

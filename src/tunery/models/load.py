@@ -8,9 +8,11 @@ unless the caller asks for it, for the same reason.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,7 @@ from tunery.errors import ConfigError, ModelError
 from tunery.models.aliases import ALIASES
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.resolve import ResolvedModel, resolve
+from tunery.quiet import quiet_loading
 
 Task = Literal["causal-lm", "sequence-classification", "base"]
 _AUTO_CLASSES = {
@@ -145,7 +148,7 @@ def load_model(
         kwargs["dtype"] = _torch_dtype(dtype)
     auto_class = getattr(transformers, _AUTO_CLASSES[task])
     try:
-        with LOAD_LOCK:
+        with LOAD_LOCK, quiet_loading():  # no "Loading weights" bar (tunery/quiet.py)
             if new_head:
                 loaded = _load_new_head(auto_class, model.path, config, kwargs)
             else:
@@ -167,9 +170,6 @@ def _load_new_head(auto_class: Any, path: Any, config: Any, kwargs: dict[str, An
     The report is logged before `from_pretrained` returns the loading info, so it is held back by a
     filter (for this thread's records only) and let through if anything else is missing, unexpected
     or mismatched, or if the load fails."""
-    import logging
-    import threading
-
     log = logging.getLogger("transformers.modeling_utils")
     thread = threading.get_ident()
     held: list[logging.LogRecord] = []

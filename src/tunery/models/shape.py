@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tunery.models.load import model_info
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -19,6 +21,7 @@ class ModelShape:
     inter: int  # MLP width
     experts: int = 1  # MLP experts per layer (MoE), 1 for a dense model
     n_params: int = 0
+    dtype: str | None = None  # the stored weights' dtype (config.json), e.g. "bfloat16"
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of every linear layer of one decoder layer: q, k, v, o, then gate, up, down of
@@ -48,6 +51,7 @@ def shape_from_config(config: dict[str, Any], n_params: int | None = None, tied:
         kv=int(text.get("num_key_value_heads") or heads) * head_dim,
         inter=int(text.get("intermediate_size") or 4 * hidden),
         experts=int(text.get("num_local_experts") or text.get("num_experts") or 1),
+        dtype=config.get("dtype") or config.get("torch_dtype"),  # as `models.load.model_info` reads it
     )
     if not n_params:
         n_params = shape.layers * shape.layer_parameters() + shape.vocab * shape.hidden * (1 if tied else 2)
@@ -57,8 +61,6 @@ def shape_from_config(config: dict[str, Any], n_params: int | None = None, tied:
 def model_shape(spec: str) -> ModelShape:
     """The shape of a model spec (alias, directory, hub id), counted from its safetensors headers
     when it has them."""
-    from tunery.models.load import model_info
-
     info = model_info(spec)
     config = json.loads((Path(info["path"]) / "config.json").read_text())
     return shape_from_config(config, info.get("n_params"), info.get("tie_word_embeddings", False))

@@ -33,7 +33,8 @@ def register(objective: Objective) -> Objective:
 
 
 def _load_builtin() -> None:
-    # Each import registers one objective (its module calls `register`).
+    # Each import registers one objective (its module calls `register`): at the top, an import cycle
+    # (tunery/optional.py EXCEPTIONS).
     from tunery.objectives import (  # noqa: F401
         classify,
         distill,

@@ -65,19 +65,14 @@ class Objective:
     token_level: bool = False
     # optional hook: setup(model, config, tokenizer) -> dict stored in ctx.extra (teacher, reward fns)
     setup: Callable[[torch.nn.Module, Any, Any], dict[str, Any]] | None = None
-    # optional: objectives that change the model (reward head, classify head)
-    prepare_model: Callable[[torch.nn.Module, Any], torch.nn.Module] | None = None
     # optional: rollout(model, batch, ctx) -> batch with tensors and its final n_units (GRPO samples
     # completions here, so its units are known only afterwards); called before any loss of the step
     rollout: Callable[[torch.nn.Module, dict[str, Any], Context], dict[str, Any]] | None = None
-    # optional: method_options(method_name, options) -> options; e.g. the reward head must train in
-    # full (PEFT `modules_to_save`) under LoRA
-    method_options: Callable[[str, BaseModel], BaseModel] | None = None
-    # optional: load_model(config, from_pretrained_kwargs) -> model, for objectives whose model is
-    # not a causal LM (classify loads `AutoModelForSequenceClassification` sized to its label set)
-    load_model: Callable[[Any, dict[str, Any]], torch.nn.Module] | None = None
-    # optional: head_modules(model) -> module names the method must train in full and save
-    # (added to `modules_to_save` / `freeze.modules`); they depend on the loaded architecture
-    head_modules: Callable[[torch.nn.Module], list[str]] | None = None
+    # optional: head(config, load) -> (model, head module names), for objectives that train a new
+    # head instead of the LM head (reward: one score, classify: one logit per label). `load(**kw)`
+    # loads the base as the recipe would (the method's from_pretrained kwargs included), `kw` winning
+    # (e.g. task="sequence-classification"); the head's modules train in full under any method and
+    # are saved with it (added to `modules_to_save` / `freeze.modules`)
+    head: Callable[[Any, Callable[..., torch.nn.Module]], tuple[torch.nn.Module, list[str]]] | None = None
     # optional: save_info(model, config) -> extra keys for the saved tunery.json (classify: labels)
     save_info: Callable[[torch.nn.Module, Any], dict[str, Any]] | None = None

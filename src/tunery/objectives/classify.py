@@ -11,7 +11,8 @@ Loss per example (single-label): w[y] * -log softmax(z)[y]; averaged over exampl
 step (the loop divides by the step's examples). With multi_label: the mean over classes c of
 w[c] * BCE(sigmoid(z_c), y_c). `class_weights: balanced` is sklearn's N / (C * n_c).
 
-The head always trains: its module names go to `modules_to_save` (LoRA & co.) or `freeze.modules`.
+The `head` hook loads that model; the head always trains: its module names go to
+`modules_to_save` (LoRA & co.) or `freeze.modules`.
 The label set is stored in the model config (id2label) and in tunery.json (`labels`).
 """
 
@@ -19,17 +20,22 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.data import load_dataset
 from tunery.errors import ConfigError, DataError, ModelError
+from tunery.methods import read_info
+from tunery.models import load_model, resolve
+from tunery.models.load import model_kind
 from tunery.models.unwrap import unwrap
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
-from tunery.objectives.common import last_token_hidden
+from tunery.objectives.common import collate_rows, last_token_hidden
 
 DECODER_HEAD = "score"  # transformers' head name on decoder-only sequence classifiers
 ENCODER_HEADS = ("classifier", "pre_classifier", "pooler")  # BERT-family heads (+ pooler)
@@ -57,8 +63,6 @@ def _train_paths(config: Any) -> list[str]:
 
 
 def _examples(path: str) -> list[Any]:
-    from tunery.data import load_dataset
-
     return load_dataset(path, kind="labeled").examples
 
 
@@ -67,8 +71,6 @@ def label_set(config: Any) -> list[str]:
     with continued training (`adapter`), the adapter's own labels (its head is reused)."""
     opts: ClassifyOptions = config.objective_options
     if config.init_from:
-        from tunery.methods import read_info
-
         saved = read_info(config.init_from).get("labels")
         if saved:
             return list(saved)
@@ -138,16 +140,11 @@ def class_weight_vector(config: Any, labels: list[str]) -> list[float] | None:
 def _is_encoder_spec(spec: str) -> bool:
     from transformers import AutoConfig
 
-    from tunery.models import resolve
-    from tunery.models.load import model_kind
-
     cfg = AutoConfig.from_pretrained(resolve(spec).path)
     return model_kind(cfg.model_type, cfg.architectures) == "encoder"
 
 
 def is_encoder(model: torch.nn.Module) -> bool:
-    from tunery.models.load import model_kind
-
     cfg = unwrap(model).config
     return model_kind(cfg.model_type, None) == "encoder"
 
@@ -168,34 +165,34 @@ def load_classification_model(
 ) -> torch.nn.Module:
     """`AutoModelForSequenceClassification` of `spec` with a head over `labels` (fresh if the base
     has none of that size), labels recorded in its config."""
-    from tunery.models import load_model
-
     # `spec` is the base model both when training and when a trained adapter is loaded onto it.
-    model = load_model(
-        spec, dtype=dtype, task="sequence-classification", num_labels=len(labels), new_head=True, **kwargs
-    )
+    model = load_model(spec, dtype=dtype, **classifier_kwargs(labels), **kwargs)
+    return _labelled(model, labels, multi_label)
+
+
+def classifier_kwargs(labels: list[str]) -> dict[str, Any]:
+    """`load_model` arguments for a sequence classifier over `labels` (a fresh head if needed)."""
+    return {"task": "sequence-classification", "num_labels": len(labels), "new_head": True}
+
+
+def _labelled(model: torch.nn.Module, labels: list[str], multi_label: bool) -> torch.nn.Module:
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {label: i for i, label in enumerate(labels)}
     model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
     return scoring_only(model)
 
 
-def load_for_training(config: Any, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """`load_model` hook: the label set from the training data, unknown validation labels refused
-    before any model is loaded, then the classifier."""
+def head(config: Any, load: Callable[..., torch.nn.Module]) -> tuple[torch.nn.Module, list[str]]:
+    """The `head` hook: the label set from the training data, unknown validation labels refused
+    before any model is loaded, then the classifier (f32) and its head's module names."""
     labels = label_set(config)
     val = config.data.validation
     for path in [val] if isinstance(val, str) else val or []:  # one file, or one per task
         check_labels(path, _examples(path), labels)
     class_weight_vector(config, labels)  # refuse a wrong-length list before loading the model
-    return load_classification_model(
-        config.model,
-        labels,
-        multi_label=config.objective_options.multi_label,
-        dtype=torch.float32,
-        trust_remote_code=config.trust_remote_code,
-        **kwargs,
-    )
+    model = load(dtype=torch.float32, **classifier_kwargs(labels))
+    model = _labelled(model, labels, config.objective_options.multi_label)
+    return model, head_modules(model)
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
@@ -247,8 +244,6 @@ def encode(example: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
 
 
 def collate(features: list[dict[str, Any]], pad_id: int, packed: bool) -> dict[str, Any]:
-    from tunery.objectives.common import collate_rows
-
     rows = [f["input_ids"] for f in features]
     # encoders attend both ways: packing (causal, per-segment attention) does not apply to them
     batch = collate_rows(rows, None, pad_id, packed and not any(f.get("encoder") for f in features))
@@ -315,8 +310,7 @@ register(
         collate=collate,
         loss=loss,
         setup=setup,
-        load_model=load_for_training,
-        head_modules=head_modules,
+        head=head,
         save_info=save_info,
     )
 )

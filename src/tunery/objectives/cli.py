@@ -146,7 +146,7 @@ def judge_command(
     show_template: bool = typer.Option(False, "--show-template", help="Print the default template and exit."),
 ) -> None:
     """Label preference pairs with a judge: for each prompt, the best- and worst-scored candidates."""
-    from tunery.objectives.rlaif import DEFAULT_JUDGE_TEMPLATE, Judge, JudgeOptions
+    from tunery.objectives.judge import DEFAULT_JUDGE_TEMPLATE, Judge, JudgeOptions
 
     if show_template:
         console.print(DEFAULT_JUDGE_TEMPLATE, markup=False, highlight=False)

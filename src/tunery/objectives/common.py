@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tunery.data import encode_pair
 from tunery.modeling.forward import (
     IGNORE,
     decoder_hidden,
@@ -59,8 +60,6 @@ def last_token_hidden(base: torch.nn.Module, batch: dict[str, Any]) -> torch.Ten
 
 
 def encode_pair_features(example: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
-    from tunery.data import encode_pair
-
     return encode_pair(example, tokenizer, config.hyperparameters.max_length)
 
 

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.checkpoint import checkpoint
 
 from tunery.errors import ConfigError
+from tunery.methods import load_trained
+from tunery.modeling.attention import use_packed_attention
 from tunery.modeling.forward import IGNORE, decoder_hidden, split_lm
+from tunery.models import load_tokenizer
 from tunery.models.unwrap import unwrap
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
@@ -67,10 +70,6 @@ def check_tokenizers(student: Any, teacher: Any, teacher_spec: str) -> None:
 
 
 def setup(model: torch.nn.Module, config: Any, tokenizer: Any) -> dict[str, Any]:
-    from tunery.methods import load_trained
-    from tunery.modeling.attention import use_packed_attention
-    from tunery.models import load_tokenizer
-
     o: DistillOptions = config.objective_options
     if not o.teacher and not o.teacher_adapter:
         raise ConfigError(

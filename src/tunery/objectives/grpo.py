@@ -20,8 +20,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.data import encode_prompt
 from tunery.data.types import Conversation
 from tunery.errors import ConfigError
+from tunery.generation.generate import generate_batch
+from tunery.generation.sequence import GenerationParams
 from tunery.modeling.forward import IGNORE
 from tunery.models.placement import model_device, place, to_device
 from tunery.objectives import register
@@ -34,7 +37,9 @@ from tunery.objectives.common import (
     reference_label_logps,
     unpack_rows,
 )
+from tunery.objectives.judge import judge_scorer
 from tunery.objectives.losses import group_advantages, grpo_loss
+from tunery.objectives.reward import load_reward_model, score_conversations
 from tunery.objectives.rewards import RewardSpec, bind
 
 # A scorer rates a batch of completions: (texts, examples) -> one reward each.
@@ -69,8 +74,6 @@ class GRPOOptions(BaseModel):
 
 
 def encode(example: Conversation, tokenizer: Any, config: Any) -> dict[str, Any]:
-    from tunery.data import encode_prompt
-
     ids = encode_prompt(example.messages, tokenizer, example.tools)
     limit = max(1, config.hyperparameters.max_length - 1)
     truncated = len(ids) > limit
@@ -109,8 +112,6 @@ def scorers(options: Any) -> list[Scorer]:
         out.append(("reward_model", 1.0, _reward_model_scorer(options.reward_model)))
     judge = getattr(options, "judge", None)
     if judge is not None:
-        from tunery.objectives.rlaif import judge_scorer
-
         out.append(("judge", judge.weight, judge_scorer(judge)))
     if not out:
         raise ConfigError(
@@ -122,8 +123,6 @@ def scorers(options: Any) -> list[Scorer]:
 
 
 def _reward_model_scorer(path: str) -> Callable[[list[str], list[dict[str, Any]]], list[float]]:
-    from tunery.objectives.reward import load_reward_model, score_conversations
-
     model, tokenizer = load_reward_model(path, dtype=torch.float32)
     model = place(model)
 
@@ -154,9 +153,6 @@ def _autocast(config: Any) -> bool | None:
 
 
 def rollout(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from tunery.generation.generate import generate_batch
-    from tunery.generation.sequence import GenerationParams
-
     o = ctx.options
     g = o.num_generations
     tokenizer = ctx.tokenizer

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.data import encode_completion
 from tunery.data.types import Unpaired
 from tunery.errors import DataError
 from tunery.objectives import register
@@ -38,8 +39,6 @@ class KTOOptions(BaseModel):
 
 
 def encode(example: Unpaired, tokenizer: Any, config: Any) -> dict[str, Any]:
-    from tunery.data import encode_completion
-
     try:
         feats = encode_completion(
             example.prompt, example.completion, tokenizer, config.hyperparameters.max_length

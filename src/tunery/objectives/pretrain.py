@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tunery.data import encode_text
 from tunery.data.types import Text
 from tunery.objectives import register
 from tunery.objectives.base import Objective
@@ -23,8 +24,6 @@ class PretrainOptions(BaseModel):
 
 
 def encode(example: Text, tokenizer: Any, config: Any) -> list[dict[str, Any]] | None:
-    from tunery.data import encode_text
-
     ids = encode_text(example.text, tokenizer)
     size = config.hyperparameters.max_length
     # A chunk of one token has no next token to predict: nothing to learn from it.

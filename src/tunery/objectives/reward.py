@@ -2,22 +2,28 @@
 trained with the Bradley-Terry pairwise loss on preference pairs. Logs accuracy (chosen scored above
 rejected) and the mean margin.
 
-`prepare_model` turns the loaded causal LM into `AutoModelForSequenceClassification` with one label
-by moving its decoder into the classification class (no second load) and adding a fresh `score`
-head; the head trains in full under any method (LoRA gets `score` in `modules_to_save`). The saved
-model loads back with `load_reward_model`, which `tunery score` and GRPO's `reward_model` use.
+Its `head` hook turns the loaded causal LM into `AutoModelForSequenceClassification` with one
+label by moving its decoder into the classification class (no second load) and adding a fresh
+`score` head; the head trains in full under any method (`score` goes to LoRA's `modules_to_save`,
+`freeze.modules`). The saved model loads back with `load_reward_model`, which `tunery score` and
+GRPO's `reward_model` use.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunery.data import encode_completion, encode_pair
 from tunery.errors import ConfigError, DataError, ModelError
+from tunery.methods import read_info
+from tunery.methods.loading import load_saved_method, saved_tokenizer
+from tunery.models import load_model
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.models.placement import model_device, to_device
 from tunery.models.unwrap import unwrap
@@ -37,7 +43,12 @@ class RewardOptions(BaseModel):
     )
 
 
-def prepare_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+def head(config: Any, load: Callable[..., torch.nn.Module]) -> tuple[torch.nn.Module, list[str]]:
+    """The `head` hook: the base causal LM, loaded as the recipe would, under a fresh `score` head."""
+    return add_score_head(load()), [HEAD]
+
+
+def add_score_head(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM's decoder under a one-output `score` head (sequence classification)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -62,9 +73,9 @@ def prepare_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
         )
     setattr(shell, body_name, body)
     weight = next(body.parameters())
-    head = torch.nn.Linear(old_head.in_features, 1, bias=False, device=weight.device, dtype=torch.float32)
-    torch.nn.init.normal_(head.weight, std=getattr(cfg, "initializer_range", 0.02))
-    setattr(shell, HEAD, head)
+    score = torch.nn.Linear(old_head.in_features, 1, bias=False, device=weight.device, dtype=torch.float32)
+    torch.nn.init.normal_(score.weight, std=getattr(cfg, "initializer_range", 0.02))
+    setattr(shell, HEAD, score)
     shell.config = cfg  # one config object: attention settings made on the wrapper reach the body
     return _scoring_only(shell)
 
@@ -80,17 +91,7 @@ def _scoring_only(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def method_options(method_name: str, options: BaseModel) -> BaseModel:
-    """Adapter methods train the new head in full and save it with the adapter."""
-    if "modules_to_save" not in type(options).model_fields:
-        return options
-    keep = list(options.modules_to_save or [])
-    return options.model_copy(update={"modules_to_save": keep if HEAD in keep else [*keep, HEAD]})
-
-
 def encode(example: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
-    from tunery.data import encode_pair
-
     f = encode_pair(example, tokenizer, config.hyperparameters.max_length)
     return {
         "chosen": f["prompt_ids"] + f["chosen_ids"],
@@ -114,8 +115,8 @@ def scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The reward of every row (`[n_rows]`, float32): the head at the row's last token."""
     base = unwrap(model)
     last = last_token_hidden(base, batch)
-    head = getattr(base, HEAD)
-    return head(last.to(next(head.parameters()).dtype)).squeeze(-1).float()
+    score = getattr(base, HEAD)
+    return score(last.to(next(score.parameters()).dtype)).squeeze(-1).float()
 
 
 def loss(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> StepOutput:
@@ -128,10 +129,6 @@ def loss(model: torch.nn.Module, batch: dict[str, Any], ctx: Context) -> StepOut
 
 def load_reward_model(adapter: str | Path, model: str | None = None, dtype: Any = None):
     """(reward model, tokenizer) from a saved model dir of a `reward` run (`model/`, a checkpoint)."""
-    from tunery.methods import read_info
-    from tunery.methods.loading import load_saved_method, saved_tokenizer
-    from tunery.models import load_model
-
     info = read_info(adapter)
     if info.get("objective") != "reward":
         raise ModelError(
@@ -158,8 +155,6 @@ def score_conversations(
 ) -> list[float]:
     """The reward of each conversation (its last assistant reply in context), as trained: the chat
     template's rendering up to the reply's end-of-turn token."""
-    from tunery.data import encode_completion
-
     out: list[float] = []
     for start in range(0, len(conversations), batch_size):
         rows = []
@@ -186,7 +181,6 @@ register(
         collate=collate,
         loss=loss,
         length=length,
-        prepare_model=prepare_model,
-        method_options=method_options,
+        head=head,
     )
 )

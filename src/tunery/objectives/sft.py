@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunery.data import encode_chat
 from tunery.modeling.forward import IGNORE, packed_inputs, padded_inputs, supervised_loss
 from tunery.objectives import register
 from tunery.objectives.base import Context, Objective, StepOutput
@@ -18,8 +19,6 @@ class SFTOptions(BaseModel):
 
 
 def encode(example: Any, tokenizer: Any, config: Any) -> dict[str, Any] | None:
-    from tunery.data import encode_chat
-
     feats = encode_chat(
         example,
         tokenizer,

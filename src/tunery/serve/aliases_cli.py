@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import typer
+from rich.table import Table
 
 from tunery.errors import TuneryError
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
@@ -62,8 +63,6 @@ def aliases_list(
     database_url: str | None = DatabaseUrl,
 ) -> None:
     """List aliases: key, name, model, and the model it pointed at before."""
-    from rich.table import Table
-
     table = _open(data_dir, database_url)
     try:
         rows = table.list(key)

@@ -11,15 +11,21 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from python_multipart.exceptions import FormParserError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunery.errors import TuneryError
+from tunery.jobs.local import LocalExecutor
+from tunery.jobs.ray_executor import RayExecutor
+from tunery.jobs.store import Store
+from tunery.serve import aliases, classify, datasets, files, inference, jobs, keys, models, stored, ui
 from tunery.serve.common import (
     Principal,
     RateLimiter,
@@ -28,19 +34,16 @@ from tunery.serve.common import (
     principal,
     render_tunery_error,
 )
+from tunery.serve.engines import get_engine
 from tunery.serve.middleware import BodyLimit, LoopbackGuard
 
 if TYPE_CHECKING:
     from tunery.jobs.executor import Executor
-    from tunery.jobs.store import Store
 
 log = logging.getLogger("tunery.serve")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from tunery.jobs.store import Store
-    from tunery.serve import aliases, classify, datasets, files, inference, jobs, keys, models, stored, ui
-
     store = Store(settings.data_dir, settings.database_url)
     if settings.api_key and store.ensure_key(settings.api_key, name="admin", admin=True) is None:
         # Revoked or rotated away (POST /v1/tunery/keys/.../rotate, `tunery keys rotate`): it stays
@@ -149,7 +152,6 @@ def _install_handlers(app: FastAPI) -> None:
 
 def _install_docs(app: FastAPI) -> None:
     """/openapi.json and /docs behind the same key as the API (open with --no-auth)."""
-    from fastapi.openapi.docs import get_swagger_ui_html
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi_schema(_who: Principal = Depends(principal)) -> JSONResponse:
@@ -170,8 +172,6 @@ def make_executor(settings: Settings, store: Store) -> Executor:
         env_allow=tuple(settings.judge_key_envs.values()) + tuple(settings.worker_env),
     )
     if settings.executor == "ray":
-        from tunery.jobs.ray_executor import RayExecutor
-
         if settings.gpus_per_job:
             raise TuneryError(
                 "--gpus-per-job is for --executor local; Ray jobs reserve GPUs with --ray-num-gpus.",
@@ -185,8 +185,6 @@ def make_executor(settings: Settings, store: Store) -> Executor:
             num_gpus=settings.ray_num_gpus,
             **common,
         )
-    from tunery.jobs.local import LocalExecutor
-
     return LocalExecutor(store, gpus_per_job=settings.gpus_per_job, **common)
 
 
@@ -196,8 +194,6 @@ def _prepare_soon(state: Any, base: str, model_dir: Any) -> None:
 
     def work() -> None:
         try:
-            from tunery.serve.engines import get_engine
-
             get_engine(state).prepare(base, str(model_dir))
         except Exception as exc:  # noqa: BLE001 - the first request prepares it, and says why if it fails
             log.info("could not prepare %s for serving ahead of time: %s", model_dir, exc)
@@ -207,8 +203,6 @@ def _prepare_soon(state: Any, base: str, model_dir: Any) -> None:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("tunery")
     except Exception:
         return "0"

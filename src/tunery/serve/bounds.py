@@ -24,7 +24,9 @@ from typing import Any
 
 from fastapi import Request
 
+from tunery.models.load import count_safetensors_params
 from tunery.serve.common import ApiError, Principal
+from tunery.workflows.recommend import model_facts
 
 MAX_EVAL_EXAMPLES = 2000
 MAX_EVAL_NEW_TOKENS = 2048
@@ -73,9 +75,6 @@ def heavy_slot(request: Request, who: Principal, what: str):
 def model_params(base: str, adapter_dir: Path | None = None) -> int:
     """Parameters loading `base` (plus a saved model dir) brings into memory, read from the config and
     the safetensors headers; no weights are loaded."""
-    from tunery.models.load import count_safetensors_params
-    from tunery.workflows.recommend import model_facts
-
     total = model_facts(base).n_params
     if adapter_dir is not None:
         total += count_safetensors_params(adapter_dir) or 0

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from tunery.evaluate.classify import is_classifier, load_classifier, predict_proba, prediction_row
 from tunery.serve.common import ApiError, Principal, principal
 from tunery.serve.resolver import resolve_model_name
 
@@ -39,8 +40,6 @@ def _inputs(body: dict[str, Any]) -> list[str]:
 
 
 def _classifier(state: Any, spec: str | None, adapter: str | None) -> tuple[Any, Any, dict[str, Any]]:
-    from tunery.evaluate.classify import is_classifier, load_classifier
-
     if adapter is None and is_classifier(spec):  # a local full fine-tune's model dir names itself
         spec, adapter = None, spec
     key = (spec, adapter)
@@ -70,8 +69,6 @@ def _classifier(state: Any, spec: str | None, adapter: str | None) -> tuple[Any,
 async def classifications(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    from tunery.evaluate.classify import predict_proba, prediction_row
-
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "Missing required parameter: 'model'.", param="model")

@@ -8,6 +8,8 @@ OPENAI_BASE_URL / OPENAI_API_KEY).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import sys
@@ -192,7 +194,6 @@ def _client(base_url: str | None, api_key: str | None):
 
 def _api_errors(fn):
     """Render the SDK's API errors as one line, not a traceback."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -315,8 +316,6 @@ def jobs_get(
     api_key: str | None = ApiKey,
 ) -> None:
     """Show one job: status, model, fine-tuned model, hyperparameters and error."""
-    import json
-
     import httpx
 
     # The raw body, not the SDK's model of it: `--json` shows Tunery's extension fields too.

@@ -19,8 +19,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from tunery.errors import TuneryError
+from tunery.export.gguf_file import GGUF_TYPES
 from tunery.jobs.tables import ACTIVE_STATUSES
 from tunery.redact import scrub_paths
+from tunery.serve.engines import ENGINES
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 MIB = 1 << 20
@@ -82,9 +84,6 @@ class Settings:
             raise TuneryError(
                 f"Unknown --store {self.store_mode!r}: use off, request or always.", code="invalid_config"
             )
-        from tunery.export.gguf_file import GGUF_TYPES
-        from tunery.serve.engines import ENGINES
-
         if self.engine not in ENGINES:
             raise TuneryError(
                 f"Unknown --engine {self.engine!r}: use {', '.join(ENGINES)}.", code="invalid_config"

@@ -21,13 +21,19 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from tunery.data import from_logs
+from tunery.data.from_logs import check_options, parse_time
 from tunery.jobs.store import Store
 from tunery.jobs.tables import new_id
+from tunery.objectives.judge import Judge, JudgeOptions
 from tunery.serve.bounds import heavy_slot
 from tunery.serve.common import MIB, ApiError, Principal, principal
 from tunery.serve.completions_store import Query
+from tunery.serve.engines import get_engine
 from tunery.serve.files import file_object
+from tunery.serve.resolver import get_resolver, model_not_found, resolve_model_name
 from tunery.serve.stored import check_metadata, completion_log
+from tunery.workflows import relabel
 
 router = APIRouter(prefix="/v1")
 
@@ -39,8 +45,6 @@ MAX_RELABEL_TOKENS = 2048
 
 
 def _selection(body: dict[str, Any], owner: str) -> tuple[Query, str, str, float]:
-    from tunery.data.from_logs import check_options, parse_time
-
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise ApiError(400, f"Unknown parameter(s): {', '.join(unknown)}.", param=unknown[0])
@@ -126,8 +130,6 @@ def _block(body: dict[str, Any], name: str, fields: set[str]) -> dict[str, Any] 
 
 def _model(request: Request, who: Principal, name: str, param: str) -> tuple[str, str | None]:
     """(base spec, absolute model dir or None) of a model the key may call, as a chat request names it."""
-    from tunery.serve.resolver import model_not_found, resolve_model_name
-
     try:
         base, rel = resolve_model_name(request, who, name)
     except ApiError as exc:
@@ -136,16 +138,11 @@ def _model(request: Request, who: Principal, name: str, param: str) -> tuple[str
 
 
 def _endpoint(request: Request, name: str, param: str) -> tuple[str, str | None]:
-    from tunery.serve.resolver import get_resolver
-
     return get_resolver(request).endpoint(name, param)
 
 
 def _relabeler(request: Request, who: Principal, block: dict[str, Any]) -> Any:
     """`reply(conversations) -> replies` of the `relabel` block."""
-    from tunery.serve.engines import get_engine
-    from tunery.workflows import relabel
-
     max_tokens = int(block.get("max_tokens") or 256)
     if block.get("endpoint"):
         url, key_env = _endpoint(request, block["endpoint"], "relabel.endpoint")
@@ -156,11 +153,6 @@ def _relabeler(request: Request, who: Principal, block: dict[str, Any]) -> Any:
 
 def _judge(request: Request, who: Principal, block: dict[str, Any], relabel_block: dict[str, Any]) -> Any:
     """The `Judge` of the `judge` block; with neither `model` nor `endpoint`, the relabeler itself."""
-    from tunery.objectives.rlaif import Judge, JudgeOptions
-    from tunery.serve.engines import get_engine
-    from tunery.serve.resolver import get_resolver
-    from tunery.workflows import relabel
-
     if not (block.get("model") or block.get("endpoint")):
         block = {**block, **{k: relabel_block.get(k) for k in ("model", "endpoint", "model_name")}}
     common: dict[str, Any] = {k: block[k] for k in ("max_score", "max_tokens") if block.get(k) is not None}
@@ -180,8 +172,6 @@ def _judge(request: Request, who: Principal, block: dict[str, Any], relabel_bloc
 
 
 def _rewrite(built: Any, reply: Any, judge: Any, min_score: float | None) -> None:
-    from tunery.data import from_logs
-
     rows = from_logs.relabel(built, reply)
     if judge is not None and min_score is not None:  # _check_block requires min_score with a judge
         from_logs.judge_relabeled(built, rows, judge.score, min_score, judge.options.max_score)
@@ -191,8 +181,6 @@ def _rewrite(built: Any, reply: Any, judge: Any, min_score: float | None) -> Non
 async def create_dataset(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    from tunery.data import from_logs
-
     store: Store = request.app.state.store
     # A TuneryError here (a bad option, too many rows) is a 400 in OpenAI's shape (app.py).
     query, shape, rating, fraction = _selection(body, who.id)
@@ -224,8 +212,6 @@ async def create_dataset(
 
 def _store_files(request: Request, who: Principal, records: list, built: Any) -> dict[str, Any]:
     """The built rows as the key's two file objects (train, and the test slice if any)."""
-    from tunery.data import from_logs
-
     store: Store = request.app.state.store
     shape = built.report.shape
     report = built.report.to_dict()

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, cast
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from tunery.jobs.store import Store
 from tunery.jobs.tables import FileRow, new_id, now
@@ -38,6 +39,7 @@ from tunery.serve.common import (
     principal,
 )
 from tunery.serve.file_sweep import SWEEP_EVERY_S, sweep
+from tunery.serve.validation import upload_error
 
 log = logging.getLogger("tunery.serve")
 PURPOSES = {"fine-tune", "batch", "user_data", "evals", "assistants", "vision"}
@@ -159,8 +161,6 @@ class _Upload:
         self._hname, self._hvalue = b"", b""
 
     def headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
         _, params = parse_options_header(self._headers.get("content-disposition", b""))
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if self._name == "file":
@@ -215,8 +215,6 @@ class _Upload:
 
 async def _receive(request: Request, up: _Upload) -> None:
     """Stream the body through the multipart parser into `up`, counting every byte."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise ApiError(
@@ -331,8 +329,6 @@ async def _check_training_upload(state: Any, path: Path, filename: str) -> None:
     process, since the records of a large file are millions of Python objects, and the garbage
     collector pauses the thread that walks them while holding the GIL: measured on a 100 MB file,
     `/healthz` waited up to 0.6 s in the thread and under 0.2 s with the process."""
-    from tunery.serve.validation import upload_error
-
     if path.stat().st_size < PROCESS_VALIDATION_BYTES:
         err = await run_in_threadpool(upload_error, path, filename)
     else:

@@ -19,6 +19,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from tunery.errors import TuneryError
+from tunery.generation.generate import chat_prompt
+from tunery.generation.sequence import GenerationParams
 from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, principal
 from tunery.serve.echo import (
@@ -58,8 +60,6 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type = float) ->
 
 
 def _params(body: dict[str, Any], chat: bool):
-    from tunery.generation.sequence import GenerationParams
-
     max_tokens = body.get("max_completion_tokens") if chat else None
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, int)
@@ -159,8 +159,6 @@ async def chat_completions(
     who: Principal = Depends(principal),
     served_by: Any = Depends(serving_engine),
 ) -> dict[str, Any] | StreamingResponse:
-    from tunery.generation.generate import chat_prompt
-
     messages = _messages(body)
     params = _params(body, chat=True)
     capture = capture_for(request, who, body)  # checks `store` and `metadata` before any work

@@ -26,6 +26,7 @@ from tunery.serve.common import (
     principal,
 )
 from tunery.serve.resolver import get_resolver
+from tunery.serve.validation import job_file_error
 
 router = APIRouter(prefix="/v1/fine_tuning")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -146,8 +147,6 @@ def _resolve_names(request: Request, who: Principal, model: str, ext: dict[str, 
 def create_job(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
 ) -> dict[str, Any]:
-    from tunery.serve.validation import job_file_error
-
     state = request.app.state
     store = state.store
     check_job_quota(request, who)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.table import Table
 
 from tunery.errors import TuneryError
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
@@ -61,8 +62,6 @@ def logs_list(
     database_url: str | None = DatabaseUrl,
 ) -> None:
     """List stored chat completions, newest first, with their rating."""
-    from rich.table import Table
-
     from tunery.serve.completions_store import Query, rating_value
 
     logs = _open(data_dir, database_url)
@@ -292,7 +291,7 @@ def _judge_options(
     """The judge of `--judge-min-score` as `JudgeOptions`, or None when no filter was asked for. With
     neither --judge-model nor --judge-url it is the relabeler itself (as `tunery data synth
     --min-judge-score` asks its teacher)."""
-    from tunery.objectives.rlaif import JudgeOptions
+    from tunery.objectives.judge import JudgeOptions
 
     if min_score is None:
         if model or url:
@@ -337,24 +336,11 @@ def _relabel(built: Any, relabeler: tuple, judge: Any, min_score: float | None) 
         rows = from_logs.relabel(built, reply)
     if judge is None or min_score is None:
         return
-    from tunery.objectives.rlaif import Judge
+    from tunery.objectives.judge import Judge
 
     with console.status("Judging the relabeled replies…"):
         scorer = Judge(judge)
         from_logs.judge_relabeled(built, rows, scorer.score, min_score, judge.max_score)
-
-
-def _ft_owner(store: Any, name: str) -> str | None:
-    """The key that owns the fine-tuned model or checkpoint `name` (the operator names it without one)."""
-    from sqlalchemy import select
-
-    from tunery.jobs.tables import CheckpointRow, ModelRow
-
-    with store.tx() as s:
-        row = s.get(ModelRow, name)
-        if row is not None:
-            return row.owner
-        return s.scalar(select(CheckpointRow.owner).where(CheckpointRow.model_name == name).limit(1))
 
 
 def _contender(name: str, key: str | None, data_dir: Path, database_url: str | None) -> Any:
@@ -368,7 +354,7 @@ def _contender(name: str, key: str | None, data_dir: Path, database_url: str | N
         return Contender(name, *_parse_model_arg(name))
     store = Store(data_dir, database_url)
     try:
-        owner = key or _ft_owner(store, name)
+        owner = key or store.model_owner(name)
         found = store.find_model(owner, name) if owner else None
         if found is None:
             raise TuneryError(

@@ -19,6 +19,7 @@ from tunery.errors import TuneryError
 from tunery.models.registry import is_hub_id
 from tunery.redact import scrub_paths
 from tunery.serve.common import ApiError, Principal, admin, principal
+from tunery.serve.engines import get_engine
 from tunery.serve.model_registry import ModelRegistry, model_object
 from tunery.serve.resolver import chat_aliases, model_not_found, resolve_model_name
 
@@ -44,8 +45,6 @@ def _with_engine(request: Request, who: Principal, model: dict[str, Any]) -> dic
     """The model entry plus Tunery's `tunery.engine`: which serving engine answers for it, and why
     not llama.cpp where it is not (serve/engines). Deciding reads configs only; a model that cannot be
     resolved now says null."""
-    from tunery.serve.engines import get_engine
-
     engine, why = None, None
     try:
         spec, rel = resolve_model_name(request, who, model["id"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.table import Table
 
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
 from tunery.terminal import console, user_errors
@@ -72,8 +73,6 @@ def models_pull(
 @user_errors()
 def models_list(data_dir: Path = DataDir, database_url: str | None = DatabaseUrl) -> None:
     """List registered models: name, architecture, parameters, context, license, source."""
-    from rich.table import Table
-
     registry = _open(data_dir, database_url)
     try:
         rows = registry.list()
@@ -162,8 +161,6 @@ def _facts(row: Any) -> list[tuple[str, str]]:
 def _print_methods(source: str, tokens: int) -> None:
     """Each method's trainable parameters (`Method.trainable_parameters`, at its default options) and
     `tunery recommend`'s peak-memory estimate for one example of `tokens` tokens per step, in fp32."""
-    from rich.table import Table
-
     from tunery.methods import METHODS
     from tunery.train.estimate import trainable_parameters
     from tunery.workflows.recommend import GB, DataFacts, estimate, model_facts, model_shape

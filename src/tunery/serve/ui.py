@@ -16,12 +16,22 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
+from starlette.background import BackgroundTask
 
+from tunery.config import Hyperparameters, check_request_hyperparameters
+from tunery.data import validate_file
+from tunery.errors import DataError
+from tunery.evaluate.heldout import Contender, compare_on_heldout, load_heldout, sample
+from tunery.evaluate.run import compare, load_conversations
+from tunery.export import export
 from tunery.jobs.tables import new_id
+from tunery.methods import METHODS, load_trained
+from tunery.objectives import OBJECTIVES, validation_kind
 from tunery.serve.bounds import check_eval_size, check_model_size, export_workdir, heavy_slot
 from tunery.serve.common import ApiError, Principal, principal
 from tunery.serve.engines import get_engine
 from tunery.serve.resolver import chat_aliases, resolve_model_name
+from tunery.serve.ui_estimate import estimate_job
 
 STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"
 router = APIRouter()
@@ -89,10 +99,6 @@ def _options(schema: Any) -> list[dict[str, Any]]:
 
 @api.get("/registry", summary="Methods, objectives, hyperparameters and base models for the New-job form")
 def registry(who: Principal = Depends(principal)) -> dict[str, Any]:
-    from tunery.config import Hyperparameters
-    from tunery.methods import METHODS
-    from tunery.objectives import OBJECTIVES
-
     methods = [
         {
             "name": name,
@@ -128,10 +134,6 @@ def registry(who: Principal = Depends(principal)) -> dict[str, Any]:
 
 
 def _report(path: Path, filename: str, method: str, min_examples: int, tokenizer: Any = None) -> dict:
-    from tunery.config import Hyperparameters
-    from tunery.data import validate_file
-    from tunery.objectives import validation_kind
-
     report = validate_file(
         path,
         method=method,
@@ -148,8 +150,6 @@ def _report(path: Path, filename: str, method: str, min_examples: int, tokenizer
 
 
 def _method_arg(method: str) -> str:
-    from tunery.objectives import validation_kind
-
     validation_kind(method)  # a ConfigError naming the known ones when unknown
     return method
 
@@ -210,8 +210,6 @@ def estimate(
 ) -> dict[str, Any]:
     """Body: {model, method, objective?, training_file?, n_examples?, tokens_per_example?,
     hyperparameters?: {n_epochs, batch_size, max_length, micro_batch_tokens}, options?: {...}}."""
-    from tunery.serve.ui_estimate import estimate_job
-
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "Missing required parameter: 'model'.", param="model")
@@ -225,7 +223,6 @@ def estimate(
 
 def _estimate_args(body: dict[str, Any]) -> dict[str, Any]:
     """The estimate's numbers, checked like a job's: a wrong type is a 400 naming it, not a 500."""
-    from tunery.config import check_request_hyperparameters
 
     def number(name: str, integer: bool, hi: float) -> Any:
         value = body.get(name)
@@ -258,9 +255,6 @@ def _estimate_args(body: dict[str, Any]) -> dict[str, Any]:
 def _run_eval(
     rows: list[tuple[str, str, str | None]], data: Path, max_new_tokens: int | None, max_params: int
 ) -> dict:
-    from tunery.evaluate.run import compare, load_conversations
-    from tunery.methods import load_trained
-
     convs = load_conversations(data)  # read once: counted here, evaluated below
     check_eval_size(len(convs), max_new_tokens)
     check_model_size([(base, Path(a) if a else None) for _, base, a in rows], max_params, "models")
@@ -312,9 +306,6 @@ async def evaluate_models(
 def _compare_heldout(
     engine: Any, rows: list[Any], data: Path, filename: str, body: dict, progress: dict[str, Any]
 ) -> dict:
-    from tunery.errors import DataError
-    from tunery.evaluate.heldout import compare_on_heldout, load_heldout, sample
-
     try:
         examples, skipped = load_heldout(data)
     except DataError as exc:  # it names the stored file; the caller knows it by its upload name
@@ -354,8 +345,6 @@ async def compare_heldout(
     each model's exact match (classification metrics when the replies are labels), latency and
     tokens. `sample` compares on that many examples of the file (a fixed-seed sample). While it runs,
     `GET /v1/tunery/compare/progress` counts the replies made."""
-    from tunery.evaluate.heldout import Contender
-
     store = request.app.state.store
     names = body.get("models")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != 2:
@@ -404,8 +393,6 @@ EXPORT_FORMATS = ("adapter", "hf", "gguf")
 async def export_model(
     request: Request, body: dict[str, Any] = Body(...), who: Principal = Depends(principal)
 ) -> FileResponse:
-    from tunery.export import export
-
     name, fmt = body.get("model"), body.get("format", "adapter")
     if not isinstance(name, str) or not name.startswith("ft:"):
         raise ApiError(400, "Only fine-tuned models (ft:...) can be exported.", param="model")
@@ -421,8 +408,6 @@ async def export_model(
             out = work / slug
             await run_in_threadpool(export, base, str(store.path(rel)), fmt, out)
             archive = await run_in_threadpool(shutil.make_archive, str(work / f"{slug}-{fmt}"), "zip", out)
-    from starlette.background import BackgroundTask
-
     return FileResponse(
         archive,
         media_type="application/zip",

@@ -1,31 +1,47 @@
-"""A rough memory and time estimate of a fine-tuning job, from the model's config (no weights are
-loaded) and the training file's token counts. It is meant to tell "fits / takes minutes" from
+"""The dashboard's estimate of a fine-tuning job (`POST /v1/tunery/estimate`), from the model's config
+(no weights are loaded) and the training file's token counts. The memory is `train.estimate.peak_memory`,
+the estimate `tunery recommend` makes; this module reads the request, counts the file, adds a rough
+time and groups the memory as the page shows it. It is meant to tell "fits / takes minutes" from
 "will not fit / takes days", not to be exact: every assumption is returned with the numbers."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunery.config import Hyperparameters
+from tunery.data import validate_file
 from tunery.errors import TuneryError
-from tunery.models.shape import ModelShape
+from tunery.models.load import load_tokenizer
+from tunery.models.placement import bf16_supported
+from tunery.objectives import validation_kind
+from tunery.train.estimate import RUNTIME_BYTES, model_shape, peak_memory
+from tunery.train.hparams import auto_batch_size, auto_epochs
 
 # Rough sustained training throughput: the time estimate's only calibration constant.
 GPU_FLOPS = 5.0e13
 CPU_FLOPS_PER_CORE = 2.0e10
 STARTUP_SECONDS = 20.0
 STEP_OVERHEAD_SECONDS = 0.05
+# The share of tokens assumed supervised when the file's tokens could not be counted.
+SUPERVISED_SHARE = 0.5
 
 
-def _token_counts(base_spec: str, data_path: Path | None, objective: str) -> tuple[int | None, float | None]:
+@dataclass
+class Counted:
+    """What validating the training file counted; None where it could not count."""
+
+    n: int | None = None
+    mean: float | None = None
+    longest: int | None = None
+    supervised_share: float | None = None
+
+
+def _token_counts(base_spec: str, data_path: Path | None, objective: str) -> Counted:
     if data_path is None:
-        return None, None
-    from tunery.config import Hyperparameters
-    from tunery.data import validate_file
-    from tunery.models.load import load_tokenizer
-    from tunery.objectives import validation_kind
-
+        return Counted()
     try:
         tokenizer = load_tokenizer(base_spec)
     except Exception:  # a tokenizer that cannot load still leaves the example count useful
@@ -38,9 +54,15 @@ def _token_counts(base_spec: str, data_path: Path | None, objective: str) -> tup
         kind=validation_kind(objective),
         min_examples=0,
     )
-    n = int(report.stats.get("valid_examples") or report.n or 0)
-    mean = (report.stats.get("tokens") or {}).get("mean")
-    return n, float(mean) if mean else None
+    tokens = report.stats.get("tokens") or {}
+    total, trained = report.stats.get("total_tokens"), report.stats.get("trained_tokens")
+    return Counted(
+        n=int(report.stats.get("valid_examples") or report.n or 0),
+        mean=float(tokens["mean"]) if tokens.get("mean") else None,
+        longest=int(tokens["max"]) if tokens.get("max") else None,
+        # preference pairs train on both answers: more than the longest row holds, so at most all
+        supervised_share=min(1.0, trained / total) if total and trained else None,
+    )
 
 
 def _device() -> tuple[str, float, int | None]:
@@ -56,26 +78,26 @@ def _device() -> tuple[str, float, int | None]:
     return f"CPU ({os.cpu_count()} cores)", CPU_FLOPS_PER_CORE * (os.cpu_count() or 1), None
 
 
-def _memory(
-    method: str, shape: ModelShape, trainable: int, micro_tokens: int, on_gpu: bool
-) -> tuple[dict[str, int], float]:
-    """(bytes by part, bytes per weight) of training `trainable` of the model's parameters."""
-    weight_bytes: float = 2 if on_gpu else 4  # bf16 on a GPU, fp32 on CPU
-    if method == "qlora":
-        weight_bytes = 0.55  # 4-bit NF4 plus its quantization constants
-    act_bytes = 2 if on_gpu else 4
-    memory = {
-        "weights": int(shape.n_params * weight_bytes),
-        # fp32 gradient + AdamW's two moments for each trainable parameter
-        "gradients_and_optimizer": int(trainable * 12),
-        # per token and layer, about 18 hidden-size activations kept for backward; the LM head
-        # runs only at supervised positions (about half the tokens)
-        "activations": int(micro_tokens * shape.hidden * shape.layers * 18 * act_bytes)
-        + int(micro_tokens / 2 * shape.vocab * 4 * 2),
+def _precision(hp: dict[str, Any], on_gpu: bool) -> str:
+    """The request's precision, or what `auto` picks as `tunery recommend` does: bf16 on a GPU and on a
+    CPU that computes it natively, else fp32."""
+    chosen = hp.get("precision")
+    if chosen in ("bf16", "fp16", "fp32"):
+        return str(chosen)
+    return "bf16" if on_gpu or bf16_supported("cpu") else "fp32"
+
+
+def _by_part(parts: dict[str, int]) -> dict[str, int]:
+    """`peak_memory`'s parts grouped as the page shows them; the groups add up to the same total."""
+    return {
+        "weights": parts["weights"],
+        "gradients_and_optimizer": sum(
+            parts.get(k, 0) for k in ("gradients", "optimizer", "adapter+grads+optimizer")
+        ),
+        "activations": parts["activations"] + parts["lm_head"],
+        "runtime": parts["runtime"] + parts["fixed"],
+        "load_save_copy": parts["load_save_copy"],
     }
-    if method in ("full", "freeze") and weight_bytes < 4:
-        memory["gradients_and_optimizer"] += int(trainable * 4)  # fp32 master weights
-    return memory, weight_bytes
 
 
 def estimate_job(
@@ -90,36 +112,39 @@ def estimate_job(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Memory (bytes, by part) and wall time (seconds) of training `base_spec` with `method`."""
-    from tunery.config import Hyperparameters
-    from tunery.train.estimate import model_shape, trainable_parameters
-    from tunery.train.hparams import auto_batch_size, auto_epochs
-
     hp = dict(hyperparameters or {})
     shape = model_shape(base_spec)
-    total = shape.n_params
-    trainable, what = trainable_parameters(method, shape, options)
-
-    counted_n, counted_mean = _token_counts(base_spec, data_path, objective)
-    n = int(n_examples or counted_n or 0)
+    counted = _token_counts(base_spec, data_path, objective)
+    n = int(n_examples or counted.n or 0)
     if n <= 0:
         raise TuneryError("Give a training file or a number of examples to estimate.", param="n_examples")
-    mean_tokens = float(tokens_per_example or counted_mean or 256)
     defaults = Hyperparameters()
     max_length = int(hp.get("max_length") or defaults.max_length)
-    mean_tokens = min(mean_tokens, max_length)
+    mean_tokens = min(float(tokens_per_example or counted.mean or 256), max_length)
+    longest = counted.longest if tokens_per_example is None and counted.longest else mean_tokens
     epochs = hp.get("n_epochs", "auto")
     epochs = auto_epochs(n) if epochs in (None, "auto") else int(epochs)
     batch = hp.get("batch_size", "auto")
     batch = auto_batch_size(n) if batch in (None, "auto") else int(batch)
-    micro_tokens = int(hp.get("micro_batch_tokens") or defaults.micro_batch_tokens)
-    micro_tokens = max(min(micro_tokens, int(batch * mean_tokens)), int(mean_tokens))
 
     device, flops_per_s, device_memory = _device()
-    memory, weight_bytes = _memory(method, shape, trainable, micro_tokens, on_gpu=device_memory is not None)
-    total_memory = sum(memory.values())
+    memory = peak_memory(
+        shape,
+        method=method,
+        options=options,
+        batch_size=batch,
+        micro_batch_tokens=int(hp.get("micro_batch_tokens") or defaults.micro_batch_tokens),
+        mean_length=mean_tokens,
+        longest=int(longest),
+        max_length=max_length,
+        supervised_share=counted.supervised_share or SUPERVISED_SHARE,
+        precision=_precision(hp, on_gpu=device_memory is not None),
+        device="cpu" if device_memory is None else "cuda",
+    )
+    total_memory = memory.peak_bytes
     tokens = int(n * mean_tokens * epochs)
     # forward 2*P*T, backward through activations 2*P*T, weight gradients 2*P_trainable*T
-    flops = tokens * (4 * total + 2 * trainable)
+    flops = tokens * (4 * shape.n_params + 2 * memory.trainable)
     steps = epochs * -(-n // max(1, batch))
     # Fixed costs dominate small jobs: starting the worker and loading the model, then the
     # optimizer step and logging per step.
@@ -127,24 +152,26 @@ def estimate_job(
     return {
         "model": base_spec,
         "method": method,
-        "parameters": int(total),
-        "trainable_parameters": int(trainable),
-        "trainable_note": what,
+        "parameters": int(shape.n_params),
+        "trainable_parameters": int(memory.trainable),
+        "trainable_note": memory.trainable_note,
         "n_examples": n,
         "tokens_per_example": round(mean_tokens, 1),
-        "tokens_counted": counted_mean is not None and tokens_per_example is None,
+        "tokens_counted": counted.mean is not None and tokens_per_example is None,
         "n_epochs": epochs,
         "batch_size": batch,
         "total_steps": steps,
         "trained_tokens": tokens,
-        "memory_bytes": {**memory, "total": total_memory},
+        "memory_bytes": {**_by_part(memory.parts), "total": total_memory},
         "device": device,
         "device_memory_bytes": device_memory,
         "fits": None if device_memory is None else total_memory <= device_memory * 0.9,
         "seconds": round(seconds, 1),
         "assumptions": (
             f"{flops_per_s / 1e9:.0f} GFLOP/s sustained on {device} plus {STARTUP_SECONDS:.0f} s to start; "
-            f"{weight_bytes} bytes per weight; "
-            "AdamW; activations without gradient checkpointing. A rough guide, not a promise."
+            f"{memory.parts['weights'] / max(1, shape.n_params):.2g} bytes per weight; "
+            f"memory as `tunery recommend` counts it: the runtime ({RUNTIME_BYTES // 1024**2} MB), one "
+            "load/save copy of the weights, AdamW, activations without gradient checkpointing. "
+            "A rough guide, not a promise."
         ),
     }

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tunery.data.validate import ValidationReport
+from tunery.data import validate_file
+from tunery.data.formats import native_kind
+from tunery.data.readers import read_records
+from tunery.data.validate import MIN_EXAMPLES, Issue, ValidationReport, validate_records
+from tunery.errors import DataError
+from tunery.objectives import validation_kind
 
 # For an upload, which method to check a file against, by the kind of its first example.
 _METHOD_FOR_KIND = {
@@ -21,9 +24,6 @@ _METHOD_FOR_KIND = {
 
 
 def _first_error(path: Path, filename: str, method: str, min_examples: int) -> dict[str, str] | None:
-    from tunery.data import validate_file
-    from tunery.objectives import validation_kind
-
     report = validate_file(path, method=method, kind=validation_kind(method), min_examples=min_examples)
     return _openai_error(report, path, filename)
 
@@ -43,12 +43,6 @@ def upload_error(path: Path, filename: str) -> dict[str, str] | None:
 
     The file is read once: the method to check against comes from the records already read (at
     about 0.1 s per MB, a second pass over a large upload would double the wait)."""
-    from tunery.data.formats import native_kind
-    from tunery.data.readers import read_records
-    from tunery.data.validate import Issue, ValidationReport, validate_records
-    from tunery.errors import DataError
-    from tunery.objectives import validation_kind
-
     line_errors: list[DataError] = []
     try:
         records = read_records(path, on_error=line_errors.append)
@@ -66,6 +60,4 @@ def upload_error(path: Path, filename: str) -> dict[str, str] | None:
 def job_file_error(path: Path, filename: str, objective: str, param: str) -> dict[str, str] | None:
     """The first problem of a job's training or validation file for the job's objective, or None.
     Validation files may be small; training files need OpenAI's minimum of 10 examples."""
-    from tunery.data.validate import MIN_EXAMPLES
-
     return _first_error(path, filename, objective, MIN_EXAMPLES if param == "training_file" else 1)

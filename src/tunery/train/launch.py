@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tunery.errors import ConfigError, TuneryError
 
 # --------------------------------------------------------------------------- environment
@@ -60,6 +58,8 @@ class DistributedError(TuneryError):
 
 def check(config: Any, *, cuda: bool | None = None) -> None:
     """Refuse settings this machine cannot run, before any process is launched."""
+    import torch  # not at the top: train/run.py imports this module, `import tunery.train` stays light
+
     d = config.distributed
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if config.method == "qlora" and d.strategy != "ddp":

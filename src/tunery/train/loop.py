@@ -21,7 +21,7 @@ import torch
 from tunery.modeling.shapes import pad_to_bucket
 from tunery.objectives.base import Context, Objective
 from tunery.train import checkpoint as ckpt
-from tunery.train.batching import Step
+from tunery.train.batching import Step, split_micro_batches
 from tunery.train.events import EventLog
 from tunery.train.levers import DEFAULT as DEFAULT_LEVERS
 from tunery.train.levers import Levers
@@ -186,8 +186,6 @@ def _eval_sums(
     s: LoopSetup, indices: list[int], lengths: list[int], budget: int
 ) -> tuple[float, float, dict[str, float]]:
     """(loss sum, units, metric sums) of the objective over the validation features `indices`."""
-    from tunery.train.batching import split_micro_batches
-
     model, obj = s.model, s.objective
     total = units = 0.0
     sums: dict[str, float] = {}
@@ -276,15 +274,18 @@ def save_checkpoint(s: LoopSetup, state: LoopState, step: Step) -> Path:
 
 def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
     total = len(s.steps)
-    window_tokens, window_start = 0, time.perf_counter()
+    # tokens/s counts the steps' own time: evaluations and checkpoint saves are left out of the window
+    window_tokens, window_seconds = 0, 0.0
     with stop_on_signals(state):
         for step in s.steps:
             if step.index <= state.step:
                 continue  # already done before the resume point
             s.ctx.step, s.ctx.total_steps = step.index, total
+            started = time.perf_counter()
             metrics = run_step(s, step, state)
             if metrics is None:
                 break
+            window_seconds += time.perf_counter() - started
             state.interrupted = s.dist.any(state.interrupted)
             # With several ranks only the vote decides: a signal landing during the evaluation or the
             # save below reaches the ranks at different moments, and one rank leaving while another
@@ -296,21 +297,20 @@ def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
             do_eval = last_of_epoch or (s.eval_steps and step.index % s.eval_steps == 0)
             state.last_eval = evaluate(s) if do_eval else {}
             if step.index % s.logging_steps == 0 or do_eval or step.index == total:
-                elapsed = time.perf_counter() - window_start
                 row = {
                     "step": step.index,
                     "total_steps": total,
                     "epoch": step.epoch,
                     **metrics,
                     "learning_rate": s.scheduler.get_last_lr()[0],
-                    "tokens_per_second": window_tokens / elapsed if elapsed > 0 else 0.0,
+                    "tokens_per_second": window_tokens / window_seconds if window_seconds > 0 else 0.0,
                     "rss_mb": round(rss_mb(), 1),  # soak tests and the progress bar watch it for growth
                     **state.last_eval,
                     **(s.method_metrics(s.model) if s.method_metrics is not None else {}),
                 }
                 state.last_metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
                 s.events.metrics(row)
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_seconds = 0, 0.0
             if (last_of_epoch and step.index != total) or (s.save_steps and step.index % s.save_steps == 0):
                 save_checkpoint(s, state, step)
             if stop or (s.dist.stops_alone and state.interrupted):

@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunery.config import TuneryConfig
+from tunery.data import load_dataset, validate_file
+from tunery.data.stats import warn_leakage
+from tunery.data.tasks import file_task
+from tunery.data.types import Dataset
 from tunery.errors import ConfigError, DataError, TuneryError
-from tunery.train import rundir
+from tunery.objectives import OBJECTIVES
+from tunery.train import hparams, launch, rundir
 from tunery.train.events import EventLog, Subscriber
 from tunery.train.levers import DEFAULT as DEFAULT_LEVERS
 from tunery.train.levers import Levers
 from tunery.train.rundir import RunResult
+from tunery.train.trackers import close_all, make_trackers
 
 if TYPE_CHECKING:  # annotations only: these load torch
     from tunery.methods import Method
@@ -46,8 +52,6 @@ def seed_everything(seed: int) -> None:
 
 def load_and_validate(config: TuneryConfig, data_kind: str, objective_name: str):
     """Validate and load the training (and validation) data before any model is touched."""
-    from tunery.data import load_dataset, validate_file
-
     if not config.data.train:
         raise DataError(
             "No training data given.",
@@ -95,9 +99,6 @@ def merge_validation(vals: list) -> tuple[Any, list[str] | None]:
         return None, None
     merged, names = vals[0], ["no_task"]
     if len(vals) > 1:
-        from tunery.data.types import Dataset
-        from tunery.evaluate.heldout import file_task  # the name `tunery logs compare` gives a file
-
         names = [file_task(Path(ds.path)) for ds in vals]
         if len(set(names)) < len(names):
             raise ConfigError(
@@ -138,16 +139,12 @@ def run(
     """Train one run into config.output. User errors end as status failed (raised again for the CLI).
 
     `levers` are the benchmark's switches (train/levers.py); every other caller keeps the defaults."""
-    from tunery.train.launch import is_main_process
-
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    main = is_main_process()  # with several processes only rank 0 writes the run directory and reports
+    main = launch.is_main_process()  # with several processes only rank 0 writes the run directory and reports
     events = EventLog(out, enabled=main)
     for sub in subscribers or []:
         events.subscribe(sub)
-    from tunery.train.trackers import close_all, make_trackers
-
     trackers: list = []
     status = "failed"  # what the trackers record if anything below raises
     try:
@@ -173,10 +170,11 @@ def run(
 
 def _run(config: TuneryConfig, out: Path, events: EventLog, levers: Levers) -> RunResult:
     """Validate (data before any model), then train on this process or as one rank of several."""
+    # Here, not at the top: these load torch, and `import tunery.train` stays light (the job executor
+    # and the CLI's jemalloc re-exec import its light modules). Listed in tunery/optional.py EXCEPTIONS.
     from tunery.methods import METHODS
-    from tunery.objectives import OBJECTIVES
     from tunery.plugins import validate_options
-    from tunery.train import distributed, launch
+    from tunery.train import distributed
     from tunery.train.single import SingleProcess
 
     validate_options(config)  # a config built without the registries (TuneryConfig(...)) is checked here
@@ -189,11 +187,9 @@ def _run(config: TuneryConfig, out: Path, events: EventLog, levers: Levers) -> R
         + (f", {len(val)} validation examples" if val else "")
     )
     if val is not None:  # a validation set that overlaps training measures memorisation, not skill
-        from tunery.data.stats import warn_leakage
-
         warn_leakage(examples, val.examples, events.emit, ", ".join(validation_paths(config)))
 
-    from tunery.train.setup import RunData
+    from tunery.train.setup import RunData  # loads the model builders: after the data checks
 
     data = RunData(datasets, examples, val, val_tasks)
     # A process launched as one of several ranks joins the group first (see train/distributed.py);
@@ -217,10 +213,10 @@ def _train(
 ) -> RunResult:
     """Build -> loop -> save -> finish: the whole recipe, in the order it runs."""
     # torch and the builders load here, not at the top: importing tunery.train (the server and the
-    # job executor do) stays light.
+    # job executor do) stays light. Listed in tunery/optional.py EXCEPTIONS.
     import torch
 
-    from tunery.train import hparams, setup
+    from tunery.train import setup
     from tunery.train.loop import LoopSetup, LoopState, train_loop
 
     hp = config.hyperparameters

@@ -4,6 +4,7 @@ directory."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -14,9 +15,13 @@ from typing import Any
 import torch
 
 from tunery.config import TuneryConfig
+from tunery.data import cached_encode
+from tunery.data.types import Dataset
 from tunery.errors import TuneryError
-from tunery.methods import Method, count_parameters
+from tunery.evaluate import run as evaluation
+from tunery.methods import Method, continue_training, count_parameters
 from tunery.modeling.attention import use_packed_attention
+from tunery.models import load_model, load_tokenizer, model_info
 from tunery.models.placement import enable_tf32, load_dtype
 from tunery.models.unwrap import unwrap
 from tunery.objectives.base import Context, Objective
@@ -43,28 +48,22 @@ class RunData:
 
 
 def build_model(config: TuneryConfig, method: Method, method_opts: Any, objective: Objective):
-    from tunery.models import load_model, load_tokenizer
-
     kwargs = method.load_kwargs(method_opts) if method.load_kwargs else {}
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    if objective.load_model is not None:  # e.g. classify: a sequence-classification model
-        model = objective.load_model(config, kwargs)
-    else:
-        model = load_model(
-            config.model,
-            dtype=_base_dtype(config, method),
-            trust_remote_code=config.trust_remote_code,
-            **kwargs,
-        )
-    if objective.prepare_model is not None:
-        model = objective.prepare_model(model, config)
-    if objective.method_options is not None:  # e.g. the reward head trains in full under LoRA
-        method_opts = objective.method_options(method.name, method_opts)
-    if objective.head_modules is not None:  # a new head trains in full under any method
-        method_opts = _train_in_full(method_opts, objective.head_modules(model))
-    if config.init_from:  # sequential fine-tuning: continue an existing adapter or model
-        from tunery.methods import continue_training
 
+    def load(**overrides: Any) -> torch.nn.Module:
+        """The base as the method needs it (qlora: 4-bit); `overrides` win (a classifier's task)."""
+        args = {"trust_remote_code": config.trust_remote_code, **kwargs, **overrides}
+        if "dtype" not in args:
+            args["dtype"] = _base_dtype(config, method)
+        return load_model(config.model, **args)
+
+    if objective.head is not None:  # reward, classify: a new head, trained in full under any method
+        model, head_names = objective.head(config, load)
+        method_opts = _train_in_full(method_opts, head_names)
+    else:
+        model = load()
+    if config.init_from:  # sequential fine-tuning: continue an existing adapter or model
         model = continue_training(model, config.init_from, method)
     else:
         model = method.apply(model, method_opts)
@@ -76,8 +75,6 @@ def _base_dtype(config: TuneryConfig, method: Method) -> torch.dtype:
     (2 bytes a parameter instead of 4; see models/placement.py)."""
     if not torch.cuda.is_available() or config.hyperparameters.precision not in ("auto", "bf16"):
         return torch.float32
-    from tunery.models import model_info
-
     frozen = method.name not in ("full", "freeze")  # every other method leaves the base weights alone
     return load_dtype(model_info(config.model)["dtype"], torch.device("cuda"), frozen)
 
@@ -92,9 +89,6 @@ def _train_in_full(options: Any, names: list[str]) -> Any:
 
 
 def encode_all(examples: list, tokenizer, objective: Objective, config: TuneryConfig, content_hash: str):
-    from tunery.data import cached_encode
-    from tunery.data.types import Dataset
-
     ds = Dataset(path="", format="", kind=objective.data_kind, examples=examples, content_hash=content_hash)
     settings = {
         "objective": objective.name,
@@ -298,8 +292,6 @@ def resume(loop: LoopSetup, events: EventLog) -> LoopState:
 
 def _reference(model: torch.nn.Module):
     """The frozen reference is the base with the adapter disabled: no second copy in memory."""
-    import contextlib
-
     if hasattr(model, "disable_adapter"):
         return model.disable_adapter
     return contextlib.nullcontext
@@ -313,9 +305,7 @@ def classification_eval(config: TuneryConfig, tokenizer, val, tasks: list[str] |
         return None
 
     def run(model):
-        from tunery.evaluate.run import classification_eval
-
-        return classification_eval(
+        return evaluation.classification_eval(
             model,
             tokenizer,
             val.examples,

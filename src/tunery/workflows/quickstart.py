@@ -15,6 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
+from tunery.evaluate.classify import evaluate_classifier, load_classifier
+from tunery.evaluate.run import build_few_shot, evaluate, load_conversations
+from tunery.methods import load_trained
+from tunery.objectives.classify import _is_encoder_spec
+from tunery.plugins import load_config
+from tunery.resources import dataset_file, dataset_subset
+from tunery.terminal import ProgressPrinter
+from tunery.train import run
+
 # The bundled tasks the quickstart runs, with their label sets (datasets/<task>/README.md).
 TASKS = {
     "sentiment": ["positive", "negative", "mixed"],
@@ -50,9 +61,6 @@ def _evaluate_base(s: QuickstartSettings, console, train: Path, test: Path) -> l
     """Steps 1 and 2: load the base model, evaluate it zero-shot and few-shot; their table rows."""
     import torch
 
-    from tunery.evaluate.run import build_few_shot, evaluate, load_conversations
-    from tunery.methods import load_trained
-
     console.rule("[bold]1/4 Load the base model")
     t = time.perf_counter()
     base, tok = load_trained(s.model, None, dtype=torch.float32)
@@ -85,10 +93,6 @@ def _evaluate_base(s: QuickstartSettings, console, train: Path, test: Path) -> l
 
 def _fine_tune(s: QuickstartSettings, console, train: Path, valid: Path, out: Path) -> Any:
     """Step 3: LoRA on the training split, with a progress bar; the run's result."""
-    from tunery.plugins import load_config
-    from tunery.terminal import ProgressPrinter
-    from tunery.train import run
-
     cfg = load_config(
         sets=[
             f"model={s.model}",
@@ -112,10 +116,6 @@ def _fine_tune(s: QuickstartSettings, console, train: Path, valid: Path, out: Pa
 
 def run_quickstart(s: QuickstartSettings, console) -> dict[str, Any]:
     import torch
-
-    from tunery.evaluate.run import evaluate
-    from tunery.methods import load_trained
-    from tunery.resources import dataset_file, dataset_subset
 
     t_start = time.perf_counter()
     out = Path(s.output)
@@ -175,8 +175,6 @@ def generative_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print(console, summary: dict[str, Any], s: QuickstartSettings) -> None:
-    from rich.table import Table
-
     title = f"{s.task.capitalize()} test set ({summary['n_test']} examples): before and after fine-tuning"
     table = Table(title=title)
     for col in ("model", "accuracy", "macro F1", "off-label replies", "eval seconds"):
@@ -220,8 +218,6 @@ def run_head_quickstart(
     """Train a classification head on the bundled sentiment data for each model (LoRA for decoders,
     full fine-tuning for small encoders), evaluate on the test split, and print them beside the
     generative result (`generative`: a row with label/accuracy/macro_f1/train_seconds/examples_per_second)."""
-    from tunery.resources import dataset_file, dataset_subset
-
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     train = dataset_subset(dataset_file("sentiment", "train"), max_train, out / "train.jsonl")
@@ -252,11 +248,6 @@ def _train_head(
     console: Any,
 ) -> dict[str, Any]:
     """Train and evaluate one model's head; its row of the table."""
-    from tunery.evaluate.classify import evaluate_classifier, load_classifier
-    from tunery.objectives.classify import _is_encoder_spec
-    from tunery.plugins import load_config
-    from tunery.train import run
-
     encoder = _is_encoder_spec(spec)
     # 2e-4: measured 96.7% on the sentiment test set (5e-5 left the head at 67% after 4 epochs)
     method, lr = ("full", 2e-4) if encoder else ("lora", 1e-3)
@@ -296,8 +287,6 @@ def _train_head(
 
 
 def _print_heads(console: Any, rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
     table = Table(title="Sentiment test set: classification heads vs generated labels")
     for col in ("model", "accuracy", "macro F1", "training s", "inference examples/s"):
         table.add_column(col)

@@ -1,22 +1,9 @@
 """`tunery recommend`: method, batch size, precision and sequence length for a model, data and memory.
 
-The estimate is arithmetic over the model's config and the data's token lengths, with these
-assumptions (printed with every recommendation, measured error in docs/workflows.md):
+The estimate is arithmetic over the model's config and the data's token lengths. Its memory part is
+`train/estimate.py`'s `peak_memory`, the one the dashboard uses too; its assumptions are printed with
+every recommendation (measured error in docs/workflows.md), followed by this module's own:
 
-- Weights are loaded in fp32 for training (as `train.setup.build_model` does); QLoRA stores them in
-  4 bit (0.56 byte per parameter with the quantisation constants), and only on CUDA.
-- Full fine-tuning keeps fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter.
-  LoRA (all linear layers, rank r) adds 16 bytes per adapter parameter and none for the frozen base.
-- Activations kept for backward: (8 * hidden + 4 * intermediate + 2 * kv_dim) values per token per
-  layer for a Llama-style block (no gradient checkpointing), 4 bytes each in fp32, 2 under bf16.
-  Attention uses SDPA per packed segment without materialising the L x L matrix.
-- The LM head runs only at supervised positions: 3 copies (logits, softmax, gradient) of
-  vocab x supervised tokens of one micro-batch, fp32.
-- A micro-batch holds min(micro_batch_tokens, batch_size x mean length) tokens, at least the
-  longest example.
-- Loading and saving hold one extra fp32 copy of the weights at the peak; a run also allocates
-  a fixed ~32 MB (plotting, encoded data, tokenizer).
-- The runtime (Python, torch, transformers, peft) adds a fixed RUNTIME_BYTES, measured here.
 - Time: training costs 6 x params FLOPs per token (full), 4 x (LoRA: no weight gradients), plus
   the LM head; the machine sustains `efficiency` of its measured fp32 matmul throughput.
 """
@@ -27,20 +14,22 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tunery.data import encode_chat, load_dataset
+from tunery.data.stats import token_lengths
 from tunery.data.types import IGNORE
 from tunery.errors import ConfigError
-from tunery.train.estimate import ModelShape, trainable_parameters
+from tunery.generation.generate import bf16_supported
+from tunery.models.load import load_tokenizer, model_info
+from tunery.train.estimate import ModelShape, doc_bullets, memory_assumptions, peak_memory
+from tunery.train.estimate import model_shape as config_shape
+from tunery.train.hparams import auto_batch_size
 
 GB = 1024**3
-RUNTIME_BYTES = 450 * 1024**2  # RSS of `import torch, transformers, peft, tunery.train` (measured)
-# Per-run allocations independent of the model size: matplotlib (loss.png), encoded data, tokenizer.
-FIXED_BYTES = 32 * 1024**2
 EFFICIENCY = 0.35  # sustained share of the matmul benchmark during training (packing, small layers)
-LORA_TARGETS = 7  # q, k, v, o, gate, up, down
 
 
 def parse_memory(text: str) -> int:
@@ -67,8 +56,6 @@ class ModelFacts:
 
 
 def model_facts(spec: str) -> ModelFacts:
-    from tunery.models.load import model_info
-
     info = model_info(spec)
     cfg = json.loads((Path(info["path"]) / "config.json").read_text())
     cfg = cfg.get("text_config") or cfg
@@ -114,9 +101,6 @@ class DataFacts:
 
 def data_facts(path: str, tokenizer: Any, kind: str = "chat") -> DataFacts:
     """Token lengths as training sees them (chat template, label mask) for chat data."""
-    from tunery.data import encode_chat, load_dataset
-    from tunery.data.stats import token_lengths
-
     ds = load_dataset(path, kind=kind)
     if ds.kind == "chat":
         feats = [encode_chat(c, tokenizer, None) for c in ds.examples]
@@ -147,16 +131,9 @@ class Estimate:
 
 
 def model_shape(m: ModelFacts) -> ModelShape:
-    """The shape the methods count trainable parameters on; query width = hidden (Llama-style)."""
-    return ModelShape(
-        hidden=m.hidden,
-        layers=m.n_layers,
-        vocab=m.vocab,
-        q=m.hidden,
-        kv=m.kv_dim,
-        inter=m.intermediate,
-        n_params=m.n_params,
-    )
+    """The shape the estimate counts on, read from the model's config as the dashboard reads it (head
+    width, MoE experts, stored dtype), with the facts' parameter count."""
+    return replace(config_shape(m.spec), n_params=m.n_params)
 
 
 def estimate(
@@ -172,32 +149,26 @@ def estimate(
     gflops: float = 15.0,
     efficiency: float = EFFICIENCY,
     memory: int | None = None,
+    device: str = "cpu",
 ) -> Estimate:
-    """Peak memory (bytes, by part) and seconds per epoch of one training configuration."""
+    """Peak memory (bytes, by part: `train.estimate.peak_memory`) and seconds per epoch of one
+    training configuration."""
     lengths = [min(x, max_length) for x in d.lengths] or [1]
     sup = [min(s, x) for s, x in zip(d.supervised or lengths, lengths, strict=False)] or [1]
-    mean_len = sum(lengths) / len(lengths)
-    tokens = int(min(micro_batch_tokens, max(max(lengths), batch_size * mean_len)))
-    sup_tokens = int(tokens * (sum(sup) / max(1, sum(lengths))))
-    act_bytes = 4 if precision == "fp32" else 2
-    parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
-    if method == "full":
-        parts["weights"] = 4 * m.n_params
-        parts["gradients"] = 4 * m.n_params
-        parts["optimizer"] = 8 * m.n_params
-        train_params = m.n_params
-    else:
-        parts["weights"] = int((0.5625 if method == "qlora" else 4) * m.n_params)
-        train_params, _ = trainable_parameters(method, model_shape(m), {"r": lora_r})
-        parts["adapter+grads+optimizer"] = 16 * train_params
-    # Loading maps the safetensors file while the fp32 model is built, and saving serialises a copy:
-    # one more fp32 copy of the weights at the peak (measured: the gap without it was ~4 x params).
-    parts["load_save_copy"] = 4 * m.n_params
-    parts["fixed"] = FIXED_BYTES
-    per_token = m.n_layers * (8 * m.hidden + 4 * m.intermediate + 2 * m.kv_dim) * act_bytes
-    parts["activations"] = tokens * per_token
-    parts["lm_head"] = 3 * 4 * m.vocab * max(1, sup_tokens)
-    peak = sum(parts.values())
+    mem = peak_memory(
+        model_shape(m),
+        method=method,
+        options={"r": lora_r},
+        batch_size=batch_size,
+        micro_batch_tokens=micro_batch_tokens,
+        mean_length=sum(lengths) / len(lengths),
+        longest=max(lengths),
+        max_length=max_length,
+        supervised_share=sum(sup) / max(1, sum(lengths)),
+        precision=precision,
+        device=device,
+    )
+    peak = mem.peak_bytes
     flops_per_token = (6 if method == "full" else 4) * m.n_params
     seconds = d.total_tokens * flops_per_token / (gflops * 1e9 * efficiency) if d.lengths else 0.0
     return Estimate(
@@ -207,7 +178,7 @@ def estimate(
         batch_size,
         micro_batch_tokens,
         int(peak),
-        parts,
+        mem.parts,
         round(seconds, 1),
         memory is None or peak <= memory,
     )
@@ -249,9 +220,8 @@ class Recommendation:
 
 
 def assumptions() -> list[str]:
-    """The bullet list of the module docstring, one string per assumption."""
-    bullets = __doc__.split("assumptions", 1)[1].split("\n- ")[1:]
-    return [" ".join(part.split()) for part in bullets]
+    """The memory estimate's assumptions (`train/estimate.py`), then this module's docstring bullets."""
+    return memory_assumptions() + doc_bullets(__doc__ or "")
 
 
 def round_length(n: int, cap: int | None) -> int:
@@ -263,10 +233,6 @@ def round_length(n: int, cap: int | None) -> int:
 def recommend(
     model: str, data: str, memory: int, *, device: str | None = None, gflops: float | None = None
 ) -> Recommendation:
-    from tunery.generation.generate import bf16_supported
-    from tunery.models.load import load_tokenizer
-    from tunery.train.hparams import auto_batch_size
-
     m = model_facts(model)
     d = data_facts(data, load_tokenizer(model))
     if device is None:
@@ -301,6 +267,7 @@ def recommend(
                 micro_batch_tokens=budget,
                 gflops=gflops,
                 memory=memory,
+                device=device,
             )
             considered.append(est)
             if est.fits and chosen is None:

@@ -9,7 +9,7 @@ A relabeler is `reply(conversations) -> replies`, greedy:
 - on a server, a model the key may call (builtin, registered, its own `ft:` model or alias), through
   the server's engine (`engine_reply`), so it shares the loaded weights with chat traffic.
 
-The judge is `objectives.rlaif.Judge`, the one of `tunery data judge` and of the `rlaif` objective:
+The judge is `objectives.judge.Judge`, the one of `tunery data judge` and of the `rlaif` objective:
 its template, its score parsing and its endpoint client. `from_logs.judge_relabeled` drops the
 relabeled rows it scores below a minimum; rows a reviewer wrote are never judged.
 """
@@ -20,7 +20,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from tunery.data.synth import OpenAITeacher
 from tunery.errors import ConfigError
+from tunery.evaluate.cli import _parse_model_arg
+from tunery.generation.generate import chat_prompt, generate_batch
+from tunery.generation.loading import load_for_inference
+from tunery.generation.sequence import GenerationParams
 
 Reply = Callable[[list[list[dict[str, Any]]]], list[str]]
 WINDOW = 8  # requests one relabeling keeps in a server's engine at a time: chat traffic goes on
@@ -28,11 +33,6 @@ WINDOW = 8  # requests one relabeling keeps in a server's engine at a time: chat
 
 def local_reply(name: str, max_new_tokens: int) -> Reply:
     """Greedy answers of a local model (`M`, `M:ADAPTER_DIR`, a model or run dir), in batches."""
-    from tunery.evaluate.cli import _parse_model_arg
-    from tunery.generation.generate import chat_prompt, generate_batch
-    from tunery.generation.loading import load_for_inference
-    from tunery.generation.sequence import GenerationParams
-
     spec, adapter = _parse_model_arg(name)
     model, tok = load_for_inference(spec, adapter)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -46,8 +46,6 @@ def local_reply(name: str, max_new_tokens: int) -> Reply:
 
 def endpoint_reply(base_url: str, model: str, api_key: str | None, max_new_tokens: int) -> Reply:
     """Greedy answers of `model` at an OpenAI-compatible `base_url` (`tunery data synth`'s teacher)."""
-    from tunery.data.synth import OpenAITeacher
-
     teacher = OpenAITeacher(base_url, model, api_key or "none")
     return lambda conversations: teacher.complete(conversations, 0.0, max_new_tokens)
 
@@ -58,9 +56,6 @@ def env_key(variable: str | None) -> str | None:
 
 def _engine_texts(engine: Any, spec: str, adapter: str | None, max_new_tokens: int) -> Any:
     """`run(messages_list) -> texts`: greedy replies from a server engine, `WINDOW` at a time."""
-    from tunery.generation.generate import chat_prompt
-    from tunery.generation.sequence import GenerationParams
-
     tok = engine.tokenizer(spec, adapter)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
 

@@ -29,9 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from tunery.config import apply_set, read_yaml_mapping
-from tunery.errors import ConfigError
+from tunery.data.readers import read_records
+from tunery.errors import ConfigError, TuneryError
+from tunery.evaluate.run import evaluate, load_conversations
+from tunery.methods import load_trained
+from tunery.plugins import validate
+from tunery.train import run
 
 MINIMIZE = {"loss", "perplexity", "invalid"}
 
@@ -86,8 +92,6 @@ def _config_dict(base: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
 def subset_file(train: str, fraction: float, seed: int, out: Path) -> tuple[Path, int]:
     """The first `fraction` of a fixed shuffle of the records, so a smaller subset is always
     contained in a larger one (the scaling curve then measures data size, not sampling luck)."""
-    from tunery.data.readers import read_records
-
     records = [rec for _, rec in read_records(train).records]
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -100,19 +104,12 @@ def subset_file(train: str, fraction: float, seed: int, out: Path) -> tuple[Path
 
 
 def _eval_examples(spec: SweepSpec):
-    from tunery.evaluate.run import load_conversations
-
     convs = load_conversations(spec.eval_data)
     return convs[: spec.max_eval] if spec.max_eval else convs
 
 
 def run_trial(spec: SweepSpec, index: int, sets: dict[str, Any], fraction: float, evals) -> dict[str, Any]:
     """Train and evaluate one trial; a failed trial is recorded, not fatal to the sweep."""
-    from tunery.errors import TuneryError
-    from tunery.evaluate.run import evaluate
-    from tunery.methods import load_trained
-    from tunery.train import run
-
     trial_dir = Path(spec.output) / f"trial-{index:03d}"
     raw = _config_dict(spec.base, sets)
     train = (raw.get("data") or {}).get("train")
@@ -123,8 +120,6 @@ def run_trial(spec: SweepSpec, index: int, sets: dict[str, Any], fraction: float
         path, n = subset_file(train, fraction, raw.get("seed", 42), trial_dir / "train.jsonl")
         raw["data"]["train"] = str(path)
     else:
-        from tunery.data.readers import read_records
-
         n = len(read_records(train))
     raw["output"] = str(trial_dir / "run")
     row["n_train"] = n
@@ -146,10 +141,6 @@ def run_trial(spec: SweepSpec, index: int, sets: dict[str, Any], fraction: float
 
 
 def _validate(raw: dict[str, Any]):
-    from pydantic import ValidationError
-
-    from tunery.plugins import validate
-
     try:
         return validate(raw)  # the option blocks through the registries, in the same pass
     except ValidationError as exc:

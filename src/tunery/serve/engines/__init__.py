@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import struct
 import threading
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import version
+from typing import Any
 
 from fastapi import Request
 
 from tunery.errors import ConfigError, ModelError, TuneryError
+from tunery.export.gguf_file import ARCHITECTURES
 from tunery.generation.engine import Engine, request_key
 from tunery.generation.sequence import GenerationParams
-
-if TYPE_CHECKING:
-    from tunery.serve.engines.scoring import TorchEngine
+from tunery.models.aliases import ALIASES
+from tunery.models.gguf import MARKER, cache_root, cached_dir_for
+from tunery.models.placement import inference_device
+from tunery.serve.engines import llamacpp
+from tunery.serve.engines.gguf_forms import adapter_refusal, base_refusal
+from tunery.serve.engines.scoring import TorchEngine
+from tunery.serve.engines.vllm import VllmEngine
 
 log = logging.getLogger("tunery.serve")
 ENGINES = ("auto", "torch", "llamacpp", "vllm")
@@ -53,17 +61,10 @@ def startup_line(kind: str) -> str:
     if kind == "torch":
         return "engine: torch (Tunery's decode loop)"
     if kind == "vllm":
-        from tunery.serve.engines.vllm import VllmEngine
-
         VllmEngine.check_available()
         return "engine: vLLM"
-    from tunery.models.gguf import cache_root
-    from tunery.serve.engines.llamacpp import available
-
-    why = available()
+    why = llamacpp.available()
     if why is None:
-        from importlib.metadata import version
-
         return (
             f"engine: llama.cpp (llama-cpp-python {version('llama-cpp-python')}) for every model it can "
             "run, torch for the rest; GET /v1/models says which serves what"
@@ -85,8 +86,6 @@ def startup_line(kind: str) -> str:
 def _unconverted_gguf_arch(spec: str | None) -> str | None:
     """The llama.cpp architecture of a builtin GGUF model whose converted copy is not cached yet (read
     from the GGUF's header); None for anything else."""
-    from tunery.models.aliases import ALIASES
-    from tunery.models.gguf import MARKER, cached_dir_for
 
     alias = ALIASES.get(spec) if spec else None
     if alias is None or alias.fmt != "gguf":
@@ -105,8 +104,6 @@ def _gguf_architecture(path: str) -> str:
     """`general.architecture` of a GGUF file. It is the first key llama.cpp's and the `gguf` package's
     writers put in the header, so reading that far is enough; gguf.GGUFReader parses the whole
     header (the tokenizer's arrays too: seconds), which is the fallback."""
-    import struct
-
     import gguf
 
     with open(path, "rb") as fh:
@@ -122,8 +119,6 @@ def _gguf_architecture(path: str) -> str:
 
 
 def _running(pidfile: Any) -> bool:
-    import os
-
     try:
         os.kill(int(pidfile.read_text().strip()), 0)
     except (OSError, ValueError):
@@ -147,17 +142,12 @@ class EngineRouter:
         self._resolved: dict[str, str] = {}
         self._choice: dict[tuple[str, str | None], tuple[str, str | None]] = {}
         if kind == "vllm":
-            from tunery.serve.engines.vllm import VllmEngine
-
             self._vllm = VllmEngine()  # refuses clearly where vLLM or a GPU is missing
         elif kind in ("auto", "llamacpp"):
             self._cpp = self._make_cpp(kind, gguf_type, cpp)
 
     def _make_cpp(self, kind: str, gguf_type: str, options: dict[str, Any]) -> Any:
-        from tunery.models.placement import inference_device
-        from tunery.serve.engines.llamacpp import LlamaCppEngine, available
-
-        why = available()
+        why = llamacpp.available()
         if why is None and kind == "auto" and inference_device().type != "cpu":
             why = "a GPU is present, and llama.cpp here is built for CPUs"
         if why is not None:
@@ -170,14 +160,12 @@ class EngineRouter:
                 )
             self.notice = f"serving with the torch engine: {why}"
             return None
-        return LlamaCppEngine(gguf_type=gguf_type, max_adapters=self._adapter_cache, **options)
+        return llamacpp.LlamaCppEngine(gguf_type=gguf_type, max_adapters=self._adapter_cache, **options)
 
     @property
     def torch(self) -> TorchEngine:
         with self._lock:
             if self._torch is None:
-                from tunery.serve.engines.scoring import TorchEngine
-
                 self._torch = TorchEngine(max_adapters=self._adapter_cache)
             return self._torch
 
@@ -194,9 +182,6 @@ class EngineRouter:
             return "torch", self.notice
         arch = _unconverted_gguf_arch(model_spec) if cheap else None
         if arch is not None:
-            from tunery.export.gguf_file import ARCHITECTURES
-            from tunery.serve.engines.gguf_forms import adapter_refusal
-
             why = None if arch in ARCHITECTURES.values() else f"no GGUF layout for {arch!r}"
             why = why or (adapter_refusal(adapter_dir) if adapter_dir else None)
             return ("torch", f"llama.cpp cannot run it: {why}") if why else ("llamacpp", None)
@@ -207,8 +192,6 @@ class EngineRouter:
             return self._choice[(key, adapter)]
 
     def _decide(self, key: str, adapter: str | None) -> tuple[str, str | None]:
-        from tunery.serve.engines.gguf_forms import adapter_refusal, base_refusal
-
         why = base_refusal(key) or (adapter_refusal(adapter) if adapter else None)
         return ("torch", f"llama.cpp cannot run it: {why}") if why else ("llamacpp", None)
 

@@ -26,6 +26,7 @@ from typing import Any
 from tunery.errors import ModelError, TuneryError
 from tunery.generation.engine import GenerationHandle, _Request, check_token_ids, emit, request_key
 from tunery.generation.sequence import GenerationParams, _entries, _pick_tokens, _Seq, check_context
+from tunery.methods.loading import read_info, saved_tokenizer
 from tunery.serve.engines.gguf_forms import BaseForm, ensure_adapter, ensure_base
 
 DEFAULT_CTX_PER_SEQ = 4096  # KV cells per sequence; longer requests go to the torch engine
@@ -259,8 +260,6 @@ class LlamaCppEngine:
             if key in self._bases:
                 self._bases.move_to_end(key)
             else:
-                from tunery.methods.loading import read_info, saved_tokenizer
-
                 spec, _, full_dir = key.partition("::")
                 form = ensure_base(key, self.gguf_type)
                 tokenizer = saved_tokenizer(read_info(full_dir) if full_dir else None, spec)

@@ -30,7 +30,9 @@ from tunery.generation.engine import (
     check_token_ids,
     embedding_rows,
 )
+from tunery.generation.generate import _cache_arg
 from tunery.generation.sequence import GenerationParams, _check_context, _token_entry
+from tunery.models import placement
 
 LOGIT_BUDGET = 1 << 25  # floats of logits alive at once while scoring (128 MiB in float32)
 PROMPT_LEARNING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
@@ -73,9 +75,6 @@ def score_prompt(model: Any, tokenizer: Any, prompt: list[int], top: int = 0) ->
     """Entries for every token of `prompt`: logprob of token i given tokens before i."""
     import torch
     from transformers import DynamicCache
-
-    from tunery.generation.generate import _cache_arg
-    from tunery.models import placement
 
     first = _token_entry(tokenizer, prompt[0], 0.0)
     entries = [{**first, "logprob": None, "top_logprobs": None}]

@@ -146,7 +146,7 @@ export async function newJobPage() {
       if (seq !== estimateSeq) return;
       const m = e.memory_bytes;
       estimateBox.replaceChildren(h("dl", { class: "kv" },
-        h("dt", {}, "Memory"), h("dd", {}, `${bytes(m.total)} (weights ${bytes(m.weights)}, gradients + optimizer ${bytes(m.gradients_and_optimizer)}, activations ${bytes(m.activations)})`),
+        h("dt", {}, "Memory"), h("dd", {}, `${bytes(m.total)} (weights ${bytes(m.weights)}, gradients + optimizer ${bytes(m.gradients_and_optimizer)}, activations ${bytes(m.activations)}, runtime ${bytes(m.runtime)}, load/save copy ${bytes(m.load_save_copy)})`),
         h("dt", {}, "Time"), h("dd", {}, `about ${duration(e.seconds)} on ${e.device}`),
         h("dt", {}, "Work"), h("dd", {}, `${e.n_examples} examples × ${e.n_epochs} epochs, batch ${e.batch_size}: ${e.total_steps} steps, ${e.trained_tokens.toLocaleString()} tokens`),
         h("dt", {}, "Trainable"), h("dd", {}, `${e.trainable_parameters.toLocaleString()} of ${e.parameters.toLocaleString()} parameters (${e.trainable_note})`),

@@ -1,7 +1,10 @@
-"""`tunery export`: the typer command. `tunery/cli/__init__.py` mounts `export_command`."""
+"""`tunery export`: the typer command, mounted by `tunery/cli/__init__.py`. It lives here, not in
+`export/`, because importing `tunery.export` imports torch (through `tunery.methods`): the command
+imports it when it runs, so `tunery --help` stays fast."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -39,8 +42,6 @@ def export_command(
     for f in sorted(path.iterdir()):
         console.print(f"  {f.name}  [dim]{f.stat().st_size / 1e6:.2f} MB[/]")
     if format == "adapter":
-        import json
-
         from tunery.export.vllm import vllm_issues
 
         for issue in vllm_issues(json.loads((path / "adapter_config.json").read_text())):
