@@ -53,7 +53,7 @@ STEPS = {"fp32": 150, "bf16": 300}  # bf16 warms up over more steps: one per new
 
 
 def _native_bf16() -> bool:
-    from tunery.models.placement import cpu_has_bf16
+    from tunery.models.cpu_bf16 import cpu_has_bf16  # the flags: native bf16, fast or not
 
     return cpu_has_bf16()
 

@@ -331,47 +331,136 @@ def test_resolve_combines_the_rules_with_the_methods_base_rate():
     assert resolve(Hyperparameters(learning_rate=0.5), 10, 1e-4).learning_rate == 0.5
 
 
-@pytest.mark.parametrize(
-    ("cpuinfo", "auto_cpu"),
-    [
-        ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", "bf16"),
-        ("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n", "bf16"),
-        ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", None),  # bf16 would be emulated: fp32
-        (None, None),  # /proc/cpuinfo unreadable
-    ],
-)
-def test_autocast_dtype_follows_the_cpu_flags(monkeypatch, cpuinfo, auto_cpu):
+CPU_MODEL = "model name\t: Test CPU\n"
+AVX512_BF16 = CPU_MODEL + "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+AMX_BF16 = CPU_MODEL + "flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n"
+NO_BF16 = CPU_MODEL + "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+
+
+@pytest.fixture
+def cpu_bf16_probe(monkeypatch, tmp_path):
+    """The CPU bf16 answer from a clean slate: fake `/proc/cpuinfo` (`state.cpuinfo`; None: unreadable),
+    no override, an empty disk cache, and the matmul probe replaced by one that counts its calls
+    (`state.calls`) and reports `state.speedup` (bf16 over fp32 throughput)."""
     import pathlib
 
-    import torch
+    from tunery.models import cpu_bf16
 
-    from tunery.train import precision
-
+    state = types.SimpleNamespace(cpuinfo=AVX512_BF16, speedup=2.0, calls=0, cache=tmp_path / "cache")
     real = pathlib.Path.read_text
 
     def read_text(self, *args, **kwargs):
         if str(self) != "/proc/cpuinfo":
             return real(self, *args, **kwargs)
-        if cpuinfo is None:
+        if state.cpuinfo is None:
             raise PermissionError(str(self))
-        return cpuinfo
+        return state.cpuinfo
+
+    def probe(*args, **kwargs):
+        state.calls += 1
+        return state.speedup
 
     monkeypatch.setattr(pathlib.Path, "read_text", read_text)
-    precision.cpu_has_bf16.cache_clear()  # the real flags may be cached already
-    try:
-        cpu = torch.device("cpu")
-        expected = {"bf16": torch.bfloat16, None: None}[auto_cpu]
-        assert precision.autocast_dtype("auto", cpu) == expected
-        # explicit choices never look at the flags
-        assert precision.autocast_dtype("fp32", cpu) is None
-        assert precision.autocast_dtype("bf16", cpu) == torch.bfloat16
-        assert precision.autocast_dtype("fp16", cpu) == torch.float16
-        # on CUDA, auto asks the GPU: bf16 where supported, else fp16
-        for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
-            monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+    monkeypatch.setattr(cpu_bf16, "bf16_speedup", probe)
+    monkeypatch.delenv(cpu_bf16.CPU_BF16_ENV, raising=False)
+    monkeypatch.setenv("TUNERY_CACHE", str(state.cache))
+    state.new_process = _clear_cpu_bf16_caches  # what a fresh process starts from: nothing in memory
+    _clear_cpu_bf16_caches()  # the real answers may be cached already
+    yield state
+    _clear_cpu_bf16_caches()  # the next caller reads the real flags and cache
+
+
+def _clear_cpu_bf16_caches():
+    from tunery.models import cpu_bf16
+
+    cpu_bf16.cpu_has_bf16.cache_clear()
+    cpu_bf16.bf16_measured_faster.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "speedup", "auto_cpu", "probed"),
+    [
+        (AVX512_BF16, 2.0, "bf16", True),  # native and measured faster (e.g. AMX)
+        (AVX512_BF16, 0.5, None, True),  # native but slower: AVX512-BF16 without AMX measured 0.5x
+        (AVX512_BF16, 1.19, None, True),  # faster, but not by the 1.2x a switch must win by
+        (AVX512_BF16, 1.2, "bf16", True),
+        (AMX_BF16, 2.0, "bf16", True),
+        (NO_BF16, 2.0, None, False),  # bf16 would be emulated: fp32, and nothing is measured
+        (None, 2.0, None, False),  # /proc/cpuinfo unreadable
+    ],
+    ids=[
+        "avx512-faster",
+        "avx512-slower",
+        "avx512-1.19x",
+        "avx512-1.2x",
+        "amx-faster",
+        "no-flags",
+        "unreadable",
+    ],
+)
+def test_autocast_dtype_follows_the_cpu_flags(cpu_bf16_probe, cpuinfo, speedup, auto_cpu, probed):
+    """`auto` on a CPU: bf16 only where the flags say native and the matmul probe measured bf16 at
+    least 1.2x as fast as fp32; the probe runs once a process, and never without the flags."""
+    import torch
+
+    from tunery.train import precision
+
+    cpu_bf16_probe.cpuinfo, cpu_bf16_probe.speedup = cpuinfo, speedup
+    cpu = torch.device("cpu")
+    expected = {"bf16": torch.bfloat16, None: None}[auto_cpu]
+    assert precision.autocast_dtype("auto", cpu) == expected
+    assert precision.autocast_dtype("auto", cpu) == expected  # from the process's cache
+    assert cpu_bf16_probe.calls == int(probed)
+    assert precision.cpu_has_bf16() is (cpuinfo in (AVX512_BF16, AMX_BF16))  # the flags alone
+    # explicit choices never look at the flags or the probe
+    _clear_cpu_bf16_caches()
+    assert precision.autocast_dtype("fp32", cpu) is None
+    assert precision.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert precision.autocast_dtype("fp16", cpu) == torch.float16
+    assert cpu_bf16_probe.calls == int(probed)
+    # on CUDA, auto asks the GPU: bf16 where supported, else fp16; the CPU is not probed
+    for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
             assert precision.autocast_dtype("auto", torch.device("cuda")) == dtype
-    finally:
-        precision.cpu_has_bf16.cache_clear()  # the next caller reads the real flags
+    assert cpu_bf16_probe.calls == int(probed)
+
+
+def test_cpu_bf16_answer_is_kept_on_disk_and_the_override_wins(cpu_bf16_probe, monkeypatch):
+    from tunery.errors import ConfigError
+    from tunery.models import cpu_bf16, placement
+
+    assert cpu_bf16.auto_bf16_on_cpu() is True and cpu_bf16_probe.calls == 1
+    path = cpu_bf16_probe.cache / "cpu-bf16.json"
+    (entry,) = json.loads(path.read_text()).values()
+    assert entry["bf16"] is True and entry["speedup"] == 2.0 and entry["cpu"] == "Test CPU"
+    assert [p.name for p in path.parent.iterdir() if "tmp" in p.name] == []  # written atomically
+    # A later process reads the answer from disk: the probe, which would now say fp32, does not run.
+    cpu_bf16_probe.new_process()
+    cpu_bf16_probe.speedup = 0.5
+    assert cpu_bf16.auto_bf16_on_cpu() is True and placement.bf16_supported("cpu") is True
+    assert cpu_bf16_probe.calls == 1
+    # Another CPU model is another key: measured again, and both answers are kept.
+    cpu_bf16_probe.new_process()
+    cpu_bf16_probe.cpuinfo = AVX512_BF16.replace("Test CPU", "Other CPU")
+    assert cpu_bf16.auto_bf16_on_cpu() is False and cpu_bf16_probe.calls == 2
+    assert sorted(e["bf16"] for e in json.loads(path.read_text()).values()) == [False, True]
+    # A torn or foreign cache file is measured again, and rewritten.
+    path.write_text("{not json")
+    cpu_bf16_probe.new_process()
+    assert cpu_bf16.auto_bf16_on_cpu() is False and cpu_bf16_probe.calls == 3
+    assert len(json.loads(path.read_text())) == 1
+    # TUNERY_CPU_BF16 wins over the flags, the probe and the cache, and is read on every call.
+    for cpuinfo in (AVX512_BF16, NO_BF16):
+        cpu_bf16_probe.cpuinfo = cpuinfo
+        cpu_bf16_probe.new_process()
+        for value, want in (("1", True), ("0", False), (" 1 ", True)):
+            monkeypatch.setenv(cpu_bf16.CPU_BF16_ENV, value)
+            assert cpu_bf16.auto_bf16_on_cpu() is want and placement.bf16_supported("cpu") is want
+    assert cpu_bf16_probe.calls == 3
+    monkeypatch.setenv(cpu_bf16.CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="TUNERY_CPU_BF16"):
+        cpu_bf16.auto_bf16_on_cpu()
 
 
 def test_tokens_per_second_leaves_evaluations_and_saves_out(tmp_path, tiny_llama, monkeypatch):

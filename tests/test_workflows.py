@@ -360,18 +360,30 @@ def test_sweep_data_scaling_and_grid(tmp_path, tiny_llama):
     assert len((tmp_path / "sw" / "sweep.csv").read_text().splitlines()) == 5
 
 
-def test_recommend_choices_and_memory_parsing(tmp_path, tiny_llama):
+def test_recommend_choices_and_memory_parsing(tmp_path, tiny_llama, monkeypatch):
     from tests.helpers.tiny import write_chat_jsonl
+    from tunery.models.cpu_bf16 import CPU_BF16_ENV
     from tunery.workflows.recommend import GB, parse_memory, recommend
 
     assert parse_memory("8GB") == 8 * GB and parse_memory("512 MB") == 512 * 1024**2
     data = write_chat_jsonl(tmp_path / "d.jsonl", n=30)
+    # Whether this CPU computes bf16 faster is measured (tests/test_train.py); here it is set, both ways.
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
     rec = recommend(str(tiny_llama), str(data), 8 * GB, device="cpu", gflops=10.0)
     c = rec.chosen
     assert c is not None and c.method == "lora" and c.fits and c.batch_size == 1
     assert c.max_length == 64 and c.max_length >= rec.data["p99"]
     assert c.peak_bytes == sum(c.parts.values()) and c.epoch_seconds > 0
     assert any("fp32" in a or "bf16" in a for a in rec.to_dict()["assumptions"])
+    assert c.precision == "fp32" and any(r.startswith("precision fp32:") for r in rec.reasons)
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    half = recommend(str(tiny_llama), str(data), 8 * GB, device="cpu", gflops=10.0)
+    h = half.chosen
+    assert (
+        h is not None and h.precision == "bf16" and any(r.startswith("precision bf16:") for r in half.reasons)
+    )
+    assert (h.method, h.max_length) == (c.method, c.max_length)
+    assert h.parts["activations"] * 2 == c.parts["activations"]  # 2 bytes a value instead of 4
     assert recommend(str(tiny_llama), str(data), 100 * 1024**2, device="cpu", gflops=10.0).chosen is None
     res = CliRunner().invoke(
         _app(),

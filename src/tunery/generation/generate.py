@@ -6,9 +6,10 @@ A hand-written decode loop over the KV cache rather than `model.generate`, becau
 something `generate` makes awkward: per-sequence stop strings and finish, per-sequence sampling
 parameters (the server batches unrelated requests), streaming text deltas, OpenAI-shaped logprobs, and
 dropping finished rows from the batch so they stop costing compute. Prompts are left-padded, the
-prefill computes logits only for the last position, and bf16 autocast is used where the device has
-native bf16 matmuls. Every tensor is made on the model's device (`models/placement.py`), and each
-sampling generator lives where the probabilities are, so the loop runs unchanged on a GPU.
+prefill computes logits only for the last position, and bf16 autocast is used where it pays: a GPU with
+bf16, or a CPU where bf16 matmuls are native and measured faster than fp32 (`models/cpu_bf16.py`).
+Every tensor is made on the model's device (`models/placement.py`), and each sampling generator lives
+where the probabilities are, so the loop runs unchanged on a GPU.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from tunery.models.unwrap import unwrap
 
 
 def bf16_supported(device: Any = None) -> bool:
-    """True where bf16 compute is native on `device` (default: where inference runs): a GPU with bf16,
-    or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slow."""
+    """True where to autocast to bf16 on `device` (default: where inference runs): a GPU with bf16, or
+    a CPU with native bf16 (AVX512-BF16 or AMX) where bf16 is also measured faster than fp32
+    (`models/cpu_bf16.py`); elsewhere fp32 is faster."""
     return placement.bf16_supported(device)
 
 

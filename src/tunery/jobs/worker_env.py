@@ -33,10 +33,11 @@ ALLOWED = frozenset(
         "PYTHONDONTWRITEBYTECODE",
         "VIRTUAL_ENV",
         "LD_LIBRARY_PATH",
-        # the allocator (train/memory.py) and the thread pools
+        # the allocator (train/memory.py), the CPU bf16 choice (models/cpu_bf16.py) and the thread pools
         "LD_PRELOAD",
         "MALLOC_CONF",
         "TUNERY_ALLOCATOR",
+        "TUNERY_CPU_BF16",
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",
         "OPENBLAS_NUM_THREADS",

@@ -207,8 +207,9 @@ def drop_quantizer(model) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock for the duration of a conversion (POSIX `flock`; a no-op elsewhere)."""
+def _file_lock(path: Path, doing: str = "converting this model") -> Iterator[None]:
+    """An exclusive lock for the duration of a conversion, or of whatever `doing` names (POSIX `flock`;
+    a no-op elsewhere)."""
     if fcntl is None:  # Windows: fall back to rename-wins in ensure_converted
         yield
         return
@@ -216,7 +217,7 @@ def _file_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("Another process is converting this model; waiting for it (%s)", path)
+            log.info("Another process is %s; waiting for it (%s)", doing, path)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -22,8 +22,9 @@ printed by `tunery recommend`; measured error in docs/workflows.md):
   vocab x supervised tokens of one micro-batch, fp32.
 - A micro-batch holds min(token budget, batch_size x mean length) tokens, at least the longest
   example; the token budget is micro_batch_tokens, or max_length when that is larger.
-- Loading and saving hold one extra fp32 copy of the weights at the peak; a run also allocates
-  a fixed ~32 MB (plotting, encoded data, tokenizer).
+- Loading holds one extra copy of the weights at the peak, in the file's stored dtype (the mapped
+  safetensors); saving a full or freeze run serialises one more fp32 copy. A run also allocates a
+  fixed ~32 MB (plotting, encoded data, tokenizer).
 - The runtime (Python, torch, transformers, peft) adds a fixed RUNTIME_BYTES (450 MB, measured).
 """
 
@@ -123,14 +124,22 @@ def peak_memory(
         parts["optimizer"] = 8 * trainable
     else:
         parts["adapter+grads+optimizer"] = 16 * trainable
-    # Loading maps the safetensors file while the fp32 model is built, and saving serialises a copy:
-    # one more fp32 copy of the weights at the peak (measured: the gap without it was ~4 x params).
-    parts["load_save_copy"] = 4 * shape.n_params
+    parts["load_save_copy"] = load_save_copy_bytes(shape, method)
     parts["fixed"] = FIXED_BYTES
     per_token = shape.layers * (8 * shape.hidden + 4 * shape.inter + 2 * shape.kv)
     parts["activations"] = tokens * per_token * (4 if precision == "fp32" else 2)
     parts["lm_head"] = 3 * 4 * shape.vocab * max(1, int(tokens * supervised_share))
     return MemoryEstimate(parts, trainable, note, tokens)
+
+
+def load_save_copy_bytes(shape: ModelShape, method: str) -> int:
+    """One more copy of the weights at the peak. Loading maps the safetensors file (in its stored dtype)
+    while the model is built; saving a full model serialises a copy of its fp32 weights, while an
+    adapter method saves only its adapter. Measured: the gap was ~4 x params for fp32 files (tests/
+    test_workflows.py) and ~2 x params loading a bf16 file into LoRA at 1.2B (docs/bench/model_scale)."""
+    stored = (shape.dtype or "").removeprefix("torch.")
+    load = (2 if stored in ("bfloat16", "bf16", "float16", "fp16") else 4) * shape.n_params
+    return max(load, 4 * shape.n_params) if method in IN_PLACE else load
 
 
 def batch_tokens(budget: int, batch_size: int, mean_length: float, longest: int, max_length: int) -> int:

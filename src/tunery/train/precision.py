@@ -1,16 +1,17 @@
-"""Pick the compute precision from what the hardware can do (detected, not assumed)."""
+"""Pick the compute precision from what the hardware can do (detected and measured, not assumed)."""
 
 from __future__ import annotations
 
 import torch
 
-from tunery.models.placement import cpu_has_bf16
+from tunery.models.cpu_bf16 import auto_bf16_on_cpu, cpu_has_bf16
 
-__all__ = ["autocast_dtype", "cpu_has_bf16", "mixed_precision"]
+__all__ = ["auto_bf16_on_cpu", "autocast_dtype", "cpu_has_bf16", "mixed_precision"]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
+    """The autocast dtype for `precision` on `device`; None means plain fp32. `auto` is bf16 on a CPU
+    only where bf16 is native and measured faster than fp32 (`models/cpu_bf16.py`)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -19,7 +20,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
+    if device.type == "cpu" and auto_bf16_on_cpu():
         return torch.bfloat16
     return None
 
