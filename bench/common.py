@@ -27,14 +27,15 @@ IGNORE = -100
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from tunery.train.precision import cpu_has_bf16
+    from tunery.train.precision import auto_bf16_on_cpu, cpu_has_bf16
 
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "cpu_bf16": cpu_has_bf16(),
+        "cpu_bf16": cpu_has_bf16(),  # the CPU's flags: native bf16 instructions
+        "auto_bf16": auto_bf16_on_cpu(),  # what `auto` precision takes here (measured faster or not)
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 

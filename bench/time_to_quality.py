@@ -14,8 +14,8 @@ trained by every variant, each in its own child process, one after another:
   It answers whether `auto`'s batch 1 is what costs the minutes (issue 20's decision on `auto`).
 - `trainer`: `transformers.Trainer` + peft with the recipe people copy: lr 2e-4, 3 epochs, batch 8,
   linear decay, LoRA r16/alpha32 on all linear layers, loss on the assistant reply only (tokenized
-  with Tunery's encoder, as in bench/train_throughput.py), bf16 autocast where the CPU has native
-  bf16 (as Tunery's `auto` precision does), fp32 otherwise.
+  with Tunery's encoder, as in bench/train_throughput.py), bf16 autocast where Tunery's `auto`
+  precision would take it (native bf16 that a matmul probe measures faster), fp32 otherwise.
 
 After every epoch the model is evaluated on the task's test split with `tunery.evaluate.evaluate`,
 the function `tunery eval` and the quickstart use: greedy generation, exact match of the label
@@ -212,7 +212,7 @@ def run_trainer(path: str, train_path: Path, clock: EpochClock, args: argparse.N
 
     from datasets import Dataset
     from tunery.models import load_tokenizer
-    from tunery.train.precision import cpu_has_bf16
+    from tunery.train.precision import auto_bf16_on_cpu
 
     clock.start = time.perf_counter()
     tok = load_tokenizer(path)
@@ -234,7 +234,7 @@ def run_trainer(path: str, train_path: Path, clock: EpochClock, args: argparse.N
         per_device_train_batch_size=TRAINER_RECIPE["batch_size"],
         learning_rate=TRAINER_RECIPE["learning_rate"],
         lr_scheduler_type=TRAINER_RECIPE["scheduler"],
-        bf16=cpu_has_bf16(),
+        bf16=auto_bf16_on_cpu(),  # the rule Tunery's `auto` precision follows
         logging_steps=10,
         save_strategy="no",
         report_to=[],

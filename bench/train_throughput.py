@@ -7,16 +7,20 @@ Every variant runs in its own child process, one after another, on the same data
 (datasets/chat_bench/train.jsonl, tokenized once with the model's chat template, loss on assistant
 replies only), the same LoRA (r=16, alpha=32, dropout 0, all linear layers), the same examples per
 optimizer step (8), maximum length, learning rate, constant schedule without warm-up, AdamW and
-gradient clipping at 1.0, for one epoch over `--examples` rows:
+gradient clipping at 1.0, for `--epochs` epochs (default 1) over the first `--examples` rows of
+`--data` (default datasets/chat_bench/train.jsonl):
 
 - `trainer-defaults` / `trainer-tuned`: `transformers.Trainer` + peft, dynamic padding, batch 8.
-  Defaults are fp32; tuned adds bf16 autocast (neither uses gradient checkpointing).
+  Defaults are fp32; tuned adds bf16 autocast where Tunery's `auto` would take it (native bf16
+  that a matmul probe measures faster). Neither uses gradient checkpointing.
 - `trl-defaults` / `trl-tuned`: TRL `SFTTrainer` with packing (its default best-fit packing into
   `max_length` rows, padding-free). Defaults keep TRL's gradient checkpointing; tuned turns it off.
-  Both use bf16 (TRL's default). Packed rows per step are chosen so a step holds about as many
-  tokens as 8 examples (packing cannot hold the example count itself fixed).
+  Both use bf16 (TRL's default) where Tunery's `auto` would, fp32 otherwise. Packed rows per step
+  are chosen so a step holds about as many tokens as 8 examples (packing cannot hold the example
+  count itself fixed).
 - `tunery`: `tunery.train.run` with its defaults (packed rows with per-example SDPA, LM head only at
-  supervised positions, bf16 autocast when the CPU has it, fused AdamW, length-sorted micro-batches).
+  supervised positions, `auto` precision (bf16 autocast only where measured faster), fused AdamW,
+  length-sorted micro-batches).
 - Levers, each Tunery with one thing undone: `tunery-mask4d` (one SDPA call with a dense 4D block
   mask instead of per-example attention), `tunery-full-head` (LM head at every position),
   `tunery-padded` (padded micro-batches instead of packing), `tunery-fp32` (no bf16 autocast),
@@ -27,7 +31,14 @@ Per variant: non-padding tokens/s over the steps after `--warmup-steps`, peak RS
 stack's own last training loss, a held-out loss measured identically for all (fp32, one example at
 a time, on rows after the training ones), and MFU against bf16/fp32 `torch.matmul` peaks measured
 in this run with the same threads (model FLOPs: see `common.flops_per_token`).
-Writes docs/bench/train_throughput.{json,md}.
+Writes docs/bench/train_throughput.{json,md} (`--stem` names another pair).
+
+Real length (issue 20): a lever is judged on at least 200 optimizer steps, for example
+
+    python bench/train_throughput.py --data datasets/routing/train.jsonl --examples 200 --batch-size 1 \
+        --stem train_throughput_b1   # 200 steps at batch 1
+    python bench/train_throughput.py --data datasets/routing/train.jsonl --examples 272 --epochs 6 \
+        --stem train_throughput_b8   # 204 steps at batch 8
 """
 
 from __future__ import annotations
@@ -139,7 +150,7 @@ def hf_common_args(args: argparse.Namespace, tmp: Path) -> dict:
     """The training arguments both Hugging Face stacks share (see the module docstring)."""
     return dict(
         output_dir=str(tmp / "out"),
-        num_train_epochs=1,
+        num_train_epochs=args.epochs,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -160,7 +171,7 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from datasets import Dataset
-    from tunery.train.precision import cpu_has_bf16
+    from tunery.train.precision import auto_bf16_on_cpu
 
     tok = AutoTokenizer.from_pretrained(path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -174,7 +185,7 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
 
         targs = TrainingArguments(
             per_device_train_batch_size=args.batch_size,
-            bf16=variant == "trainer-tuned" and cpu_has_bf16(),
+            bf16=variant == "trainer-tuned" and auto_bf16_on_cpu(),
             gradient_checkpointing=False,
             remove_unused_columns=False,
             **common_args,
@@ -192,9 +203,10 @@ def run_hf(variant: str, path: str, train: list[dict], args: argparse.Namespace,
 
         mean_len = sum(len(x["input_ids"]) for x in train) / len(train)
         rows = max(1, round(args.batch_size * mean_len / args.max_length))
-        # TRL defaults to bf16; without AVX512-BF16 that is a scalar fallback hundreds of times slower
-        # (see the matmul peaks), so both TRL variants follow the hardware, as Tunery's auto does.
-        extra = {"bf16": cpu_has_bf16()}
+        # TRL defaults to bf16; without AVX512-BF16 that is a scalar fallback hundreds of times slower,
+        # and with it bf16 can still lose to fp32 (see the matmul peaks), so both TRL variants take
+        # bf16 only where Tunery's `auto` would: where a matmul probe measures it faster.
+        extra = {"bf16": auto_bf16_on_cpu()}
         if variant == "trl-tuned":
             extra["gradient_checkpointing"] = False
         sargs = SFTConfig(
@@ -247,7 +259,7 @@ def run_tunery(
             "seed": args.seed,
             "output": str(tmp / "run"),
             "hyperparameters": {
-                "n_epochs": 1,
+                "n_epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "learning_rate": args.learning_rate,
                 "lr_scheduler": "constant",
@@ -267,7 +279,7 @@ def run_tunery(
     rows = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
     # logging_steps=1, so each row's tokens_per_second covers exactly one step. The step's tokens come
     # from Tunery's own schedule (a pure function of lengths, seed and settings), replayed here.
-    tokens = _step_tokens(train, config)
+    tokens = _step_tokens(train, config, args.epochs)
     if len(tokens) != len(rows) or sum(tokens) != result.trained_tokens:
         raise RuntimeError(f"replayed schedule ({sum(tokens)} tokens) does not match the run's")
     seconds = [t / r["tokens_per_second"] for t, r in zip(tokens, rows, strict=True)]
@@ -286,7 +298,7 @@ def run_tunery(
     }
 
 
-def _step_tokens(train: list[dict], config) -> list[int]:
+def _step_tokens(train: list[dict], config, epochs: int) -> list[int]:
     from tunery.train.batching import schedule
 
     hp = config.hyperparameters
@@ -294,7 +306,7 @@ def _step_tokens(train: list[dict], config) -> list[int]:
     steps = schedule(
         lengths,
         batch_size=hp.batch_size,
-        n_epochs=1,
+        n_epochs=epochs,
         seed=config.seed,
         token_budget=max(hp.micro_batch_tokens, hp.max_length),
     )
@@ -309,12 +321,13 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         path = model_dir(args.model, tmp)
-        examples = common.load_examples(path, DATA, args.examples + args.eval_examples, args.max_length)
+        data = Path(args.data)
+        examples = common.load_examples(path, data, args.examples + args.eval_examples, args.max_length)
         train, held = examples[: args.examples], examples[args.examples :] or examples[: args.eval_examples]
         torch.manual_seed(args.seed)
         if args.child.startswith("tunery"):
             train_path = tmp / "train.jsonl"
-            lines = DATA.read_text().splitlines()[: args.examples]
+            lines = data.read_text().splitlines()[: args.examples]
             train_path.write_text("\n".join(lines) + "\n")
             out = run_tunery(args.child, path, train_path, train, args, tmp)
         else:
@@ -343,11 +356,12 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"{report['examples']} examples of datasets/chat_bench (1 epoch), {report['batch_size']} examples "
-        f"per step, max length {report['max_length']}, LoRA r16/alpha32 all-linear, "
-        f"lr {report['learning_rate']} "
-        f"constant; first {report['warmup_steps']} step(s) excluded from tokens/s. {m['threads']} threads, "
-        f"CPU bf16: {m['cpu_bf16']}. Load average before the run: {m['load_average']}, after: "
+        f"{report['examples']} examples of {report['data']} ({report['epochs']} epoch(s), "
+        f"{_steps(report)} optimizer steps), {report['batch_size']} examples per step, max length "
+        f"{report['max_length']}, LoRA r16/alpha32 all-linear, lr {report['learning_rate']} constant; "
+        f"first {report['warmup_steps']} step(s) excluded from tokens/s. {m['threads']} threads, "
+        f"CPU bf16: {m['cpu_bf16']}, `auto` takes {'bf16' if m.get('auto_bf16') else 'fp32'}. "
+        f"Load average before the run: {m['load_average']}, after: "
         f"{report['load_average_after']}. Matmul peaks (this run): fp32 {report['peak_gflops']['fp32']:.0f} "
         f"GFLOPS, bf16 {report['peak_gflops']['bf16']:.0f} GFLOPS.",
         "",
@@ -379,6 +393,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shown(path: str) -> str:
+    """`path` relative to the repository where it is inside it, so reports name no local folders."""
+    p = Path(path).resolve()
+    return str(p.relative_to(common.ROOT)) if p.is_relative_to(common.ROOT) else p.name
+
+
+def _steps(report: dict) -> str:
+    """The optimizer steps each variant took, as one figure where they agree."""
+    steps = sorted({r["steps"] for r in report["results"].values() if "error" not in r})
+    return " / ".join(map(str, steps)) or "no"
+
+
 def child_env(variant: str) -> dict[str, str]:
     """Tunery runs on jemalloc where installed, as `tunery train` does (train/memory.py); the baselines
     and the `tunery-glibc` lever run on the system allocator, as they would by default."""
@@ -402,7 +428,7 @@ def parent(args: argparse.Namespace) -> None:
         "--model", args.model, "--examples", str(args.examples), "--eval-examples", str(args.eval_examples),
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
         "--learning-rate", str(args.learning_rate), "--warmup-steps", str(args.warmup_steps),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), "--data", args.data, "--epochs", str(args.epochs),
         *(["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []),
     ]  # fmt: skip
     results: dict[str, Any] = {}
@@ -425,7 +451,9 @@ def parent(args: argparse.Namespace) -> None:
     report = {
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
         "model": args.model,
+        "data": _shown(args.data),
         "examples": args.examples,
+        "epochs": args.epochs,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "learning_rate": args.learning_rate,
@@ -439,7 +467,7 @@ def parent(args: argparse.Namespace) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "train_throughput" if args.model != "tiny" else "train_throughput_tiny"
+    stem = args.stem or ("train_throughput" if args.model != "tiny" else "train_throughput_tiny")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
@@ -448,7 +476,10 @@ def parent(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="a model spec, or `tiny` (random 2-layer llama)")
-    p.add_argument("--examples", type=int, default=64, help="training rows (one epoch)")
+    p.add_argument("--data", default=str(DATA), help="chat JSONL to train on (default datasets/chat_bench)")
+    p.add_argument("--examples", type=int, default=64, help="training rows (the file's first N)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs over those rows (every variant)")
+    p.add_argument("--stem", help="output file name without extension (default train_throughput)")
     p.add_argument("--eval-examples", type=int, default=16, help="held-out rows for the common loss")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--max-length", type=int, default=1024)

@@ -105,3 +105,52 @@ def test_the_load_copy_is_counted_in_the_files_dtype(stored, method, bytes_per_w
         shape, method=method, batch_size=1, micro_batch_tokens=64, mean_length=32, longest=64, max_length=64
     )
     assert est.parts["load_save_copy"] == bytes_per_weight * 10_000
+
+
+def test_on_a_gpu_only_device_parts_are_compared_with_its_memory(tiny_llama, monkeypatch):
+    """The runtime, the load copy and the fixed allocations stay in host memory when training runs on a
+    GPU: `recommend` and the dashboard compare only the rest with the GPU's memory. Comparing the total
+    turned down jobs that fit (a 1.2B LoRA's 2.4 GB load copy and 0.45 GB runtime sit in host RAM)."""
+    from tunery.serve import ui_estimate
+    from tunery.train.estimate import HOST_PARTS
+
+    n, length = 40, 48
+    facts = model_facts(str(tiny_llama))
+    data = DataFacts(path="", n_examples=n, lengths=[length] * n, supervised=[length // 2] * n)
+    cpu = estimate(facts, data, method="lora", precision="fp32", max_length=1024, batch_size=4, device="cpu")
+    gpu = estimate(facts, data, method="lora", precision="fp32", max_length=1024, batch_size=4, device="cuda")
+    host = sum(gpu.parts[k] for k in HOST_PARTS)
+    assert host > 0 and cpu.device_bytes == cpu.peak_bytes
+    assert gpu.device_bytes == gpu.peak_bytes - host
+    # Memory between the device part and the whole: fits the GPU, would not fit a CPU process.
+    between = gpu.device_bytes + host // 2
+    assert estimate(
+        facts,
+        data,
+        method="lora",
+        precision="fp32",
+        max_length=1024,
+        batch_size=4,
+        memory=between,
+        device="cuda",
+    ).fits
+    assert not estimate(
+        facts,
+        data,
+        method="lora",
+        precision="fp32",
+        max_length=1024,
+        batch_size=4,
+        memory=between,
+        device="cpu",
+    ).fits
+    # The dashboard, on a (pretended) GPU of that size: fits, judged on the same device bytes.
+    monkeypatch.setattr(ui_estimate, "_device", lambda: ("a GPU", 1e14, int(gpu.device_bytes / 0.9) + 1))
+    ui = ui_estimate.estimate_job(
+        str(tiny_llama),
+        n_examples=n,
+        tokens_per_example=length,
+        hyperparameters={"batch_size": 4, "precision": "fp32"},
+        options={"r": 8},
+    )
+    assert ui["device_bytes"] < ui["memory_bytes"]["total"] and ui["fits"] is True

@@ -29,9 +29,11 @@ NOISE = (
 
 # The library path in a fresh process (the bitsandbytes notice is logged when peft is first
 # imported): a GGUF resolved, converted and loaded, a LoRA applied, saved and loaded back, as the
-# quickstart does through `tunery.workflows.quickstart`, without the CLI's `quiet_libraries()`.
+# quickstart does through `tunery.workflows.quickstart`, then exported as merged safetensors, without
+# the CLI's `quiet_libraries()`.
 SCRIPT = """
 import logging, sys, warnings
+from tunery.export.write import export
 from tunery.methods import METHODS
 from tunery.models import load_model, resolve
 from tunery.quiet import quiet_loading
@@ -41,6 +43,7 @@ model = load_model(resolve(gguf))
 lora = METHODS.get("lora")
 lora.save(lora.apply(model, lora.options()), adapter)
 lora.load(load_model(resolve(gguf)), adapter)
+export(gguf, None, "hf", out=adapter + "-export")  # merged safetensors: "Writing model shards"
 with quiet_loading():
     warnings.warn("3 rows are longer than max_length", UserWarning)
     logging.getLogger("tunery.data").warning("a real data problem")

@@ -29,6 +29,7 @@ from tunery.methods import METHODS, read_info
 from tunery.methods.loading import load_saved_method, saved_tokenizer
 from tunery.models import ALIASES, load_model, resolve
 from tunery.models.gguf import source_info
+from tunery.quiet import quiet_loading
 
 FORMATS = ("hf", "gguf", "adapter")
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -233,7 +234,8 @@ def _write_hf(
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = model.config.pad_token_id or tokenizer.pad_token_id
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    with quiet_loading():  # transformers' "Writing model shards" bar: the export prints its own lines
+        model.save_pretrained(out, max_shard_size=max_shard_size)
     _fix_tokenizer_limits(model, tokenizer)
     tokenizer.save_pretrained(out)
     shards = sorted(p.name for p in out.glob("*.safetensors"))

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from tunery.errors import ConfigError
-from tunery.fsutil import write_atomic
-from tunery.models.gguf import _file_lock, cache_root
+from tunery.fsutil import file_lock, write_atomic
+from tunery.models.gguf import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def bf16_measured_faster() -> bool:
     path = cache_root() / CACHE_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(path.with_name(f".{CACHE_FILE}.lock"), "measuring bf16 on this CPU"):
+        with file_lock(path.with_name(f".{CACHE_FILE}.lock"), "measuring bf16 on this CPU"):
             return _cached_or_measured(path, key, about)
     except OSError as e:  # no writable cache directory: measure for this process only
         log.warning("Cannot use %s (%s); measuring bf16 for this process only", path, e)

@@ -12,7 +12,6 @@ same file again (and if locks are unavailable, the first rename wins and the los
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,15 +20,10 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows has none: _file_lock is a no-op there
-    fcntl = None
-
 from tunery.errors import ModelError
+from tunery.fsutil import file_lock
 from tunery.models.load_lock import LOAD_LOCK
 from tunery.quiet import quiet_loading
 
@@ -65,7 +59,7 @@ def ensure_converted(gguf: Path, name: str) -> Path:
     if (out / MARKER).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock", "converting this model"):
         if (out / MARKER).is_file():  # another process finished while we waited
             return out
         # With the lock held nobody else is building this entry: temp dirs left by a killed
@@ -204,22 +198,3 @@ def drop_quantizer(model) -> None:
                 delattr(config, attr)
         if "_is_quantized" in vars(config):
             config._is_quantized = False
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, doing: str = "converting this model") -> Iterator[None]:
-    """An exclusive lock for the duration of a conversion, or of whatever `doing` names (POSIX `flock`;
-    a no-op elsewhere)."""
-    if fcntl is None:  # Windows: fall back to rename-wins in ensure_converted
-        yield
-        return
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Another process is %s; waiting for it (%s)", doing, path)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -165,7 +165,8 @@ def estimate_job(
         "memory_bytes": {**_by_part(memory.parts), "total": total_memory},
         "device": device,
         "device_memory_bytes": device_memory,
-        "fits": None if device_memory is None else total_memory <= device_memory * 0.9,
+        "device_bytes": memory.device_bytes,  # on a GPU, the parts outside HOST_PARTS
+        "fits": None if device_memory is None else memory.device_bytes <= device_memory * 0.9,
         "seconds": round(seconds, 1),
         "assumptions": (
             f"{flops_per_s / 1e9:.0f} GFLOP/s sustained on {device} plus {STARTUP_SECONDS:.0f} s to start; "

@@ -26,6 +26,8 @@ printed by `tunery recommend`; measured error in docs/workflows.md):
   safetensors); saving a full or freeze run serialises one more fp32 copy. A run also allocates a
   fixed ~32 MB (plotting, encoded data, tokenizer).
 - The runtime (Python, torch, transformers, peft) adds a fixed RUNTIME_BYTES (450 MB, measured).
+- On a GPU, the runtime, the load/save copy and the fixed allocations stay in host memory; only the
+  rest (weights, training state, activations, LM head) is compared with the GPU's memory.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ __all__ = [
 RUNTIME_BYTES = 450 * 1024**2  # RSS of `import torch, transformers, peft, tunery.train` (measured)
 # Per-run allocations independent of the model size: matplotlib (loss.png), encoded data, tokenizer.
 FIXED_BYTES = 32 * 1024**2
+# Parts that live in host memory even when training runs on a GPU (see the module docstring).
+HOST_PARTS = ("runtime", "load_save_copy", "fixed")
 # Methods that train the base's own weights: loaded in fp32 (`train.setup._base_dtype`), never quantized.
 IN_PLACE = ("full", "freeze")
 
@@ -92,10 +96,20 @@ class MemoryEstimate:
     trainable: int  # parameters the method trains
     trainable_note: str  # what trains, in words
     tokens: int  # tokens of one micro-batch
+    device: str = "cpu"
 
     @property
     def peak_bytes(self) -> int:
+        """Everything, host and device: the peak of one process on a CPU."""
         return sum(self.parts.values())
+
+    @property
+    def device_bytes(self) -> int:
+        """What must fit in the training device's memory: all of it on a CPU, on a GPU all but
+        HOST_PARTS (the runtime, the load copy and the fixed allocations stay in host memory)."""
+        if self.device == "cpu":
+            return self.peak_bytes
+        return sum(v for k, v in self.parts.items() if k not in HOST_PARTS)
 
 
 def peak_memory(
@@ -129,7 +143,7 @@ def peak_memory(
     per_token = shape.layers * (8 * shape.hidden + 4 * shape.inter + 2 * shape.kv)
     parts["activations"] = tokens * per_token * (4 if precision == "fp32" else 2)
     parts["lm_head"] = 3 * 4 * shape.vocab * max(1, int(tokens * supervised_share))
-    return MemoryEstimate(parts, trainable, note, tokens)
+    return MemoryEstimate(parts, trainable, note, tokens, device)
 
 
 def load_save_copy_bytes(shape: ModelShape, method: str) -> int:

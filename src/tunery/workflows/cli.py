@@ -117,6 +117,7 @@ def recommend_command(
         )
         console.print(
             f"Estimated peak memory: {c.peak_bytes / GB:.2f} GB "
+            + (f"({c.device_bytes / GB:.2f} GB on the GPU) " if rec.device == "cuda" else "")
             + ", ".join(f"{k} {v / GB:.2f}" for k, v in c.parts.items()),
             highlight=False,
         )

@@ -123,6 +123,7 @@ class Estimate:
     parts: dict[str, int]
     epoch_seconds: float
     fits: bool
+    device_bytes: int  # what the training device must hold: peak_bytes on a CPU, less on a GPU
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -180,7 +181,8 @@ def estimate(
         int(peak),
         mem.parts,
         round(seconds, 1),
-        memory is None or peak <= memory,
+        memory is None or mem.device_bytes <= memory,  # on a GPU, what the GPU must hold
+        mem.device_bytes,
     )
 
 
@@ -278,7 +280,7 @@ def recommend(
         reasons.append("Nothing fits: use a smaller model, QLoRA on a GPU, or more memory.")
     else:
         reasons.append(
-            f"{chosen.method}: fits {chosen.peak_bytes / GB:.2f} GB of {memory / GB:.2f} GB "
+            f"{chosen.method}: fits {chosen.device_bytes / GB:.2f} GB of {memory / GB:.2f} GB "
             f"with micro_batch_tokens {chosen.micro_batch_tokens}."
         )
         reasons.append(f"batch_size {batch}: OpenAI's auto rule (0.2% of {d.n_examples} examples).")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ from typing import Any
 from tunery.errors import ModelError
 from tunery.export.gguf_file import GGUF_TYPES, gguf_refusal, write_gguf
 from tunery.export.gguf_lora import llamacpp_lora_issues, write_gguf_lora
+from tunery.fsutil import file_lock, write_atomic
 from tunery.generation.loading import load_for_inference
 from tunery.generation.sequence import _context_limit, eos_token_ids
 from tunery.methods.loading import read_info
-from tunery.models.gguf import _file_lock, cache_root
+from tunery.models.gguf import cache_root
 from tunery.models.load_lock import LOAD_LOCK
 
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ def ensure_base(key: str, out_type: str) -> BaseForm:
         raise ModelError(f"Unknown GGUF type {out_type!r}: use one of {', '.join(GGUF_TYPES)}.")
     path = _root() / f"{base_key_digest(key)}-{out_type}.gguf"
     meta = path.with_suffix(".json")
-    with _file_lock(path.with_name(f".{path.name}.lock")):
+    with file_lock(path.with_name(f".{path.name}.lock"), "writing this GGUF base"):
         if not (path.is_file() and meta.is_file()):
             spec, _, full_dir = key.partition("::")
             with LOAD_LOCK:
@@ -97,9 +97,7 @@ def ensure_base(key: str, out_type: str) -> BaseForm:
             facts = {"eos": sorted(eos_token_ids(model, tokenizer)), "context": _context_limit(model)}
             write_gguf(model.cpu(), tokenizer, path, out_type, fallback_type="f32")
             del model
-            tmp = meta.with_name(f".{meta.name}.tmp")
-            tmp.write_text(json.dumps(facts))
-            os.replace(tmp, meta)
+            write_atomic(meta, json.dumps(facts))
     facts = json.loads(meta.read_text())
     return BaseForm(path, frozenset(facts["eos"]), facts["context"])
 
@@ -114,7 +112,7 @@ def ensure_adapter(key: str, adapter_dir: str, base_config: Any) -> Path:
             digest.update(block)
     digest.update(f"{base_key_digest(key)}|v{FORMAT_VERSION}".encode())
     path = _root() / f"lora-{digest.hexdigest()[:16]}.gguf"
-    with _file_lock(path.with_name(f".{path.name}.lock")):
+    with file_lock(path.with_name(f".{path.name}.lock"), "writing this GGUF adapter"):
         if not path.is_file():
             write_gguf_lora(Path(adapter_dir), base_config, path)
     return path
