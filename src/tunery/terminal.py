@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column
 
 from tunery.errors import TuneryError
@@ -30,9 +31,11 @@ def user_errors(exit_code: int = 2) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except TuneryError as exc:
-                err_console.print(f"[bold red]Error:[/] {exc.message}", highlight=False)
+                # Escaped: a message quoting `[tool]` or a path like `[/data/x]` prints as written
+                # (unescaped, rich took the first as a style and raised on the second).
+                err_console.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False)
                 if exc.hint:
-                    err_console.print(f"[yellow]Hint:[/] {exc.hint}", highlight=False)
+                    err_console.print(f"[yellow]Hint:[/] {escape(exc.hint)}", highlight=False)
                 raise typer.Exit(exit_code) from None
 
         return inner
@@ -81,13 +84,12 @@ class ProgressPrinter:
         elif event["level"] == "error":
             return  # the command prints the error itself, with its hint
         elif event["level"] != "info" or data.get("kind") in ("checkpoint", "model"):
+            message = escape(event["message"])
             self.progress.console.print(
-                f"[dim]{event['message']}[/]"
-                if event["level"] == "info"
-                else f"[yellow]{event['message']}[/]"
+                f"[dim]{message}[/]" if event["level"] == "info" else f"[yellow]{message}[/]"
             )
         elif self.task is None:
-            self.console.print(f"[dim]{event['message']}[/]")
+            self.console.print(f"[dim]{escape(event['message'])}[/]")
 
     def _start(self, total: int, completed: int = 0) -> None:
         self.progress.start()

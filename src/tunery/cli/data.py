@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tunery.errors import ConfigError, TuneryError
 from tunery.models import load_tokenizer
@@ -62,7 +63,7 @@ def validate(
             kind=validation_kind(method),
         )
     except TuneryError as err:
-        out.print(f"[bold red]Error:[/] {err}", highlight=False)
+        out.print(f"[bold red]Error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -172,7 +173,7 @@ def stats_command(
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
-    console.print(f"[bold]{file}[/]: {s['examples']} examples ({s['format']}, kind {s['kind']})")
+    console.print(f"[bold]{escape(str(file))}[/]: {s['examples']} examples ({s['format']}, kind {s['kind']})")
     ln = s["lengths"]
     console.print(
         f"Length ({s['length_unit']}): min {ln['min']}, p50 {ln['p50']}, p95 {ln['p95']}, "
@@ -199,7 +200,7 @@ def stats_command(
     if s["test"]:
         t = s["test"]
         msg = t["leakage_message"]
-        console.print(f"[bold]{t['file']}[/]: {t['examples']} examples")
+        console.print(f"[bold]{escape(str(t['file']))}[/]: {t['examples']} examples")
         console.print(
             f"[yellow]{msg}[/]" if msg else "[green]No train/test overlap found.[/]", highlight=False
         )

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tunery.terminal import console, user_errors
 
@@ -38,14 +39,14 @@ def export_command(
 
     with console.status(f"Exporting {adapter or model} as {format}…"):
         path = export(model, adapter, format, out, dtype, quant, max_shard_size=max_shard_size, force=force)
-    console.print(f"[green]Exported[/] to [bold]{path}[/]:")
+    console.print(f"[green]Exported[/] to [bold]{escape(str(path))}[/]:")
     for f in sorted(path.iterdir()):
         console.print(f"  {f.name}  [dim]{f.stat().st_size / 1e6:.2f} MB[/]")
     if format == "adapter":
         from tunery.export.vllm import vllm_issues
 
         for issue in vllm_issues(json.loads((path / "adapter_config.json").read_text())):
-            console.print(f"[yellow]vLLM:[/] {issue}")
+            console.print(f"[yellow]vLLM:[/] {escape(issue)}")
     console.print(f"See {path / 'README.md'} for how to load it.")
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tunery.terminal import ProgressPrinter, console, user_errors
@@ -96,9 +97,9 @@ def train_command(
         if launch.launched() and (not main or launch.under_tunery_launcher()):
             return
     if status == "interrupted":
-        console.print(f"[yellow]Interrupted.[/] Checkpoint saved; continue with `{again}`")
+        console.print(f"[yellow]Interrupted.[/] Checkpoint saved; continue with `{escape(again)}`")
         raise typer.Exit(130)
-    console.print(f"[green]Done.[/] Model saved to [bold]{model_dir}[/]")
+    console.print(f"[green]Done.[/] Model saved to [bold]{escape(str(model_dir))}[/]")
     _print_per_task(final)
     console.print(f"Chat with it:  tunery chat --adapter {model_dir}")
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from tunery.data import encode as enc
@@ -171,7 +172,7 @@ class ValidationReport:
                     overflow="fold" if col == "message" else "ellipsis",
                 )
             for it in items:
-                table.add_row(str(it.line or ""), it.field or "", it.code, it.message)
+                table.add_row(str(it.line or ""), escape(it.field or ""), it.code, escape(it.message))
             console.print(table)
         if self.stats:
             table = Table(title="Statistics", title_justify="left", show_header=False)
@@ -188,7 +189,7 @@ class ValidationReport:
             console.print(f"[bold green]OK[/]: {self.n} examples ready for {self.method}.")
         else:
             first = (self.openai_error() or {}).get("message")
-            console.print(f"[bold red]Invalid[/]: {self.n_errors} error(s). {first}")
+            console.print(f"[bold red]Invalid[/]: {self.n_errors} error(s). {escape(str(first))}")
 
 
 def _fmt(value: Any) -> str:

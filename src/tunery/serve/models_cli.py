@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tunery.serve.keys_cli import DatabaseUrl, DataDir
@@ -132,7 +133,8 @@ def models_info(
         console.print(f"{label + ':':<16}{value}", highlight=False)
     now = current_sha256(row.source, row.kind)
     if now is None:
-        console.print(f"[bold red]Weights missing:[/] nothing is at {row.source} any more.", highlight=False)
+        missing = escape(str(row.source))
+        console.print(f"[bold red]Weights missing:[/] nothing is at {missing} any more.", highlight=False)
         return
     if now != row.sha256:
         console.print(
