@@ -214,7 +214,13 @@ def predict(model_dir: Path, r: dict[str, Any], args: argparse.Namespace) -> dic
         micro_batch_tokens=r["micro_batch_tokens"],
         lora_r=lora_rank(r["method"]),
     )
-    hp = {"n_epochs": 1, "batch_size": args.batch_size, "max_length": args.max_length}
+    hp = {
+        "n_epochs": 1,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "precision": r["precision"],  # as resolved in the run, as recommend is asked above
+        "micro_batch_tokens": r["micro_batch_tokens"],
+    }
     job = estimate_job(str(model_dir), method=r["method"], data_path=DATA, hyperparameters=hp)
     measured = r["peak_rss_mb"]
     predicted = est.peak_bytes / MB

@@ -298,7 +298,7 @@ def run_tunery(
     }
 
 
-def _step_tokens(train: list[dict], config, epochs: int) -> list[int]:
+def _step_tokens(train: list[dict], config, epochs: int = 1) -> list[int]:
     from tunery.train.batching import schedule
 
     hp = config.hyperparameters

@@ -29,7 +29,7 @@ from tunery.objectives.judge import Judge, JudgeOptions
 from tunery.serve.bounds import heavy_slot
 from tunery.serve.common import MIB, ApiError, Principal, principal
 from tunery.serve.completions_store import Query
-from tunery.serve.engines import get_engine
+from tunery.serve.engines import serving_engine
 from tunery.serve.files import file_object
 from tunery.serve.resolver import get_resolver, model_not_found, resolve_model_name
 from tunery.serve.stored import check_metadata, completion_log
@@ -148,7 +148,9 @@ def _relabeler(request: Request, who: Principal, block: dict[str, Any]) -> Any:
         url, key_env = _endpoint(request, block["endpoint"], "relabel.endpoint")
         return relabel.endpoint_reply(url, block["model_name"], relabel.env_key(key_env), max_tokens)
     base, adapter = _model(request, who, str(block.get("model") or ""), "relabel.model")
-    return relabel.engine_reply(get_engine(request.app.state), base, adapter, max_tokens)
+    # Called here rather than declared with Depends on the handler: only a relabel by a served model
+    # needs the engine, and making it loads model code that a plain dataset export never pays for.
+    return relabel.engine_reply(serving_engine(request), base, adapter, max_tokens)
 
 
 def _judge(request: Request, who: Principal, block: dict[str, Any], relabel_block: dict[str, Any]) -> Any:
@@ -167,7 +169,7 @@ def _judge(request: Request, who: Principal, block: dict[str, Any], relabel_bloc
         )
     base, adapter = _model(request, who, block["model"], "judge.model")
     options = JudgeOptions(model=base, adapter=adapter, **common)
-    engine = get_engine(request.app.state)
+    engine = serving_engine(request)  # as in _relabeler: only a judging model needs it
     return Judge(options, generate=relabel.engine_judge_generate(engine, base, adapter, options.max_tokens))
 
 
