@@ -12,6 +12,8 @@ trained by every variant, each in its own child process, one after another:
   proposes (method, batch size, precision, max length, micro-batch tokens).
 - `tunery-batch8` (not run unless asked for): `auto`, but batch 8, the batch the Trainer uses.
   It answers whether `auto`'s batch 1 is what costs the minutes (issue 20's decision on `auto`).
+- `tunery-batch8-scaled` (not run unless asked for): batch 8 with batch 1's learning rate scaled
+  linearly with the batch (multiplier 0.05 x 8 = 0.4: 8e-4 for LoRA), the same step per example.
 - `trainer`: `transformers.Trainer` + peft with the recipe people copy: lr 2e-4, 3 epochs, batch 8,
   linear decay, LoRA r16/alpha32 on all linear layers, loss on the assistant reply only (tokenized
   with Tunery's encoder, as in bench/train_throughput.py), bf16 autocast where Tunery's `auto`
@@ -56,7 +58,7 @@ LABELS = {
     "routing": ["billing", "technical", "shipping", "account", "sales"],
 }
 VARIANTS = ["tunery-auto", "tunery-recommend", "trainer"]
-OPTIONAL = ["tunery-batch8"]
+OPTIONAL = ["tunery-batch8", "tunery-batch8-scaled"]
 EVAL_BATCH = 16  # as the quickstart evaluates
 TRAINER_RECIPE = {"learning_rate": 2e-4, "epochs": 3, "batch_size": 8, "scheduler": "linear"}
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -153,8 +155,10 @@ def tunery_sets(variant: str, path: str, train_path: Path, args: argparse.Namesp
     sets = [f"seed={args.seed}"]
     if args.max_epochs:
         sets.append(f"hyperparameters.n_epochs={args.max_epochs}")
-    if variant == "tunery-batch8":
+    if variant.startswith("tunery-batch8"):
         sets.append("hyperparameters.batch_size=8")
+    if variant == "tunery-batch8-scaled":  # batch 1's multiplier (0.05) scaled linearly with the batch
+        sets.append("hyperparameters.learning_rate_multiplier=0.4")
     if variant == "tunery-recommend":
         from tunery.workflows.recommend import recommend
 
