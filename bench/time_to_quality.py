@@ -7,9 +7,12 @@ Each task (datasets/sentiment: 3 labels, target 97%; datasets/routing: 5 teams, 
 trained by every variant, each in its own child process, one after another:
 
 - `tunery-auto`: `tunery.train.run` with the config `tunery train --model M --data train.jsonl`
-  builds: every hyperparameter `auto` (OpenAI's rule: batch 1 and 3 epochs below 500 examples).
+  builds: every hyperparameter `auto` (OpenAI's rules, but on a CPU from 100 examples at least
+  batch 8, with the learning rate scaled linearly: `train/hparams.py`).
 - `tunery-recommend`: the same, with what `tunery recommend --memory <this machine's RAM>`
-  proposes (method, batch size, precision, max length, micro-batch tokens).
+  proposes (method, batch size, learning-rate multiplier, precision, max length, micro-batch tokens).
+- `tunery-openai` (not run unless asked for): `auto` under OpenAI's rules on every device
+  (`auto_rule: openai`; batch 1 below 750 examples), what `auto` was before issue 20's decision.
 - `tunery-batch8` (not run unless asked for): `auto`, but batch 8, the batch the Trainer uses.
   It answers whether `auto`'s batch 1 is what costs the minutes (issue 20's decision on `auto`).
 - `tunery-batch8-scaled` (not run unless asked for): batch 8 with batch 1's learning rate scaled
@@ -58,7 +61,7 @@ LABELS = {
     "routing": ["billing", "technical", "shipping", "account", "sales"],
 }
 VARIANTS = ["tunery-auto", "tunery-recommend", "trainer"]
-OPTIONAL = ["tunery-batch8", "tunery-batch8-scaled"]
+OPTIONAL = ["tunery-openai", "tunery-batch8", "tunery-batch8-scaled"]
 EVAL_BATCH = 16  # as the quickstart evaluates
 TRAINER_RECIPE = {"learning_rate": 2e-4, "epochs": 3, "batch_size": 8, "scheduler": "linear"}
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -155,6 +158,8 @@ def tunery_sets(variant: str, path: str, train_path: Path, args: argparse.Namesp
     sets = [f"seed={args.seed}"]
     if args.max_epochs:
         sets.append(f"hyperparameters.n_epochs={args.max_epochs}")
+    if variant == "tunery-openai":  # OpenAI's rules on every device: batch 1 below 750 examples
+        sets.append("hyperparameters.auto_rule=openai")
     if variant.startswith("tunery-batch8"):
         sets.append("hyperparameters.batch_size=8")
     if variant == "tunery-batch8-scaled":  # batch 1's multiplier (0.05) scaled linearly with the batch
@@ -163,12 +168,14 @@ def tunery_sets(variant: str, path: str, train_path: Path, args: argparse.Namesp
         from tunery.workflows.recommend import recommend
 
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        chosen = recommend(path, str(train_path), memory).chosen
+        rec = recommend(path, str(train_path), memory)
+        chosen = rec.chosen
         if chosen is None:
             raise RuntimeError(f"tunery recommend found nothing that fits in {memory / 2**30:.1f} GiB")
         sets += [
             f"method={chosen.method}",
             f"hyperparameters.batch_size={chosen.batch_size}",
+            f"hyperparameters.learning_rate_multiplier={rec.learning_rate_multiplier}",
             f"hyperparameters.precision={chosen.precision}",
             f"hyperparameters.max_length={chosen.max_length}",
             f"hyperparameters.micro_batch_tokens={chosen.micro_batch_tokens}",

@@ -328,6 +328,56 @@ def test_resolve_combines_the_rules_with_the_methods_base_rate():
     r = resolve(fixed, 10, 1e-4)
     assert (r.n_epochs, r.batch_size, r.learning_rate_multiplier) == (2, 10, 0.3)
     assert r.learning_rate == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    ("n", "device", "rule", "batch", "multiplier"),
+    [
+        (300, "cpu", "device", 8, 0.4),  # OpenAI: batch 1 at 0.05; a CPU takes 8 at 0.05 x 8
+        (300, "cuda", "device", 1, 0.05),  # a GPU keeps OpenAI's rule
+        (300, "cpu", "openai", 1, 0.05),  # the option that keeps it everywhere
+        (99, "cpu", "device", 1, 0.05),  # too few examples to raise the batch
+        (100, "cpu", "device", 8, 0.4),
+        (750, "cpu", "device", 8, 0.2),  # OpenAI: batch 2 at 0.05 -> 8 at 0.05 x 4
+        (1500, "cpu", "device", 8, pytest.approx(0.8 / 3)),  # OpenAI: batch 3 at 0.1 -> 8 at 0.1 x 8/3
+        (4000, "cpu", "device", 8, 0.1),  # OpenAI's batch is already 8: its multiplier, unscaled
+        (32_000, "cpu", "device", 64, 0.2),
+    ],
+)
+def test_auto_on_a_cpu_takes_batch_8_with_the_rate_scaled(n, device, rule, batch, multiplier):
+    """Issue 20's decision: batch 1 spent a CPU's minutes (docs/performance.md), so `auto_rule: device`
+    raises the auto batch to 8 on a CPU and scales OpenAI's multiplier of its own batch linearly."""
+    from tunery.config import Hyperparameters
+    from tunery.train.hparams import resolve
+
+    r = resolve(Hyperparameters(auto_rule=rule), n, 2e-4, device)
+    assert (r.batch_size, r.learning_rate_multiplier) == (batch, multiplier)
+    assert r.learning_rate == pytest.approx(2e-4 * r.learning_rate_multiplier / 0.1)
+    # a batch the user sets keeps OpenAI's multiplier for it: only auto's own raise is scaled
+    explicit = resolve(Hyperparameters(batch_size=8, auto_rule=rule), n, 2e-4, device)
+    assert explicit.learning_rate_multiplier == 0.1
+
+
+def test_recommend_proposes_what_auto_trains_with(tiny_llama, tmp_path):
+    """`tunery recommend` names the batch and multiplier `auto` resolves to on its device, so following
+    it trains the measured recipe rather than batch 8 at OpenAI's batch-8 rate."""
+    import json
+
+    from tunery.config import Hyperparameters
+    from tunery.train.hparams import resolve
+    from tunery.workflows.recommend import recommend
+
+    data = tmp_path / "train.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text("\n".join(json.dumps(row) for _ in range(300)) + "\n")
+    for device in ("cpu", "cuda"):
+        rec = recommend(str(tiny_llama), str(data), 8 * 1024**3, device=device, gflops=10.0)
+        auto = resolve(Hyperparameters(), 300, 2e-4, device)
+        assert (rec.chosen.batch_size, rec.learning_rate_multiplier) == (
+            auto.batch_size,
+            auto.learning_rate_multiplier,
+        ), device
+        assert rec.to_dict()["recommendation"]["learning_rate_multiplier"] == auto.learning_rate_multiplier
     assert resolve(Hyperparameters(learning_rate=0.5), 10, 1e-4).learning_rate == 0.5
 
 

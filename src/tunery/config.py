@@ -38,12 +38,20 @@ class Hyperparameters(BaseModel):
 
     n_epochs: int | Auto = Field("auto", description="Passes over the training data; auto follows OpenAI.")
     batch_size: int | Auto = Field(
-        "auto", description="Examples per optimizer step; auto = 0.2% of examples in [1, 256]."
+        "auto",
+        description="Examples per optimizer step; auto = 0.2% of examples in [1, 256] (at least 8 on a CPU "
+        "from 100 examples, see auto_rule).",
     )
     learning_rate_multiplier: float | Auto = Field(
         "auto", description="Scales the method's base learning rate; auto picks by batch size as OpenAI did."
     )
     learning_rate: float | None = Field(None, description="A raw learning rate; overrides the multiplier.")
+    auto_rule: Literal["device", "openai"] = Field(
+        "device",
+        description="How `auto` picks batch size and multiplier: openai = OpenAI's rules everywhere; "
+        "device = the same, but on a CPU from 100 examples at least batch 8, with the learning rate "
+        "scaled linearly (batch 1 is slow on a CPU).",
+    )
     max_length: int = Field(
         1024, description="Tokens per example; longer examples are truncated and counted."
     )

@@ -41,8 +41,10 @@ api = APIRouter(prefix="/v1/tunery", tags=["tunery dashboard"])
 # from the config's field descriptions).
 OPENAI_HELP = {
     "n_epochs": "Passes over the training data. auto: 3, more for tiny files, fewer for huge ones.",
-    "batch_size": "Examples per optimizer step. auto: 0.2% of the examples, between 1 and 256.",
-    "learning_rate_multiplier": "Scales the method's base learning rate. auto: 0.05-0.2 by batch size.",
+    "batch_size": "Examples per optimizer step. auto: 0.2% of the examples, between 1 and 256; at least 8 "
+    "on a CPU from 100 examples.",
+    "learning_rate_multiplier": "Scales the method's base learning rate. auto: 0.05-0.2 by batch size, "
+    "scaled up with the batch where a CPU raised it.",
 }
 
 

@@ -18,7 +18,7 @@ from tunery.models.load import load_tokenizer
 from tunery.models.placement import bf16_supported
 from tunery.objectives import validation_kind
 from tunery.train.estimate import RUNTIME_BYTES, model_shape, peak_memory
-from tunery.train.hparams import auto_batch_size, auto_epochs
+from tunery.train.hparams import auto_epochs, device_batch_size
 
 # Rough sustained training throughput: the time estimate's only calibration constant.
 GPU_FLOPS = 5.0e13
@@ -124,10 +124,12 @@ def estimate_job(
     longest = counted.longest if tokens_per_example is None and counted.longest else mean_tokens
     epochs = hp.get("n_epochs", "auto")
     epochs = auto_epochs(n) if epochs in (None, "auto") else int(epochs)
-    batch = hp.get("batch_size", "auto")
-    batch = auto_batch_size(n) if batch in (None, "auto") else int(batch)
-
     device, flops_per_s, device_memory = _device()
+    batch = hp.get("batch_size", "auto")
+    rule = hp.get("auto_rule") or defaults.auto_rule
+    on = "cpu" if device_memory is None else "cuda"
+    batch = device_batch_size(n, rule, on) if batch in (None, "auto") else int(batch)
+
     memory = peak_memory(
         shape,
         method=method,

@@ -224,7 +224,7 @@ def _train(
     model, tokenizer = setup.build_model(config, method, config.method_options, objective)
     dist.check_objective(objective)
     features, val_features, val_tasks = setup.encode_data(config, objective, tokenizer, data, dist, events)
-    res = hparams.resolve(hp, len(features), method.base_learning_rate)
+    res = hparams.resolve(hp, len(features), method.base_learning_rate, setup.device_type())
     lengths, steps = setup.plan_steps(config, objective, features, res)
     if dist.is_main:
         rundir.write_config(config, out, res.as_dict())

@@ -198,11 +198,16 @@ def speedups(
     return packed, fused
 
 
+def device_type() -> str:
+    """Where this run trains: the GPU where there is one, else the CPU (the accelerator's choice)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def build_accelerator(hp: Any, dist: Any) -> tuple[Any, torch.dtype | None]:
     """accelerate's Accelerator for this run, and the autocast dtype (None: fp32)."""
     from accelerate import Accelerator
 
-    cpu = not torch.cuda.is_available()
+    cpu = device_type() == "cpu"
     dtype = autocast_dtype(hp.precision, torch.device("cpu" if cpu else "cuda"))
     enable_tf32()
     _reset_accelerate_state(dist)

@@ -112,7 +112,8 @@ def recommend_command(
         console.print(f"[red]Nothing fits in {rec.memory_bytes / GB:.1f} GB.[/]")
     else:
         console.print(
-            f"[bold green]method: {c.method}[/]  batch_size: {c.batch_size}  precision: "
+            f"[bold green]method: {c.method}[/]  batch_size: {c.batch_size}  learning_rate_multiplier: "
+            f"{rec.learning_rate_multiplier:g}  precision: "
             f"{c.precision}  max_length: {c.max_length}  micro_batch_tokens: {c.micro_batch_tokens}"
         )
         console.print(

@@ -26,7 +26,7 @@ from tunery.generation.generate import bf16_supported
 from tunery.models.load import load_tokenizer, model_info
 from tunery.train.estimate import ModelShape, doc_bullets, memory_assumptions, peak_memory
 from tunery.train.estimate import model_shape as config_shape
-from tunery.train.hparams import auto_batch_size
+from tunery.train.hparams import CPU_MIN_BATCH, auto_batch_size, device_batch_size, device_multiplier
 
 GB = 1024**3
 EFFICIENCY = 0.35  # sustained share of the matmul benchmark during training (packing, small layers)
@@ -205,6 +205,7 @@ class Recommendation:
     memory_bytes: int
     device: str
     chosen: Estimate | None
+    learning_rate_multiplier: float = 0.1  # what `auto` takes at the chosen batch size here
     considered: list[Estimate] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
 
@@ -214,7 +215,11 @@ class Recommendation:
             "data": self.data,
             "memory_gb": round(self.memory_bytes / GB, 2),
             "device": self.device,
-            "recommendation": self.chosen.to_dict() if self.chosen else None,
+            "recommendation": (
+                {**self.chosen.to_dict(), "learning_rate_multiplier": self.learning_rate_multiplier}
+                if self.chosen
+                else None
+            ),
             "considered": [e.to_dict() for e in self.considered],
             "reasons": self.reasons,
             "assumptions": assumptions(),
@@ -244,7 +249,7 @@ def recommend(
     precision = "bf16" if (device == "cuda" or bf16_supported(device)) else "fp32"
     gflops = gflops or matmul_gflops()
     max_length = round_length(d.percentile(0.99), m.max_positions)
-    batch = auto_batch_size(d.n_examples)
+    batch = device_batch_size(d.n_examples, "device", device)  # what `auto` trains with here
     reasons = [
         f"max_length {max_length}: the 99th percentile example ({d.percentile(0.99)} tokens) "
         f"fits; longer ones ({sum(x > max_length for x in d.lengths)}) are truncated."
@@ -283,7 +288,13 @@ def recommend(
             f"{chosen.method}: fits {chosen.device_bytes / GB:.2f} GB of {memory / GB:.2f} GB "
             f"with micro_batch_tokens {chosen.micro_batch_tokens}."
         )
-        reasons.append(f"batch_size {batch}: OpenAI's auto rule (0.2% of {d.n_examples} examples).")
+        openai = auto_batch_size(d.n_examples)
+        reasons.append(
+            f"batch_size {batch}: OpenAI's auto rule (0.2% of {d.n_examples} examples)."
+            if batch == openai
+            else f"batch_size {batch}: `auto` on a CPU takes at least {CPU_MIN_BATCH} (OpenAI's rule gives "
+            f"{openai}; batch 1 runs at a fraction of batch 8's tokens/s here), learning rate scaled with it."
+        )
         reasons.append(
             f"precision {precision}: "
             + (
@@ -306,6 +317,7 @@ def recommend(
         memory_bytes=memory,
         device=device,
         chosen=chosen,
+        learning_rate_multiplier=device_multiplier(d.n_examples, batch, "device", device),
         considered=considered,
         reasons=reasons,
     )
