@@ -92,6 +92,20 @@ def test_launch_command_reruns_train_under_torchrun():
     assert cmd[-6:] == ["-m", "tunery.cli", "train", "cfg.yaml", "--set", "a=1"]
 
 
+def test_torchrun_gives_the_ranks_time_to_checkpoint_after_a_signal(monkeypatch):
+    """torchrun SIGKILLs the ranks 30 s after passing on a SIGTERM by default: ranks still writing their
+    interrupt checkpoint on a loaded machine died without run.json (the FSDP SIGTERM test's rare
+    failure, reproduced with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1). Tunery gives them ten minutes, and a
+    user's own setting wins."""
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert "--shutdown-timeout=600" in launch_command(["cfg.yaml"], nproc=2)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    assert "--shutdown-timeout=45" in launch_command(["cfg.yaml"], nproc=2)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="whole number"):
+        launch_command(["cfg.yaml"], nproc=2)
+
+
 def test_ranks_get_the_users_arguments_minus_the_launcher_flags():
     from tunery.cli.train import rank_args
 

@@ -117,33 +117,26 @@ def test_on_a_gpu_only_device_parts_are_compared_with_its_memory(tiny_llama, mon
     n, length = 40, 48
     facts = model_facts(str(tiny_llama))
     data = DataFacts(path="", n_examples=n, lengths=[length] * n, supervised=[length // 2] * n)
-    cpu = estimate(facts, data, method="lora", precision="fp32", max_length=1024, batch_size=4, device="cpu")
-    gpu = estimate(facts, data, method="lora", precision="fp32", max_length=1024, batch_size=4, device="cuda")
+
+    def lora(device: str, memory: int | None = None):
+        return estimate(
+            facts,
+            data,
+            method="lora",
+            precision="fp32",
+            max_length=1024,
+            batch_size=4,
+            memory=memory,
+            device=device,
+        )
+
+    cpu, gpu = lora("cpu"), lora("cuda")
     host = sum(gpu.parts[k] for k in HOST_PARTS)
     assert host > 0 and cpu.device_bytes == cpu.peak_bytes
     assert gpu.device_bytes == gpu.peak_bytes - host
     # Memory between the device part and the whole: fits the GPU, would not fit a CPU process.
     between = gpu.device_bytes + host // 2
-    assert estimate(
-        facts,
-        data,
-        method="lora",
-        precision="fp32",
-        max_length=1024,
-        batch_size=4,
-        memory=between,
-        device="cuda",
-    ).fits
-    assert not estimate(
-        facts,
-        data,
-        method="lora",
-        precision="fp32",
-        max_length=1024,
-        batch_size=4,
-        memory=between,
-        device="cpu",
-    ).fits
+    assert lora("cuda", between).fits and not lora("cpu", between).fits
     # The dashboard, on a (pretended) GPU of that size: fits, judged on the same device bytes.
     monkeypatch.setattr(ui_estimate, "_device", lambda: ("a GPU", 1e14, int(gpu.device_bytes / 0.9) + 1))
     ui = ui_estimate.estimate_job(

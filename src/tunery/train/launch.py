@@ -99,6 +99,26 @@ def check_local_rank(local_rank: int, visible: int) -> None:
         )
 
 
+# How long torchrun waits, after passing on a Ctrl-C/SIGTERM, before it SIGKILLs the ranks. Its own
+# default, 30 s, killed ranks still writing their interrupt checkpoint (finish the step, save the
+# sharded state, gather the model to rank 0) on a loaded 2-core machine, leaving no run.json: the
+# FSDP SIGTERM test's rare failure (issue 23). A big model's checkpoint takes minutes, so allow ten.
+# The user's TORCH_ELASTIC_SHUTDOWN_TIMEOUT, torchrun's own setting, wins.
+SHUTDOWN_TIMEOUT_S = 600
+
+
+def shutdown_timeout() -> int:
+    """Seconds torchrun gives the ranks to stop after a signal (`SHUTDOWN_TIMEOUT_S`, or the user's
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT)."""
+    raw = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    try:
+        return int(raw) if raw else SHUTDOWN_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(
+            f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds, not {raw!r}."
+        ) from None
+
+
 def launch_command(
     train_args: list[str],
     *,
@@ -118,6 +138,7 @@ def launch_command(
         f"--node-rank={node_rank}",
         f"--master-addr={master_addr}",
         f"--master-port={master_port}",
+        f"--shutdown-timeout={shutdown_timeout()}",
         "-m",
         "tunery.cli",
         "train",
