@@ -284,25 +284,7 @@ def recommend(
     if chosen is None:
         reasons.append("Nothing fits: use a smaller model, QLoRA on a GPU, or more memory.")
     else:
-        reasons.append(
-            f"{chosen.method}: fits {chosen.device_bytes / GB:.2f} GB of {memory / GB:.2f} GB "
-            f"with micro_batch_tokens {chosen.micro_batch_tokens}."
-        )
-        openai = auto_batch_size(d.n_examples)
-        reasons.append(
-            f"batch_size {batch}: OpenAI's auto rule (0.2% of {d.n_examples} examples)."
-            if batch == openai
-            else f"batch_size {batch}: `auto` on a CPU takes at least {CPU_MIN_BATCH} (OpenAI's rule gives "
-            f"{openai}; batch 1 runs at a fraction of batch 8's tokens/s here), learning rate scaled with it."
-        )
-        reasons.append(
-            f"precision {precision}: "
-            + (
-                "bf16 autocast is native here and, on a CPU, measured faster than fp32."
-                if precision == "bf16"
-                else "this CPU has no native bf16, or bf16 was measured no faster than fp32 here."
-            )
-        )
+        reasons += _chosen_reasons(chosen, memory, d.n_examples, precision)
     return Recommendation(
         model={**asdict(m), "n_params_m": round(m.n_params / 1e6, 2)},
         data={
@@ -321,3 +303,23 @@ def recommend(
         considered=considered,
         reasons=reasons,
     )
+
+
+def _chosen_reasons(chosen: Estimate, memory: int, n_examples: int, precision: str) -> list[str]:
+    """Why the recommendation is what it is: memory, batch size, precision, one line each."""
+    openai = auto_batch_size(n_examples)
+    batch = chosen.batch_size
+    return [
+        f"{chosen.method}: fits {chosen.device_bytes / GB:.2f} GB of {memory / GB:.2f} GB "
+        f"with micro_batch_tokens {chosen.micro_batch_tokens}.",
+        f"batch_size {batch}: OpenAI's auto rule (0.2% of {n_examples} examples)."
+        if batch == openai
+        else f"batch_size {batch}: `auto` on a CPU takes at least {CPU_MIN_BATCH} (OpenAI's rule gives "
+        f"{openai}; batch 1 runs at a fraction of batch 8's tokens/s here), learning rate scaled with it.",
+        f"precision {precision}: "
+        + (
+            "bf16 autocast is native here and, on a CPU, measured faster than fp32."
+            if precision == "bf16"
+            else "this CPU has no native bf16, or bf16 was measured no faster than fp32 here."
+        ),
+    ]
