@@ -5,8 +5,8 @@ OpenAI's rules are the base: 3 epochs, batch 0.2% of the examples, multiplier 0.
 at least CPU_MIN_BATCH, and the multiplier OpenAI gives its own batch is scaled linearly with the
 raise, so each example moves the weights as much as before. A CPU runs batch 1 at a fraction of batch
 8's tokens per second, so batch 1 spent the minutes: on smollm2-135m it reached 97% on sentiment in
-7.0 minutes and 95% on routing in 8.3, where batch 8 with the scaled rate took 1.3 and 1.9, against
-the Trainer recipe's 3.7 and never (docs/performance.md, "Time to a good model").
+7.0 minutes and 95% on routing in 8.3, where batch 8 with the scaled rate took 1.3 and 3.7, against
+the Trainer recipe's 4.0 and never (docs/performance.md, "Time to a good model").
 `auto_rule: openai` keeps OpenAI's rules on every device.
 """
 
