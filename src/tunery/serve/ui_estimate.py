@@ -141,7 +141,7 @@ def estimate_job(
         max_length=max_length,
         supervised_share=counted.supervised_share or SUPERVISED_SHARE,
         precision=_precision(hp, on_gpu=device_memory is not None),
-        device="cpu" if device_memory is None else "cuda",
+        device=on,
     )
     total_memory = memory.peak_bytes
     tokens = int(n * mean_tokens * epochs)
