@@ -542,3 +542,14 @@ def test_tokens_per_second_leaves_evaluations_and_saves_out(tmp_path, tiny_llama
     rows = read_jsonl(Path(result.output_dir) / "metrics.jsonl")
     assert len(rows) == len(tokens) == 8 and any("valid_loss" in r for r in rows)
     assert [r["tokens_per_second"] for r in rows] == pytest.approx([float(n) for n in tokens])
+
+
+@pytest.mark.parametrize("value", ["evil", "../openai", "", 8, None])
+def test_auto_rule_accepts_only_its_two_names(value):
+    """A request's `auto_rule` is one of two names; anything else is refused, naming the field."""
+    from pydantic import ValidationError
+
+    from tunery.config import Hyperparameters
+
+    with pytest.raises(ValidationError, match="auto_rule"):
+        Hyperparameters(auto_rule=value)
