@@ -292,6 +292,9 @@ def test_malformed_bodies_are_400_not_500(tmp_path, tiny_llama):
             ({"tunery": {"options": {"lora": 5}}}, "tunery.options"),
             ({"objective": ["x"]}, "tunery.objective"),
             ({"tunery": {"method": {"a": 1}}}, "tunery.method"),
+            # auto_rule is one of two names; a path or a URL in it is refused, not passed on
+            ({"tunery": {"hyperparameters": {"auto_rule": "../../etc"}}}, "hyperparameters.auto_rule"),
+            ({"tunery": {"hyperparameters": {"auto_rule": 1}}}, "hyperparameters.auto_rule"),
         ):
             r = c.post("/v1/fine_tuning/jobs", headers=auth(ADMIN), json={**job, **extra})
             assert shape(r, 400)["param"] == param, extra
@@ -299,6 +302,8 @@ def test_malformed_bodies_are_400_not_500(tmp_path, tiny_llama):
             ({"n_examples": "abc"}, "n_examples"),
             ({"n_examples": 10, "tokens_per_example": [1]}, "tokens_per_example"),
             ({"n_examples": 10, "hyperparameters": {"batch_size": "x"}}, "hyperparameters.batch_size"),
+            ({"n_examples": 10, "hyperparameters": {"auto_rule": "gpu"}}, "hyperparameters.auto_rule"),
+            ({"n_examples": 10, "hyperparameters": {"auto_rule": ["device"]}}, "hyperparameters.auto_rule"),
             ({"n_examples": 10, "options": [1]}, "options"),
         ):
             r = c.post("/v1/tunery/estimate", headers=auth(ADMIN), json={"model": str(tiny_llama), **body})

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from tunery.config import Hyperparameters, check_request_hyperparameters
@@ -245,9 +246,25 @@ def _estimate_args(body: dict[str, Any]) -> dict[str, Any]:
         "objective": str(body.get("objective") or "sft"),
         "n_examples": number("n_examples", True, 1e9),
         "tokens_per_example": number("tokens_per_example", False, 1e7),
-        "hyperparameters": check_request_hyperparameters(hp, "hyperparameters"),
+        "hyperparameters": _checked_hyperparameters(hp),
         "options": options,
     }
+
+
+def _checked_hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
+    """The estimate's hyperparameters: in a job's ranges, and each known name of a type a job takes
+    (`auto_rule` one of its names), so what the estimate assumes is what a job would run."""
+    hp = check_request_hyperparameters(hp, "hyperparameters")
+    known = {name: value for name, value in hp.items() if name in Hyperparameters.model_fields}
+    try:
+        Hyperparameters.model_validate(known)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        raise ApiError(
+            400, f"Invalid hyperparameters.{name}: {err['msg']}", param=f"hyperparameters.{name}"
+        ) from None
+    return hp
 
 
 # ---------------------------------------------------------------------------------------------
