@@ -5,10 +5,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist (`-n auto`, the README's command) each worker, and every process a test starts,
+# computes on one thread: the workers already fill the cores, and two torch threads per process
+# fighting the other worker for 2 cores run tiny models several times slower. Set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
-from tests.helpers.server import free_port
-from tunery.models.unwrap import unwrap
+import pytest  # noqa: E402
+
+from tests.helpers.server import free_port  # noqa: E402
+from tunery.models.unwrap import unwrap  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,10 +30,55 @@ HEAVY_MODULES = {
 }
 
 
+# Scheduling under pytest-xdist (`--dist loadgroup`, set in pyproject.toml): each module is one group,
+# so its module-scoped fixtures (servers, engines, models) are built once, on one worker. Tests that
+# start several busy processes of their own (torchrun ranks, a Ray head, a killed and restarted
+# server) share one group, so they run one after another and never beside each other. Groups start
+# longest first (measured with --durations; the rest follow in file order), so no long group starts
+# last and leaves the other worker idle.
+MULTIPROCESS = "multiprocess"
+GROUP_OF_MODULE = {
+    "test_distributed.py": MULTIPROCESS,
+    "test_ray_executor.py": MULTIPROCESS,
+    "test_serve_recovery.py": MULTIPROCESS,
+}
+LONGEST_FIRST = [
+    "test_serve_engines.py",
+    "test_memory.py",
+    "test_quickstart.py",
+    MULTIPROCESS,
+    "test_models.py",
+    "test_flywheel_e2e.py",
+    "test_classify.py",
+    "test_layers.py",
+    "test_train.py",
+    "test_serve.py",
+    "test_jobs_store.py",
+    "test_benchmarks.py",
+    "test_architectures.py",
+    "test_ui.py",
+    "test_export.py",
+    "test_serve_load.py",
+]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, up to 4 (more would hold a torch each and fight over the
+    multi-process tests' cores)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in HEAVY_MODULES:
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(GROUP_OF_MODULE.get(item.path.name, item.path.name)))
+
+    def rank(item) -> int:
+        group = GROUP_OF_MODULE.get(item.path.name, item.path.name)
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: file order within a group and among the rest
 
 
 @pytest.fixture(scope="session")
