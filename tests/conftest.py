@@ -20,6 +20,9 @@ from tunery.models.unwrap import unwrap  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# rich wraps at 80 columns when not on a terminal; a temp path (longer under xdist: .../popen-gw0/...)
+# would be cut across lines, and a test looking for it in the output would fail on the wrap alone.
+os.environ.setdefault("COLUMNS", "200")
 
 
 # Whole modules of heavy tests, marked `slow` here rather than test by test, so that `-m "not slow"`
