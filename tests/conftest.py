@@ -71,14 +71,18 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+def _group(item) -> str:
+    return GROUP_OF_MODULE.get(item.path.name, item.path.name)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in HEAVY_MODULES:
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(GROUP_OF_MODULE.get(item.path.name, item.path.name)))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
     def rank(item) -> int:
-        group = GROUP_OF_MODULE.get(item.path.name, item.path.name)
+        group = _group(item)
         return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: file order within a group and among the rest
