@@ -271,10 +271,11 @@ def test_job_events_and_kill_9_recovery_on_postgres(postgres_url, tmp_path):
             hyperparameters={"n_epochs": 1, "batch_size": 1},
             extra_body={"tunery": {"hyperparameters": {"save_steps": 2}}},
         )
-        _wait(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 180, "a checkpoint", server.log)
         store = Store(data, postgres_url)
+        _wait(lambda: store.get_job(None, job.id).pid, 180, "the worker", server.log)
         pid = store.get_job(None, job.id).pid
-        server.kill()  # no shutdown hooks run: the job row in PostgreSQL still says running
+        # no shutdown hooks run: the job row in PostgreSQL still says running
+        server.kill_mid_job(pid, data / "jobs" / job.id)
         assert store.get_job(None, job.id).status == "running"
         # the orphaned worker notices its server is gone, checkpoints and exits on its own
         _wait(lambda: not _pid_is_worker(pid, job.id), 60, "the orphaned worker to exit", server.log)

@@ -43,13 +43,13 @@ def test_kill_9_mid_job_then_restart_resumes(tmp_path):
             hyperparameters={"n_epochs": 1},
             extra_body={"tunery": {"hyperparameters": {"save_steps": 2}}},
         )
-        deadline = time.time() + 180
-        while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
-            assert time.time() < deadline, server.log()[-2000:]
-            time.sleep(0.5)
         store = Store(data)
-        pid = store.get_job(None, job.id).pid
-        server.kill()  # no shutdown hooks run: the job row still says running
+        deadline = time.time() + 180
+        while not (pid := store.get_job(None, job.id).pid):
+            assert time.time() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        run_dir = data / "jobs" / job.id
+        server.kill_mid_job(pid, run_dir)  # no shutdown hooks run: the job row still says running
         assert store.get_job(None, job.id).status == "running"
 
         # The orphaned worker notices its server is gone, checkpoints and exits on its own.
@@ -57,7 +57,6 @@ def test_kill_9_mid_job_then_restart_resumes(tmp_path):
         while _pid_is_worker(pid, job.id):
             assert time.time() < deadline, "the orphaned worker kept running"
             time.sleep(0.5)
-        run_dir = data / "jobs" / job.id
         assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
         store.close()
     finally:

@@ -208,6 +208,43 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
     assert started["data"]["allocator"] == ("jemalloc" if find_jemalloc() else "system")
 
 
+# Trains in its own process and SIGTERMs itself when it sees the event named by argv[1].
+_SIGTERM_AT = """
+import os, signal, sys
+from tunery.plugins import load_config
+from tunery.train import run
+
+def at(event):
+    data = event["data"]
+    last_step = event["type"] == "metrics" and data["step"] == data["total_steps"]
+    if (sys.argv[1] == "last_step" and last_step) or sys.argv[1] == data.get("kind"):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+print(run(load_config(sets=sys.argv[2:]), subscribers=[at]).status)
+"""
+
+
+@pytest.mark.parametrize("when", ["last_step", "model"])
+def test_a_signal_after_the_last_step_ends_succeeded_with_run_json(tmp_path, tiny_llama, when):
+    """A cancel, or an orphaned worker whose server died, can SIGTERM a run after its last step: during
+    the last evaluation (`last_step`) or after the final save (`model`, before run.json). Every step
+    has run, so the run ends succeeded with its model and run.json: never killed with no run.json
+    (a kill -9 recovery test caught that), nor "interrupted" with nothing left to resume."""
+    data = write_chat_jsonl(tmp_path / "train.jsonl", n=10)
+    out = tmp_path / "run"
+    sets = [f"model={tiny_llama}", f"data.train={data}", f"output={out}", "hyperparameters.precision=fp32"]
+    sets += ["method=lora", "hyperparameters.n_epochs=1", "hyperparameters.batch_size=2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT, when, *sets], capture_output=True, text=True, env=ONE_THREAD
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "succeeded"
+    assert json.loads((out / "run.json").read_text())["status"] == "succeeded"
+    assert (out / "model" / "adapter_config.json").exists()
+    messages = [e["message"] for e in read_jsonl(out / "events.jsonl")]
+    assert not any(m.startswith("Training interrupted") for m in messages)
+
+
 def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path, tiny_llama):
     """A kill mid-save leaves only a .tmp-* directory: resume must use the last complete checkpoint."""
     cfg = _config(

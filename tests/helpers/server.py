@@ -47,6 +47,27 @@ class ServerProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def kill_mid_job(self, worker_pid: int, run_dir: Path, timeout: float = 180) -> None:
+        """kill -9 this server while its worker is between its first checkpoint and its last step.
+
+        The worker is frozen (SIGSTOP) as soon as its first checkpoint lands, the server is killed
+        and reaped, and the worker goes on only after its parent watch's interval has passed: the
+        watch's first look then sees the server gone while most steps are still ahead. Without the
+        freeze a tiny model can finish every step before the watch looks (the job then succeeds
+        and the test has not tested a kill mid-job)."""
+        from tunery.jobs.worker import PARENT_WATCH_INTERVAL  # imports torch: only where used
+
+        deadline = time.time() + timeout
+        while not any((run_dir / "checkpoints").glob("step-*")):
+            assert time.time() < deadline, f"no checkpoint in {timeout} s:\n{self.log()[-2000:]}"
+            time.sleep(0.01)
+        os.kill(worker_pid, signal.SIGSTOP)
+        try:
+            self.kill()
+            time.sleep(PARENT_WATCH_INTERVAL * 1.5)
+        finally:
+            os.kill(worker_pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 60) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -24,8 +24,11 @@ from tunery.quiet import quiet_libraries
 from tunery.train import run
 from tunery.train.rundir import write_status
 
+# Seconds between the worker's looks at its parent: how long it trains on with no server.
+PARENT_WATCH_INTERVAL = 1.0
 
-def watch_parent(interval: float = 1.0) -> None:
+
+def watch_parent(interval: float = PARENT_WATCH_INTERVAL) -> None:
     """If the server dies (even kill -9), stop like a cancel: SIGTERM ourselves so the trainer
     checkpoints and exits, and the restarted server can resume the job without a second writer."""
     parent = os.getppid()

@@ -273,50 +273,55 @@ def save_checkpoint(s: LoopSetup, state: LoopState, step: Step) -> Path:
 
 
 def train_loop(s: LoopSetup, state: LoopState) -> LoopState:
+    """Run the steps after `state.step`. The caller holds `stop_on_signals(state)` around this and
+    the final save, so a signal at any point from the first step to run.json ends the run cleanly."""
     total = len(s.steps)
     # tokens/s counts the steps' own time: evaluations and checkpoint saves are left out of the window
     window_tokens, window_seconds = 0, 0.0
-    with stop_on_signals(state):
-        for step in s.steps:
-            if step.index <= state.step:
-                continue  # already done before the resume point
-            s.ctx.step, s.ctx.total_steps = step.index, total
-            started = time.perf_counter()
-            metrics = run_step(s, step, state)
-            if metrics is None:
-                break
-            window_seconds += time.perf_counter() - started
-            state.interrupted = s.dist.any(state.interrupted)
-            # With several ranks only the vote decides: a signal landing during the evaluation or the
-            # save below reaches the ranks at different moments, and one rank leaving while another
-            # steps on pairs unlike collectives (a hang). The next step's vote catches it on all.
-            stop = state.interrupted
-            state.step = step.index
-            window_tokens += metrics.pop("n_tokens")
-            last_of_epoch = step.index == total or s.steps[step.index].epoch != step.epoch
-            do_eval = last_of_epoch or (s.eval_steps and step.index % s.eval_steps == 0)
-            state.last_eval = evaluate(s) if do_eval else {}
-            if step.index % s.logging_steps == 0 or do_eval or step.index == total:
-                row = {
-                    "step": step.index,
-                    "total_steps": total,
-                    "epoch": step.epoch,
-                    **metrics,
-                    "learning_rate": s.scheduler.get_last_lr()[0],
-                    "tokens_per_second": window_tokens / window_seconds if window_seconds > 0 else 0.0,
-                    "rss_mb": round(rss_mb(), 1),  # soak tests and the progress bar watch it for growth
-                    **state.last_eval,
-                    **(s.method_metrics(s.model) if s.method_metrics is not None else {}),
-                }
-                state.last_metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
-                s.events.metrics(row)
-                window_tokens, window_seconds = 0, 0.0
-            if (last_of_epoch and step.index != total) or (s.save_steps and step.index % s.save_steps == 0):
-                save_checkpoint(s, state, step)
-            if stop or (s.dist.stops_alone and state.interrupted):
-                break
-        # a signal after the last vote, on some ranks only: all agree again
+    for step in s.steps:
+        if step.index <= state.step:
+            continue  # already done before the resume point
+        s.ctx.step, s.ctx.total_steps = step.index, total
+        started = time.perf_counter()
+        metrics = run_step(s, step, state)
+        if metrics is None:
+            break
+        window_seconds += time.perf_counter() - started
         state.interrupted = s.dist.any(state.interrupted)
-        if state.interrupted and state.step > 0:
-            save_checkpoint(s, state, s.steps[state.step - 1])
+        # With several ranks only the vote decides: a signal landing during the evaluation or the
+        # save below reaches the ranks at different moments, and one rank leaving while another
+        # steps on pairs unlike collectives (a hang). The next step's vote catches it on all.
+        stop = state.interrupted
+        state.step = step.index
+        window_tokens += metrics.pop("n_tokens")
+        last_of_epoch = step.index == total or s.steps[step.index].epoch != step.epoch
+        do_eval = last_of_epoch or (s.eval_steps and step.index % s.eval_steps == 0)
+        state.last_eval = evaluate(s) if do_eval else {}
+        if step.index % s.logging_steps == 0 or do_eval or step.index == total:
+            row = {
+                "step": step.index,
+                "total_steps": total,
+                "epoch": step.epoch,
+                **metrics,
+                "learning_rate": s.scheduler.get_last_lr()[0],
+                "tokens_per_second": window_tokens / window_seconds if window_seconds > 0 else 0.0,
+                "rss_mb": round(rss_mb(), 1),  # soak tests and the progress bar watch it for growth
+                **state.last_eval,
+                **(s.method_metrics(s.model) if s.method_metrics is not None else {}),
+            }
+            state.last_metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
+            s.events.metrics(row)
+            window_tokens, window_seconds = 0, 0.0
+        if (last_of_epoch and step.index != total) or (s.save_steps and step.index % s.save_steps == 0):
+            save_checkpoint(s, state, step)
+        if stop or (s.dist.stops_alone and state.interrupted):
+            break
+    # a signal after the last vote, on some ranks only: all agree again
+    state.interrupted = s.dist.any(state.interrupted)
+    if state.step == total:
+        # every step ran: a signal now (during the last evaluation) ends the run as it is, and the
+        # final save goes ahead; an "interrupted" run with nothing left to train would resume to nothing
+        state.interrupted = False
+    elif state.interrupted and state.step > 0:
+        save_checkpoint(s, state, s.steps[state.step - 1])
     return state

@@ -163,9 +163,7 @@ def run(
         raise
     finally:
         close_all(trackers, status)
-    if main:
-        rundir.write_result(result)
-    return result
+    return result  # run.json was written by `_end`, inside the signal scope
 
 
 def _run(config: TuneryConfig, out: Path, events: EventLog, levers: Levers) -> RunResult:
@@ -217,7 +215,7 @@ def _train(
     import torch
 
     from tunery.train import setup
-    from tunery.train.loop import LoopSetup, LoopState, train_loop
+    from tunery.train.loop import LoopSetup, LoopState, stop_on_signals, train_loop
 
     hp = config.hyperparameters
     seed_everything(config.seed)  # the same seed everywhere: every rank builds the same initial model
@@ -275,8 +273,11 @@ def _train(
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         ran = {"packed": packed, "fused": fused, "precision": precision, "buckets": loop.shape_buckets}
         events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict(), **ran})
-    state = train_loop(loop, state)
-    return _end(state, out, events, save, dist, classification=loop.extra_eval is not None)
+    # One signal scope for the steps and the final save: a SIGTERM during the save (a cancel, or an
+    # orphaned worker whose server died) would otherwise kill the process before run.json is written.
+    with stop_on_signals(state):
+        state = train_loop(loop, state)
+        return _end(state, out, events, save, dist, classification=loop.extra_eval is not None)
 
 
 def _end(
@@ -291,13 +292,16 @@ def _end(
     computed classification metrics, which results.csv then holds)."""
     if state.interrupted:
         events.emit(f"Training interrupted at step {state.step}; resume with --resume", level="warn")
-        if dist.is_main:
-            rundir.finish(out, None, classification)
-        return RunResult(out, None, "interrupted", state.trained_tokens, state.last_metrics)
-    model_dir = out / "model"
-    save(model_dir)
-    events.emit(f"New fine-tuned model created: {model_dir}", data={"kind": "model", "path": "model"})
+        result = RunResult(out, None, "interrupted", state.trained_tokens, state.last_metrics)
+    else:
+        model_dir = out / "model"
+        save(model_dir)
+        events.emit(f"New fine-tuned model created: {model_dir}", data={"kind": "model", "path": "model"})
+        result = RunResult(out, model_dir, "succeeded", state.trained_tokens, state.last_metrics)
     if dist.is_main:
-        rundir.finish(out, model_dir, classification)
-    events.emit("The job has successfully completed", data={"trained_tokens": state.trained_tokens})
-    return RunResult(out, model_dir, "succeeded", state.trained_tokens, state.last_metrics)
+        rundir.finish(out, result.model_dir, classification)
+    if result.status == "succeeded":
+        events.emit("The job has successfully completed", data={"trained_tokens": state.trained_tokens})
+    if dist.is_main:
+        rundir.write_result(result)  # run.json last: the record that the run ended, and how
+    return result

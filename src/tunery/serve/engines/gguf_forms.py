@@ -52,7 +52,8 @@ def base_key_digest(key: str) -> str:
     return hashlib.sha256(f"{text}|v{FORMAT_VERSION}".encode()).hexdigest()[:16]
 
 
-def _root() -> Path:
+def forms_dir() -> Path:
+    """Where the GGUF forms (and the llama.cpp probe verdicts) are kept."""
     root = cache_root() / "serve-gguf"
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -87,7 +88,7 @@ def ensure_base(key: str, out_type: str) -> BaseForm:
     """The GGUF of base key `key` in tensor type `out_type`, written first if missing."""
     if out_type not in GGUF_TYPES:
         raise ModelError(f"Unknown GGUF type {out_type!r}: use one of {', '.join(GGUF_TYPES)}.")
-    path = _root() / f"{base_key_digest(key)}-{out_type}.gguf"
+    path = forms_dir() / f"{base_key_digest(key)}-{out_type}.gguf"
     meta = path.with_suffix(".json")
     with file_lock(path.with_name(f".{path.name}.lock"), "writing this GGUF base"):
         if not (path.is_file() and meta.is_file()):
@@ -111,7 +112,7 @@ def ensure_adapter(key: str, adapter_dir: str, base_config: Any) -> Path:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     digest.update(f"{base_key_digest(key)}|v{FORMAT_VERSION}".encode())
-    path = _root() / f"lora-{digest.hexdigest()[:16]}.gguf"
+    path = forms_dir() / f"lora-{digest.hexdigest()[:16]}.gguf"
     with file_lock(path.with_name(f".{path.name}.lock"), "writing this GGUF adapter"):
         if not path.is_file():
             write_gguf_lora(Path(adapter_dir), base_config, path)

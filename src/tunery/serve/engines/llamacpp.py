@@ -27,7 +27,8 @@ from tunery.errors import ModelError, TuneryError
 from tunery.generation.engine import GenerationHandle, _Request, check_token_ids, emit, request_key
 from tunery.generation.sequence import GenerationParams, _entries, _pick_tokens, _Seq, check_context
 from tunery.methods.loading import read_info, saved_tokenizer
-from tunery.serve.engines.gguf_forms import BaseForm, ensure_adapter, ensure_base
+from tunery.serve.engines.gguf_forms import BaseForm, ensure_adapter, ensure_base, forms_dir
+from tunery.serve.engines.llamacpp_probe import extra_buffers_safe
 
 DEFAULT_CTX_PER_SEQ = 4096  # KV cells per sequence; longer requests go to the torch engine
 _LOG_SINK: Any = None
@@ -56,11 +57,15 @@ def _lib() -> Any:
 class _Native:
     """One base GGUF in llama.cpp: the model, a context with `slots` KV sequences, its adapters."""
 
-    def __init__(self, form: BaseForm, tokenizer: Any, *, slots: int, ctx_per_seq: int, threads: int):
+    def __init__(
+        self, form: BaseForm, tokenizer: Any, *, slots: int, ctx_per_seq: int, threads: int, gguf_type: str
+    ):
         lib = _lib()
         self.lib, self.form, self.tokenizer = lib, form, tokenizer
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        # the AMX/repacked buffers only where a child process survived them (llamacpp_probe.py)
+        mparams.use_extra_bufts = extra_buffers_safe(form.gguf, gguf_type, forms_dir())
         self.model = lib.llama_model_load_from_file(str(form.gguf).encode(), mparams)
         if not self.model:
             raise ModelError("llama.cpp could not load the model's GGUF form.", param="model")
@@ -264,7 +269,12 @@ class LlamaCppEngine:
                 form = ensure_base(key, self.gguf_type)
                 tokenizer = saved_tokenizer(read_info(full_dir) if full_dir else None, spec)
                 self._bases[key] = _Native(
-                    form, tokenizer, slots=self.slots, ctx_per_seq=self.ctx_per_seq, threads=self.threads
+                    form,
+                    tokenizer,
+                    slots=self.slots,
+                    ctx_per_seq=self.ctx_per_seq,
+                    threads=self.threads,
+                    gguf_type=self.gguf_type,
                 )
             self._drop_idle(keep=key)
             return self._bases[key]
