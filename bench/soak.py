@@ -161,27 +161,52 @@ def meets_target(growth_pct: float | None, target: float = TARGET_PCT) -> bool:
     return growth_pct is not None and growth_pct < target
 
 
+def fit_slope_given(xs: list[float], ys: list[float], sizes: list[float]) -> float | None:
+    """Least-squares slope of ys against xs with `sizes` as a second variable (ys ~ a + b*x + c*size):
+    the growth per x at a fixed batch size. None when the two cannot be told apart (too few points, or
+    sizes constant or in step with x)."""
+    import numpy as np
+
+    if not len(xs) == len(ys) == len(sizes):
+        raise ValueError(f"{len(xs)} x values, {len(ys)} y values and {len(sizes)} sizes")
+    design = np.column_stack([np.ones(len(xs)), np.asarray(xs, float), np.asarray(sizes, float)])
+    if len(xs) < 4 or np.linalg.matrix_rank(design) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(design, np.asarray(ys, float), rcond=None)
+    return float(coef[1])
+
+
 def growth(
     xs: list[float],
     ys: list[float],
     per: float,
     warmup_fraction: float = WARMUP_FRACTION,
     target: float = TARGET_PCT,
+    sizes: list[float] | None = None,
 ) -> dict[str, Any]:
     """RSS growth after warm-up, as MB and as % of the peak, over `per` units of x.
 
     xs are steps (or completed requests), ys RSS in MB. Points with x under `warmup_fraction` of the
     last x are warm-up (the model loading, the allocator filling its first arenas) and are left out
     of the fit, but not of the peak: the peak is the most the run ever held.
+
+    `sizes`, when given, is each point's batch size in token positions. At batch 8 the RSS after a step
+    follows the batch just run by hundreds of MB, so a plain fit over 200 steps reads the order of the
+    batches as growth or shrinkage. The slope then comes from a fit with the size as a second variable
+    (growth at a fixed batch size); the plain slope is kept beside it as `unadjusted_slope_mb`.
     """
-    if len(xs) != len(ys):
+    if len(xs) != len(ys) or (sizes is not None and len(sizes) != len(xs)):
         raise ValueError(f"{len(xs)} x values for {len(ys)} y values")
     empty = {"points": 0, "growth_mb": None, "growth_pct": None, "target_met": False}
     if not xs:
         return empty
     start = warmup_fraction * max(xs)
-    kept = sorted((x, y) for x, y in zip(xs, ys, strict=True) if x >= start)
-    slope = fit_slope([x for x, _ in kept], [y for _, y in kept])
+    kept_i = sorted((i for i, x in enumerate(xs) if x >= start), key=lambda i: xs[i])
+    kept = [(xs[i], ys[i]) for i in kept_i]
+    plain = fit_slope([x for x, _ in kept], [y for _, y in kept])
+    slope = plain
+    if sizes is not None:
+        slope = fit_slope_given([x for x, _ in kept], [y for _, y in kept], [sizes[i] for i in kept_i])
     peak = max(ys)
     growth_mb = None if slope is None else slope * per
     pct = None if growth_mb is None or peak <= 0 else 100 * growth_mb / peak
@@ -194,6 +219,7 @@ def growth(
         "warmup_end": start,
         "per": per,
         "slope_mb": slope,
+        **({"unadjusted_slope_mb": plain, "adjusted_for": "batch_positions"} if sizes is not None else {}),
         "growth_mb": growth_mb,
         "growth_pct": pct,
         "peak_mb": peak,
@@ -342,6 +368,8 @@ def train_part(model: str, data: Path, batch: int, steps: int, tmp: Path, args: 
     child = run_sampled(cmd, log_path, metrics, args.sample_seconds)
     rows = [r for r in logged_rows(metrics) if "rss_mb" in r]
     step_x, step_rss = [r["step"] for r in rows], [r["rss_mb"] for r in rows]
+    # each step's largest micro-batch (train/loop.py): the fit separates its effect from growth
+    sizes = [r["batch_positions"] for r in rows] if all("batch_positions" in r for r in rows) else None
     samples = child["samples"]
     sampled = growth(
         [s["x"] for s in samples], [s["total_mb"] for s in samples], STEPS_PER, args.warmup_fraction
@@ -352,10 +380,10 @@ def train_part(model: str, data: Path, batch: int, steps: int, tmp: Path, args: 
         "steps_done": step_x[-1] if step_x else 0,
         "wall_s": child["wall_s"],
         "command": " ".join(cmd[1:]),
-        "per_step": growth(step_x, step_rss, STEPS_PER, args.warmup_fraction),
+        "per_step": growth(step_x, step_rss, STEPS_PER, args.warmup_fraction, sizes=sizes),
         "sampled": sampled,
         "sampled_note": sampled_note(samples, sampled),
-        "series": {"step": step_x, "rss_mb": step_rss},
+        "series": {"step": step_x, "rss_mb": step_rss, **({"batch_positions": sizes} if sizes else {})},
         "samples": samples,
         "processes": child["processes"],
     }

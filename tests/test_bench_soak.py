@@ -31,6 +31,26 @@ def test_issue_20_growth_fails_and_flat_memory_passes() -> None:
     assert abs(flat["growth_pct"]) < 0.1 and flat["target_met"]
 
 
+def test_the_batch_size_is_told_apart_from_growth() -> None:
+    """At batch 8 the RSS after a step follows that step's batch. Batches that happen to grow towards
+    the end of 200 steps read as growth in a plain fit; with the batch size as a second variable
+    the slope is the growth at a fixed size: none here, and a real leak is still found."""
+    steps = list(range(1, 201))
+    sizes = [800 + 6 * s + 700 * ((s * 37) % 11) / 10 for s in steps]  # drifts upward, and varies
+    flat = [1200 + 0.2 * z for z in sizes]  # RSS follows the batch only
+    plain = soak.growth(steps, flat, per=1000)
+    assert not plain["target_met"]  # the batch order alone fails the target in a plain fit
+    adjusted = soak.growth(steps, flat, per=1000, sizes=sizes)
+    assert adjusted["slope_mb"] == pytest.approx(0, abs=1e-9) and adjusted["target_met"]
+    assert adjusted["unadjusted_slope_mb"] == pytest.approx(plain["slope_mb"])
+    assert adjusted["adjusted_for"] == "batch_positions"
+    leak = soak.growth(steps, [y + 0.5 * s for y, s in zip(flat, steps, strict=True)], per=1000, sizes=sizes)
+    assert leak["slope_mb"] == pytest.approx(0.5) and not leak["target_met"]
+    # sizes that cannot be told apart from the step give no figure, never a pass
+    same = soak.growth(steps, flat, per=1000, sizes=[float(s) for s in steps])
+    assert same["growth_pct"] is None and not same["target_met"]
+
+
 def test_growth_is_a_percentage_of_the_peak_per_1000_steps() -> None:
     # 0.03 MB a step from 1,000 MB over 500 steps: 30 MB per 1,000 steps, peak 1,015 MB -> 2.96%: fails,
     # though the run itself only grew 15 MB (the figure is per 1,000 steps, whatever the run's length).

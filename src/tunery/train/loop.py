@@ -126,6 +126,11 @@ def _loss(s: LoopSetup, model: torch.nn.Module, batch: dict[str, Any]) -> tuple:
     return out.loss_sum, aux, out.metrics
 
 
+def _positions(batch: dict[str, Any]) -> int:
+    """Token positions a micro-batch runs through the model: every `*input_ids` tensor's size."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
+
+
 def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | None:
     """One optimizer step over its micro-batches; None if interrupted before it completed.
 
@@ -140,12 +145,13 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     units = int(dist.all_sum([units])[0])
     loss_total = 0.0
     sums: dict[str, float] = {}
-    n_tokens = 0
+    n_tokens = positions = 0
     model.train()
     for k, (batch, (_, real)) in enumerate(zip(batches, plan, strict=True)):
         if state.interrupted and dist.stops_alone:  # ranks stop together, at step boundaries only
             s.optimizer.zero_grad(set_to_none=True)
             return None
+        positions = max(positions, _positions(batch))
         batch = _to_device(batch, s.accelerator.device)
         # 1.0 for one process: the loss below is exactly loss_sum / units
         weight = dist.loss_scale * float(real)
@@ -177,7 +183,9 @@ def run_step(s: LoopSetup, step: Step, state: LoopState) -> dict[str, float] | N
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     state.trained_tokens += n_tokens
-    metrics = {"train_loss": loss_total / max(1, units), "n_tokens": n_tokens}
+    # batch_positions: this rank's largest micro-batch (rows x padded length); activation memory, and
+    # so the RSS after the step, follows it (bench/soak.py separates that from growth with it)
+    metrics = {"train_loss": loss_total / max(1, units), "n_tokens": n_tokens, "batch_positions": positions}
     metrics.update({f"train_{k}": v / max(1, units) for k, v in sums.items()})
     return metrics
 
