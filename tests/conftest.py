@@ -104,8 +104,13 @@ def tiny_qwen2(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Tokenization and model caches go to a per-session temp dir, never the user's home.
-    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path_factory.getbasetemp() / "tunery-cache"))
+    # Tokenization and model caches go to a per-session temp dir, never the user's home. Under xdist
+    # the workers of one session share it (their basetemps' parent, pytest-N/): a builtin model is then
+    # converted once, not once per worker (smollm2 ~20 s, gemma3 ~50 s). The cache's file locks make
+    # concurrent workers wait for one writer; a test that needs a cold cache sets its own TUNERY_CACHE.
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    monkeypatch.setenv("TUNERY_CACHE", str(root / "tunery-cache"))
 
 
 @pytest.fixture(scope="module")
