@@ -283,15 +283,16 @@ def _apply_resolved(raw: dict[str, Any], resolved: dict[str, Any], data_dir: Pat
         node[leaf] = str(data_dir / value) if kind == "data" else value
 
 
-def _validate(raw: dict[str, Any]):
-    def fail(exc: ValidationError, prefix: str) -> InvalidRequest:
-        err = exc.errors()[0]
-        loc = ".".join([prefix, *(str(x) for x in err["loc"])]).strip(".")
-        param = loc if loc.startswith("hyperparameters") else f"tunery.{loc}"
-        return InvalidRequest(
-            f"Invalid setting {loc}: {err['msg']}", param=param, code="invalid_hyperparameters"
-        )
+def invalid_setting(exc: ValidationError, prefix: str) -> InvalidRequest:
+    """A request's first schema error as the 400 a client reads: the setting's dotted name and why.
+    Job creation and the estimate (serve/ui.py) both answer with it, so one bad value reads alike."""
+    err = exc.errors()[0]
+    loc = ".".join([prefix, *(str(x) for x in err["loc"])]).strip(".")
+    param = loc if loc.startswith("hyperparameters") else f"tunery.{loc}"
+    return InvalidRequest(f"Invalid setting {loc}: {err['msg']}", param=param, code="invalid_hyperparameters")
 
+
+def _validate(raw: dict[str, Any]):
     # Option blocks first, so an error names its block (`tunery.lora.r`), not just the field.
     for name in (raw["method"], raw["objective"]):
         schema = option_schema(name)
@@ -299,8 +300,8 @@ def _validate(raw: dict[str, Any]):
             try:
                 schema.model_validate(raw[name])
             except ValidationError as exc:
-                raise fail(exc, name) from None
+                raise invalid_setting(exc, name) from None
     try:
         return validate(raw)  # the option blocks through the registries, in the same pass
     except ValidationError as exc:
-        raise fail(exc, "") from None
+        raise invalid_setting(exc, "") from None

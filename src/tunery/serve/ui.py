@@ -25,6 +25,7 @@ from tunery.errors import DataError
 from tunery.evaluate.heldout import Contender, compare_on_heldout, load_heldout, sample
 from tunery.evaluate.run import compare, load_conversations
 from tunery.export import export
+from tunery.jobs.spec import invalid_setting
 from tunery.jobs.tables import new_id
 from tunery.methods import METHODS, load_trained
 from tunery.objectives import OBJECTIVES, validation_kind
@@ -259,11 +260,7 @@ def _checked_hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
     try:
         Hyperparameters.model_validate(known)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else ""
-        raise ApiError(
-            400, f"Invalid hyperparameters.{name}: {err['msg']}", param=f"hyperparameters.{name}"
-        ) from None
+        raise invalid_setting(exc, "hyperparameters") from None
     return hp
 
 
