@@ -210,7 +210,9 @@ def stop_rank1(event):
         os.kill(os.getpid(), signal.SIGTERM)
 
 result = run(load_config(sets=sys.argv[1:]), subscribers=[stop_rank1])
-print("rank", os.environ["RANK"], result.status, flush=True)
+# one write of the whole line: both ranks share the pipe, and an unbuffered stdout (xdist's workers run
+# under -u) writes print()'s pieces one by one, so two ranks' lines interleaved ("rankrank 0 ...")
+os.write(1, f"rank {os.environ['RANK']} {result.status}\\n".encode())
 """
 
 
