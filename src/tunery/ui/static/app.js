@@ -31,7 +31,12 @@ const ROUTES = [
   [/^(#\/jobs)?$|^#\/?$/, () => jobsPage(), "jobs"],
 ];
 
+// The latest route() call. Pages load asynchronously, so an earlier call (the page load, before the key
+// form was submitted) can finish after a later one; it must not render over the newer page.
+let routing = 0;
+
 async function route() {
+  const mine = ++routing;
   if (cleanup) { try { cleanup(); } catch { /* page already gone */ } cleanup = null; }
   clearError();
   const hash = location.hash || "#/jobs";
@@ -44,12 +49,16 @@ async function route() {
     main.replaceChildren();
     try {
       const page_ = await make(m);
+      if (mine !== routing) {  // a newer route() owns the page now
+        if (page_.cleanup) page_.cleanup();
+        return;
+      }
       main.replaceChildren(page_.el);
       cleanup = page_.cleanup || null;
       document.title = `${page_.title} · Tunery`;
       main.focus({ preventScroll: true });
     } catch (err) {
-      showError(err);
+      if (mine === routing) showError(err);
     }
     return;
   }
