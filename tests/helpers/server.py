@@ -50,23 +50,16 @@ class ServerProcess:
     def kill_mid_job(self, worker_pid: int, run_dir: Path, timeout: float = 180) -> None:
         """kill -9 this server while its worker is between its first checkpoint and its last step.
 
-        The worker is frozen (SIGSTOP) as soon as its first checkpoint lands, the server is killed
-        and reaped, and the worker goes on only after its parent watch's interval has passed: the
-        watch's first look then sees the server gone while most steps are still ahead. Without the
-        freeze a tiny model can finish every step before the watch looks (the job then succeeds
-        and the test has not tested a kill mid-job)."""
+        The worker is frozen at its first checkpoint (`frozen_at_first_checkpoint`), the server is
+        killed and reaped, and the worker goes on only after its parent watch's interval has passed:
+        the watch's first look then sees the server gone while most steps are still ahead. Without the
+        freeze a tiny model can finish every step before the watch looks (the job then succeeds and
+        the test has not tested a kill mid-job)."""
         from tunery.jobs.worker import PARENT_WATCH_INTERVAL  # imports torch: only where used
 
-        deadline = time.time() + timeout
-        while not any((run_dir / "checkpoints").glob("step-*")):
-            assert time.time() < deadline, f"no checkpoint in {timeout} s:\n{self.log()[-2000:]}"
-            time.sleep(0.01)
-        os.kill(worker_pid, signal.SIGSTOP)
-        try:
+        with frozen_at_first_checkpoint(worker_pid, run_dir, timeout, self.log):
             self.kill()
             time.sleep(PARENT_WATCH_INTERVAL * 1.5)
-        finally:
-            os.kill(worker_pid, signal.SIGCONT)
 
     def stop(self, timeout: float = 60) -> None:
         if self.proc.poll() is None:
@@ -76,6 +69,22 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextmanager
+def frozen_at_first_checkpoint(worker_pid: int, run_dir: Path, timeout: float = 180, log=lambda: ""):
+    """SIGSTOP a job's worker as soon as its first checkpoint lands, and SIGCONT it on leaving. What
+    the block does to the job (a pause, a cancel, a server kill) then lands mid-job by construction:
+    a tiny model can otherwise run all its steps between two polls of a test."""
+    deadline = time.time() + timeout
+    while not any((run_dir / "checkpoints").glob("step-*")):
+        assert time.time() < deadline, f"no checkpoint in {timeout} s:\n{log()[-2000:]}"
+        time.sleep(0.01)
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
 
 
 def start_server(
