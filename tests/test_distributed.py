@@ -61,7 +61,44 @@ def _cli(model, sets: dict, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a process that gets SIGABRT prints every thread's stack first (see _launched)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+
+
+def _ranks_of(launcher: int) -> list[int]:
+    """The pids of torchrun's workers (each in a session of its own, so killpg misses them)."""
+    try:
+        return [c.pid for c in psutil.Process(launcher).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _launched(
+    cmd: list[str], timeout: float = 240, hung: str = "the launch hung"
+) -> subprocess.CompletedProcess:
+    """Run a launch to its end, or fail after `timeout` s with every process's stacks. A launch here
+    takes 10-40 s; one once hung past pytest's 10 minutes after rank 0 had written run.json, and
+    left nothing to read. On a hang, each process of the tree gets SIGABRT, which (PYTHONFAULTHANDLER)
+    prints its threads' stacks into the captured stderr, then the whole tree is killed."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        tree = _ranks_of(proc.pid)  # before the launcher dies and they are reparented
+        for pid in [*reversed(tree), proc.pid]:  # the ranks first, the launchers last
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(3)
+        for pid in [proc.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"{hung} ({timeout:.0f} s); stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-12000:]}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- units
@@ -130,12 +167,7 @@ def test_cli_refuses_bad_data_before_launching(tmp_path, tiny_llama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     start = time.time()
-    proc = subprocess.run(
-        _cli(tiny_llama, {"data.train": str(bad), "output": str(tmp_path / "run")}),
-        capture_output=True,
-        text=True,
-        env=_env(),
-    )
+    proc = _launched(_cli(tiny_llama, {"data.train": str(bad), "output": str(tmp_path / "run")}))
     assert proc.returncode == 2 and "Error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "Launching" not in proc.stdout and time.time() - start < 60
 
@@ -165,7 +197,7 @@ def test_two_processes_ddp_lora_equal_one_process(tmp_path, data, tiny_llama):
     one = _one_process(tiny_llama, _sets(data["train"], tmp_path / "one", "lora", **extra))
     two = tmp_path / "two"
     sets = _sets(data["train"], two, "lora", **extra, **{"hyperparameters.save_steps": 2})
-    proc = subprocess.run(_cli(tiny_llama, sets), capture_output=True, text=True, env=_env())
+    proc = _launched(_cli(tiny_llama, sets))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done." in proc.stdout
     assert losses(two) == pytest.approx(losses(one), abs=1e-4) and len(losses(two)) == 8
@@ -189,12 +221,56 @@ def test_two_processes_ddp_lora_equal_one_process(tmp_path, data, tiny_llama):
 def test_two_processes_ddp_full_equal_one_process(tmp_path, data, tiny_llama, full_reference):
     out = tmp_path / "two"
     sets = _sets(data["train"], out, "full", **{"hyperparameters.n_epochs": 6})
-    proc = subprocess.run(_cli(tiny_llama, sets), capture_output=True, text=True, env=_env())
+    proc = _launched(_cli(tiny_llama, sets))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(full_reference), abs=1e-4)
     a = load_file(str(full_reference / "model" / "model.safetensors"))
     b = load_file(str(out / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+# Each cycle: two ranks join a group, train a DDP-wrapped module a few steps with the loop's votes, and
+# leave through `Dist.close()` with the wrapper still held by the Dist, as at the end of a run. The old
+# close destroyed the group first: the reducer, freed with the Dist, was then its last holder and
+# destroyed it with the GIL held, while a gloo worker needed the GIL to finish the closing barrier.
+CLOSE_CYCLES = """
+import faulthandler, os, sys, tempfile
+import torch
+import torch.distributed as td
+import torch.multiprocessing as mp
+from tunery.plugins import load_config
+from tunery.train import distributed
+
+def rank(r, cycles, tmp):
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang prints every thread and exits 1
+    torch.set_num_threads(1)
+    config = load_config(sets=[])
+    for cycle in range(cycles):
+        store = td.FileStore(os.path.join(tmp, str(cycle)), 2)
+        td.init_process_group("gloo", store=store, rank=r, world_size=2)
+        dist = distributed.start(config)  # joins the group that is already there
+        ddp = torch.nn.parallel.DistributedDataParallel
+        dist.wrapped = ddp(distributed.LossModule(torch.nn.Linear(16, 16)))
+        for _ in range(3):
+            dist.wrapped(lambda m, x: m(x).sum(), torch.randn(4, 16)).backward()
+            dist.any(False)
+        dist.close()
+        del dist  # as when the run's frame goes: the last reference to the wrapper
+    os.write(1, f"rank {r} left {cycles} groups\\n".encode())  # one write: the ranks share the pipe
+
+if __name__ == "__main__":
+    mp.spawn(rank, args=(int(sys.argv[1]), tempfile.mkdtemp()), nprocs=2)
+"""
+
+
+@pytest.mark.slow  # two processes, 40 process groups each
+def test_ranks_leave_the_group_without_hanging(tmp_path):
+    script = tmp_path / "close_cycles.py"
+    script.write_text(CLOSE_CYCLES)
+    proc = _launched([sys.executable, str(script), "40"], timeout=180, hung="a rank hung leaving the group")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 left 40 groups", "rank 1 left 40 groups"]
 
 
 # A rank that is told to stop while it writes a checkpoint: the signal reaches it after the step's
@@ -216,14 +292,6 @@ os.write(1, f"rank {os.environ['RANK']} {result.status}\\n".encode())
 """
 
 
-def _ranks_of(launcher: int) -> list[int]:
-    """The pids of torchrun's workers (each in a session of its own, so killpg misses them)."""
-    try:
-        return [c.pid for c in psutil.Process(launcher).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 @pytest.mark.slow  # two-process launches (torchrun)
 def test_signal_reaching_one_rank_during_a_save_stops_both_at_the_next_vote(tmp_path, data, tiny_llama):
     out = tmp_path / "run"
@@ -237,19 +305,8 @@ def test_signal_reaching_one_rank_during_a_save_stops_both_at_the_next_vote(tmp_
     cmd += [f"{k}={v}" for k, v in sets.items()]
     # A rank that leaves alone hangs the other in its next collective: the timeout is the failure, and
     # the launcher's session (torchrun and both ranks) is killed with it.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        ranks = _ranks_of(proc.pid)  # before the launcher dies and they are reparented
-        os.killpg(proc.pid, signal.SIGKILL)
-        for rank in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rank, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("the ranks hung: one left the loop while the other stepped on") from None
+    proc = _launched(cmd, timeout=300, hung="the ranks hung: one left the loop while the other stepped on")
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     assert sorted(line for line in stdout.splitlines() if line.startswith("rank")) == [
         "rank 0 interrupted",
@@ -300,7 +357,7 @@ def test_fsdp_sigterm_then_resume_matches_uninterrupted(tmp_path, data, tiny_lla
         one.resume = True
         run(one)
 
-    resumed = subprocess.run(_cli(tiny_llama, sets, "--resume"), capture_output=True, text=True, env=_env())
+    resumed = _launched(_cli(tiny_llama, sets, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(losses(out)) == 24
     assert losses(out) == pytest.approx(losses(full_reference), abs=1e-5)

@@ -323,8 +323,19 @@ class Dist:
         return {"model": msd, "optim": osd}
 
     def close(self) -> None:
+        """Leave the group. The wrapper goes first, while the group is still registered: a DDP
+        reducer (or FSDP state) holds the process group, and when it is the group's last holder its
+        release destroys the group with the GIL held. That destructor joins gloo's worker threads,
+        and a worker still finishing the last collective needs the GIL to free a Python-owned
+        tensor: a deadlock after the run had ended (a rank hung at exit, about one launch in 25 on
+        a loaded machine; PyTorch issue 56297). Released through the registry instead, the group is
+        destroyed by a binding that drops the GIL first."""
+        import gc
+
         with contextlib.suppress(Exception):
             self.barrier()  # nobody leaves while rank 0 still writes the run directory
+            self.model = self.wrapped = self.accelerator = None
+            gc.collect()  # a reference cycle holding the wrapper would free it later, as the last holder
             self.td.destroy_process_group()
 
 
