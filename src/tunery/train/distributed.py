@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -330,8 +331,6 @@ class Dist:
         tensor: a deadlock after the run had ended (a rank hung at exit, about one launch in 25 on
         a loaded machine; PyTorch issue 56297). Released through the registry instead, the group is
         destroyed by a binding that drops the GIL first."""
-        import gc
-
         with contextlib.suppress(Exception):
             self.barrier()  # nobody leaves while rank 0 still writes the run directory
             self.model = self.wrapped = self.accelerator = None
