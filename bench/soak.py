@@ -201,18 +201,16 @@ def growth(
     if not xs:
         return empty
     start = warmup_fraction * max(xs)
-    kept_i = sorted((i for i, x in enumerate(xs) if x >= start), key=lambda i: xs[i])
-    kept = [(xs[i], ys[i]) for i in kept_i]
-    plain = fit_slope([x for x, _ in kept], [y for _, y in kept])
-    slope = plain
-    if sizes is not None:
-        slope = fit_slope_given([x for x, _ in kept], [y for _, y in kept], [sizes[i] for i in kept_i])
+    kept = sorted((i for i, x in enumerate(xs) if x >= start), key=lambda i: xs[i])  # after warm-up
+    kx, ky = [xs[i] for i in kept], [ys[i] for i in kept]
+    plain = fit_slope(kx, ky)
+    slope = plain if sizes is None else fit_slope_given(kx, ky, [sizes[i] for i in kept])
     peak = max(ys)
     growth_mb = None if slope is None else slope * per
     pct = None if growth_mb is None or peak <= 0 else 100 * growth_mb / peak
 
     def at(x_target: float) -> float:
-        return min(kept, key=lambda p: abs(p[0] - x_target))[1]
+        return ky[min(range(len(kx)), key=lambda j: abs(kx[j] - x_target))]
 
     return {
         "points": len(kept),
@@ -223,9 +221,9 @@ def growth(
         "growth_mb": growth_mb,
         "growth_pct": pct,
         "peak_mb": peak,
-        "rss_warmup_end_mb": kept[0][1],
-        "rss_middle_mb": at((start + kept[-1][0]) / 2),
-        "rss_end_mb": kept[-1][1],
+        "rss_warmup_end_mb": ky[0],
+        "rss_middle_mb": at((start + kx[-1]) / 2),
+        "rss_end_mb": ky[-1],
         "target_met": meets_target(pct, target),
     }
 
@@ -347,6 +345,23 @@ def sampled_note(samples: list[dict[str, Any]], g: dict[str, Any]) -> str | None
     )
 
 
+def train_fits(series: dict[str, list], samples: list[dict[str, Any]], warmup_fraction: float) -> dict:
+    """A training part's two growth figures, from what it recorded (`series`: the metrics rows;
+    `samples`: the process tree's). With the steps' sizes known, each fit takes a size as a second
+    variable: the loop's RSS after a step follows the step just run, and a sample taken during a step
+    holds that step's activations (at batch 1 one 900-token example lifts the tree by hundreds of MB),
+    so the size of the step in flight (the one after the last step logged) goes with each sample."""
+    xs, sizes = series["step"], series.get("batch_positions")
+    per_step = growth(xs, series["rss_mb"], STEPS_PER, warmup_fraction, sizes=sizes)
+    in_flight = None
+    if sizes:
+        size_of = dict(zip(xs, sizes, strict=True))
+        in_flight = [size_of.get(s["x"] + 1, size_of.get(s["x"], 0)) for s in samples]
+    sx, sy = [s["x"] for s in samples], [s["total_mb"] for s in samples]
+    sampled = growth(sx, sy, STEPS_PER, warmup_fraction, sizes=in_flight)
+    return {"per_step": per_step, "sampled": sampled, "sampled_note": sampled_note(samples, sampled)}
+
+
 def logged_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl; none when it was never written, less a last row cut by a kill."""
     rows = []
@@ -370,21 +385,16 @@ def train_part(model: str, data: Path, batch: int, steps: int, tmp: Path, args: 
     step_x, step_rss = [r["step"] for r in rows], [r["rss_mb"] for r in rows]
     # each step's largest micro-batch (train/loop.py): the fit separates its effect from growth
     sizes = [r["batch_positions"] for r in rows] if all("batch_positions" in r for r in rows) else None
-    samples = child["samples"]
-    sampled = growth(
-        [s["x"] for s in samples], [s["total_mb"] for s in samples], STEPS_PER, args.warmup_fraction
-    )
+    series = {"step": step_x, "rss_mb": step_rss, **({"batch_positions": sizes} if sizes else {})}
     out = {
         "batch": batch,
         "steps": steps,
         "steps_done": step_x[-1] if step_x else 0,
         "wall_s": child["wall_s"],
         "command": " ".join(cmd[1:]),
-        "per_step": growth(step_x, step_rss, STEPS_PER, args.warmup_fraction, sizes=sizes),
-        "sampled": sampled,
-        "sampled_note": sampled_note(samples, sampled),
-        "series": {"step": step_x, "rss_mb": step_rss, **({"batch_positions": sizes} if sizes else {})},
-        "samples": samples,
+        **train_fits(series, child["samples"], args.warmup_fraction),
+        "series": series,
+        "samples": child["samples"],
         "processes": child["processes"],
     }
     if child["interrupted"]:
@@ -777,7 +787,15 @@ def kept_parts(previous: dict[str, Any], report: dict[str, Any], parts: list[str
             f"{out / 'soak.json'} differs from this run in {', '.join(clash)}: its parts {', '.join(kept)} "
             f"cannot be kept. Run every part (--only {' '.join(PARTS)}) or use another --out."
         )
-    return train, serve
+    # a kept training part is fitted again from its recorded series and samples, so that every part
+    # of one report is read by the same analysis (a part that failed has no figures to refit)
+    refit = [
+        {**t, **train_fits(t["series"], t["samples"], report["warmup_fraction"])}
+        if "error" not in t and "series" in t and "samples" in t
+        else t
+        for t in train
+    ]
+    return refit, serve
 
 
 def restore_unreached(report: dict[str, Any], previous: dict[str, Any]) -> None:

@@ -51,6 +51,28 @@ def test_the_batch_size_is_told_apart_from_growth() -> None:
     assert same["growth_pct"] is None and not same["target_met"]
 
 
+def test_a_process_sample_goes_with_the_step_in_flight() -> None:
+    """A sample of the process tree taken during step x+1 (x: the last step logged) holds that step's
+    activations. Long examples that happen to come late read as growth in a plain fit of the samples;
+    fitted with the size of the step in flight there is none, and a real leak is still found. A part
+    recorded before the sizes were logged keeps the plain fit."""
+    steps = list(range(1, 401))
+    sizes = [100 + 800 * ((s * 37) % 13 == 0) + 600 * (s > 300 and s % 5 == 0) for s in steps]
+    series = {"step": steps, "rss_mb": [1800.0] * len(steps), "batch_positions": sizes}
+    size_of = dict(zip(steps, sizes, strict=True))
+    # a sample every 3rd step, taken while the next step runs: the tree holds its size's activations
+    samples = [{"x": x, "total_mb": 1800 + 0.9 * size_of.get(x + 1, 0)} for x in range(0, 400, 3)]
+    fits = soak.train_fits(series, samples, soak.WARMUP_FRACTION)
+    plain = soak.growth([s["x"] for s in samples], [s["total_mb"] for s in samples], per=1000)
+    assert not plain["target_met"]  # the late long examples alone fail the target in a plain fit
+    assert fits["sampled"]["slope_mb"] == pytest.approx(0, abs=1e-9) and fits["sampled"]["target_met"]
+    assert fits["per_step"]["target_met"] and fits["sampled_note"] is None
+    leaking = [{**s, "total_mb": s["total_mb"] + 0.5 * s["x"]} for s in samples]
+    assert soak.train_fits(series, leaking, soak.WARMUP_FRACTION)["sampled"]["slope_mb"] == pytest.approx(0.5)
+    old = {k: v for k, v in series.items() if k != "batch_positions"}
+    assert "adjusted_for" not in soak.train_fits(old, samples, soak.WARMUP_FRACTION)["sampled"]
+
+
 def test_growth_is_a_percentage_of_the_peak_per_1000_steps() -> None:
     # 0.03 MB a step from 1,000 MB over 500 steps: 30 MB per 1,000 steps, peak 1,015 MB -> 2.96%: fails,
     # though the run itself only grew 15 MB (the figure is per 1,000 steps, whatever the run's length).

@@ -21,13 +21,13 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tunery.cpu import cpu_identity, cpuinfo
 from tunery.errors import ConfigError
 from tunery.fsutil import file_lock, write_atomic
 from tunery.models.gguf import cache_root
@@ -42,19 +42,11 @@ PROBE = ((1024, 3), (2048, 1))
 CACHE_FILE = "cpu-bf16.json"
 
 
-def _cpuinfo() -> str:
-    """`/proc/cpuinfo`, or "" where it cannot be read."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 @functools.cache
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX); elsewhere bf16 is emulated.
     Necessary for bf16 to pay on a CPU, not sufficient: `auto_bf16_on_cpu` decides."""
-    flags = _cpuinfo()
+    flags = cpuinfo()
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
@@ -114,18 +106,9 @@ def _read_entries(path: Path) -> dict[str, Any]:
 
 def _cpu_key() -> tuple[str, dict[str, str]]:
     """(cache key, what it stands for): a digest of the CPU's model name, flags and torch's version."""
-    info = _cpuinfo()
-
-    def field(name: str) -> str:
-        for line in info.splitlines():
-            label, _, value = line.partition(":")
-            if label.strip() == name:
-                return value.strip()
-        return ""
-
-    cpu = field("model name") or platform.processor() or platform.machine()
+    cpu, flags = cpu_identity()
     about = {"cpu": cpu, "torch": torch.__version__}
-    identity = "|".join((about["cpu"], field("flags"), about["torch"]))
+    identity = "|".join((cpu, flags, about["torch"]))
     return hashlib.sha256(identity.encode()).hexdigest()[:16], about
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from tunery.cpu import cpu_identity
 from tunery.fsutil import write_atomic
 
 log = logging.getLogger("tunery.serve")
@@ -58,13 +58,8 @@ def _machine_key(gguf_type: str) -> str:
     """llama.cpp's version, the CPU's model and flags, the tensor type: what the verdict depends on."""
     import llama_cpp
 
-    cpu = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = "\n".join(sorted({ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))}))
-    except OSError:  # not Linux: the platform string is what there is
-        cpu = platform.processor()
-    return hashlib.sha256(f"{llama_cpp.__version__}|{cpu}|{gguf_type}".encode()).hexdigest()[:16]
+    cpu, flags = cpu_identity()
+    return hashlib.sha256(f"{llama_cpp.__version__}|{cpu}|{flags}|{gguf_type}".encode()).hexdigest()[:16]
 
 
 def extra_buffers_safe(gguf: Path, gguf_type: str, cache_dir: Path) -> bool:
