@@ -68,8 +68,16 @@ def _queued_job(store: Store) -> Job:
 
 
 def _visible_devices(pid: int) -> str | None:
-    """CUDA_VISIBLE_DEVICES as the worker process itself sees it."""
-    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+    """CUDA_VISIBLE_DEVICES as the worker process itself sees it. Popen returns once the child's exec
+    has closed its close-on-exec pipe, a moment before the kernel sets the new image's environment:
+    /proc/PID/environ reads empty until then (seen once on a loaded machine), so wait for it."""
+    deadline = time.time() + 30
+    environ = b""
+    while not environ and time.time() < deadline:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        time.sleep(0 if environ else 0.01)
+    assert environ, f"worker {pid} showed no environment for 30 s"
+    for item in environ.split(b"\0"):
         if item.startswith(b"CUDA_VISIBLE_DEVICES="):
             return item.split(b"=", 1)[1].decode()
     return None
