@@ -29,6 +29,8 @@ from typing import Any
 
 from common import ROOT, machine_info, matmul_peak
 
+from tunery.cpu import cpu_identity
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about autumn.",
@@ -50,9 +52,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cpu_flags() -> list[str]:
-    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "f16c")
-    return sorted(set(flags.split()) & set(wanted))
+    return sorted(set(cpu_identity()[1].split()) & set(wanted))
 
 
 def peak_rss_mb(pid: int) -> float | None:

@@ -56,6 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import train_throughput  # noqa: E402  (its Trainer pieces and child environments: one copy of each)
 
+from tunery.cpu import cpu_identity  # noqa: E402
+
 LABELS = {
     "sentiment": ["positive", "negative", "mixed"],
     "routing": ["billing", "technical", "shipping", "account", "sales"],
@@ -314,18 +316,9 @@ def child(args: argparse.Namespace) -> None:
 
 def cpu_info() -> dict[str, Any]:
     """The CPU's name and the flags that decide matmul speed (AVX-512, native bf16, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": None, "flags": []}
-    first = {}  # the first processor's block: every core reports the same
-    for line in text.splitlines():
-        if not line.strip():
-            break
-        key, _, value = line.partition(":")
-        first[key.strip()] = value.strip()
-    flags = set(first.get("flags", "").split())
-    return {"model": first.get("model name"), "flags": [f for f in CPU_FLAGS if f in flags]}
+    model, flags = cpu_identity()
+    present = set(flags.split())
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in present]}
 
 
 def to_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

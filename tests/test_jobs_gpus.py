@@ -72,11 +72,9 @@ def _visible_devices(pid: int) -> str | None:
     has closed its close-on-exec pipe, a moment before the kernel sets the new image's environment:
     /proc/PID/environ reads empty until then (seen once on a loaded machine), so wait for it."""
     deadline = time.time() + 30
-    environ = b""
-    while not environ and time.time() < deadline:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-        time.sleep(0 if environ else 0.01)
-    assert environ, f"worker {pid} showed no environment for 30 s"
+    while not (environ := Path(f"/proc/{pid}/environ").read_bytes()):
+        assert time.time() < deadline, f"worker {pid} showed no environment for 30 s"
+        time.sleep(0.01)
     for item in environ.split(b"\0"):
         if item.startswith(b"CUDA_VISIBLE_DEVICES="):
             return item.split(b"=", 1)[1].decode()

@@ -226,11 +226,13 @@ def test_pause_resume_then_cancel_mid_run(env, tmp_path):
         return [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
 
     store = Store(env["root"] / "data")
-    wait_for(lambda: store.get_job(None, job.id).pid, 120, "the worker")
-    # the pause lands mid-job: the worker is frozen at its first checkpoint while it is asked to stop
-    with frozen_at_first_checkpoint(store.get_job(None, job.id).pid, run_dir):
-        assert client.fine_tuning.jobs.pause(job.id).status == "paused"
-    store.close()
+    try:
+        wait_for(lambda: store.get_job(None, job.id).pid, 120, "the worker")
+        # the pause lands mid-job: the worker is frozen at its first checkpoint while it is asked to stop
+        with frozen_at_first_checkpoint(store.get_job(None, job.id).pid, run_dir):
+            assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    finally:
+        store.close()
     wait_for(lambda: "Fine-tuning job paused" in messages(), 60, "the worker to stop on pause")
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
