@@ -2,7 +2,8 @@
 
 Parity: greedy replies on an f32 GGUF are token-identical to the torch engine's (fp32, no autocast) on
 at least 95% of prompts, with equal usage counts, for every GGUF architecture and for LoRA adapters
-(plain, rsLoRA, per-module ranks). Semantics: stop strings, `n`, seeds, logprobs, finish reasons.
+(plain, rsLoRA, per-module ranks); a reply that parts does so at a near-tie of the reference's two best
+tokens. Semantics: stop strings, `n`, seeds, logprobs, finish reasons.
 Scheduling: concurrent requests share decode steps, a request joins while others decode, a cancelled
 one frees its slot. Routing: what llama.cpp cannot run (other methods, other architectures, a longer
 context than its KV slots) goes to torch, and /v1/models says so. vLLM's request translation is tested
@@ -54,28 +55,53 @@ def models(tmp_path_factory):
     return {arch: make_tiny_model_dir(root / arch, arch) for arch in ("llama", "qwen2", "qwen3")}
 
 
-def _parity(engines, model: str, adapter: str | None, prompts: list[list[int]], share: float = 0.9) -> int:
-    """Greedy replies of both engines: usage counts always equal; token-identical on `share` of the
-    prompts; and where they part, the reference's two best tokens were tied within float rounding
-    (5e-3: random tiny models have flat logits, and their two forwards differ by ~1e-3 after a large
-    random adapter) and llama.cpp took the other one. Returns the identical count."""
+def _parity(
+    engines,
+    model: str,
+    adapter: str | None,
+    prompts: list[list[int]],
+    share: float = 0.9,
+    max_new_tokens: int = 16,
+) -> int:
+    """Greedy replies of both engines, decoded together as the server decodes them: token-identical,
+    with equal usage counts, on `share` of the prompts; and where they part, the reference's two best
+    tokens were tied within float rounding (5e-3: random tiny models have flat logits, and their two
+    forwards differ by ~1e-3 after a large random adapter; the real smollm2 has near-ties too, such as
+    ',' against '.' 1.5e-3 apart, measured on an AVX2 machine) and llama.cpp took the other one.
+    Returns the identical count."""
     same = 0
-    traced = GenerationParams(max_new_tokens=16, temperature=0, logprobs=True, top_logprobs=2)
-    handles = [engines.cpp.submit(model, adapter, p, GREEDY) for p in prompts]  # decoded together
-    for prompt, handle in zip(prompts, handles, strict=True):
-        ref = engines.torch.generate(model, adapter, prompt, traced)[0]
-        got = handle.result(120)[0]
-        assert (got.prompt_tokens, got.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+    greedy = GenerationParams(max_new_tokens=max_new_tokens, temperature=0)
+    traced = GenerationParams(max_new_tokens=max_new_tokens, temperature=0, logprobs=True, top_logprobs=2)
+    handles = [engines.cpp.submit(model, adapter, p, greedy) for p in prompts]
+    refs = [engines.torch.submit(model, adapter, p, traced) for p in prompts]
+    tokenizer = engines.torch.tokenizer(model)
+    for handle, ref_handle in zip(handles, refs, strict=True):
+        ref = ref_handle.result(300)[0]
+        got = handle.result(300)[0]
+        assert got.prompt_tokens == ref.prompt_tokens
         if got.token_ids == ref.token_ids:
-            assert (got.text, got.finish_reason) == (ref.text, ref.finish_reason)
+            assert (got.text, got.finish_reason, got.completion_tokens) == (
+                ref.text,
+                ref.finish_reason,
+                ref.completion_tokens,
+            )
             same += 1
             continue
-        k = next(i for i, (a, b) in enumerate(zip(got.token_ids, ref.token_ids, strict=False)) if a != b)
-        first, second = ref.logprobs[k]["top_logprobs"]
-        assert first["logprob"] - second["logprob"] < 5e-3, f"a real difference at token {k}"
-        assert _token_entry(engines.torch.tokenizer(model), got.token_ids[k], 0.0)["token"] == second["token"]
+        _parted_at_a_tie(tokenizer, got, ref)
     assert same >= share * len(prompts), f"{same}/{len(prompts)} greedy replies agree"
     return same
+
+
+def _parted_at_a_tie(tokenizer, got, ref, tie: float = 5e-3) -> None:
+    """Two greedy replies that part: at the first differing token, the reference's best two were
+    within `tie`, and llama.cpp took the second (its end-of-sequence where its reply stops there)."""
+    common = min(len(got.token_ids), len(ref.token_ids))
+    k = next((i for i in range(common) if got.token_ids[i] != ref.token_ids[i]), common)
+    assert k < len(ref.logprobs), f"the reference stopped at token {k}, llama.cpp went on"
+    first, second = ref.logprobs[k]["top_logprobs"]
+    assert first["logprob"] - second["logprob"] < tie, f"a real difference at token {k}: {first}, {second}"
+    taken = got.token_ids[k] if k < len(got.token_ids) else tokenizer.eos_token_id
+    assert _token_entry(tokenizer, taken, 0.0)["token"] == second["token"], (k, taken, second)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -110,22 +136,11 @@ QUESTIONS = [
 
 @pytest.mark.slow
 def test_smollm2_chat_replies_match_torch_token_for_token(engines):
-    """The real model, real chat prompts: issue 26's bar of 95% identical greedy replies and equal
-    usage. A trained model's logits are peaked, so every reply is expected to agree."""
+    """The real model, real chat prompts: issue 26's bar of 95% identical greedy replies, with equal
+    usage where they agree; a reply that parts must part at a near-tie (`_parity`)."""
     tok = engines.torch.tokenizer("smollm2-135m")
     prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
-    params = GenerationParams(max_new_tokens=32, temperature=0)
-    handles = [engines.cpp.submit("smollm2-135m", None, p, params) for p in prompts]
-    # the torch engine decodes them together too, as the server does (2.3x faster than one by one on
-    # one thread, and the same 20 replies token for token)
-    refs = [engines.torch.submit("smollm2-135m", None, p, params) for p in prompts]
-    same = 0
-    for handle, ref_handle in zip(handles, refs, strict=True):
-        ref = ref_handle.result(300)[0]
-        got = handle.result(300)[0]
-        assert (got.prompt_tokens, got.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
-        same += (got.token_ids, got.text, got.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
-    assert same >= 0.95 * len(prompts), f"{same}/{len(prompts)} replies agree"
+    _parity(engines, "smollm2-135m", None, prompts, share=0.95, max_new_tokens=32)
 
 
 @pytest.mark.parametrize(
