@@ -73,6 +73,7 @@ def reference_logits(adapters) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- hf
 
 
+@pytest.mark.slow  # heavy for the developer loop: a fresh process loads the export
 def test_hf_export_is_sharded_and_loads_without_tunery(adapters, reference_logits, tmp_path):
     base, adapter = adapters["llama"]
     out = export(None, str(adapter), "hf", tmp_path / "merged", max_shard_size="100KB")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers.server import make_lora_adapter, register_model, running_server
 from tunery.jobs.store import Store
@@ -220,6 +221,7 @@ def _switch_alias(client, new: str) -> None:
     assert [a["name"] for a in _get(client, "/tunery/aliases")["data"]] == ["router"]
 
 
+@pytest.mark.slow  # heavy for the developer loop: a server, a training job and a comparison
 def test_flywheel_store_review_dataset_train_compare_switch(tmp_path, tiny_llama):
     data = tmp_path / "data"
     key = _ordinary_key(data)

@@ -58,6 +58,7 @@ def login(d) -> None:
     css(d, "#key-form button").click()
 
 
+@pytest.mark.slow  # heavy for the developer loop: a browser and a server
 def test_compare_card_shows_the_report_and_readies_the_alias_switch(env, browser):  # noqa: F811
     from selenium.webdriver.support.ui import Select
 

@@ -53,6 +53,7 @@ def test_no_function_over_80_lines():
     assert not functions, "split or simplify:\n" + "\n".join(functions)
 
 
+@pytest.mark.slow  # heavy for the developer loop: mypy over the package, cold
 def test_mypy_finds_no_errors_in_the_plain_data_packages():
     """config, data, jobs and serve ([tool.mypy] in pyproject.toml) type-check cleanly."""
     exe = shutil.which("mypy")
@@ -172,6 +173,7 @@ for name in sys.stdin.read().split():
 """
 
 
+@pytest.mark.slow  # heavy for the developer loop: a forked import of every module
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="forks a process per module")
 def test_every_module_imports_first_on_its_own():
     """`import tunery.x` works for every module as the first Tunery import of a process: a runtime

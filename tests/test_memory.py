@@ -68,6 +68,7 @@ def _native_bf16() -> bool:
         ),
     ],
 )
+@pytest.mark.slow  # heavy for the developer loop: 150 training steps through the CLI
 def test_training_rss_stays_flat(tmp_path, precision):
     """150 steps of varied shapes through the CLI (so the allocator re-exec applies, as for
     users): RSS must stop growing once warm. Issue #20: jemalloc told never to return freed pages

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 from rich.console import Console
 
 from tests.test_models import write_llama_gguf
@@ -52,6 +53,7 @@ model.is_gradient_checkpointing  # the user's own deprecated call: its warning i
 """
 
 
+@pytest.mark.slow  # heavy for the developer loop: a fresh process loads and trains
 def test_python_api_load_and_lora_print_no_library_noise(tmp_path, tiny_llama):
     gguf = write_llama_gguf(tiny_llama, tmp_path / "tiny-llama.gguf")
     env = {k: v for k, v in os.environ.items() if k not in ("TUNERY_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS")}

@@ -210,6 +210,7 @@ def test_inference_errors(env, trained):
     assert err.value.code == "context_length_exceeded"
 
 
+@pytest.mark.slow  # heavy for the developer loop: a training job paused and resumed
 def test_pause_resume_then_cancel_mid_run(env, tmp_path):
     client = env["client"]
     with open(write_jsonl(tmp_path / "long.jsonl", chat_rows(40)), "rb") as f:
@@ -397,6 +398,7 @@ def _jobs_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # heavy for the developer loop: the jobs CLI in subprocesses, with a training job
 def test_jobs_cli_create_list_follow_cancel(env, trained, tmp_path):
     server, job = env["server"], trained["job"]
     conn = ["--base-url", server.base_url, "--api-key", server.api_key]

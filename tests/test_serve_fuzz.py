@@ -50,6 +50,7 @@ def _seed(app) -> None:
     store.add_model(ModelRow(name="ft:tiny:fuzz::abcdefgh", owner=owner, base="smollm2-135m", path="nowhere"))
 
 
+@pytest.mark.slow  # heavy for the developer loop: a schemathesis fuzz of every operation
 def test_fuzz_every_operation_no_500_and_openai_errors(tmp_path):
     app = create_app(
         Settings(

@@ -38,6 +38,7 @@ def direct_llamacpp(base: Path, adapter: Path, prompts: list[list[dict]], max_to
         engine.close()
 
 
+@pytest.mark.slow  # heavy for the developer loop: 50 concurrent requests per engine
 @pytest.mark.parametrize("engine", ["torch", "llamacpp"])
 def test_50_concurrent_requests_two_adapters(tmp_path, engine):
     """torch batches the two adapters in one forward (peft's adapter_names): its replies must equal

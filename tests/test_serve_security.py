@@ -427,6 +427,7 @@ def _worker_environ(job_id: str) -> dict[str, str] | None:
     return None
 
 
+@pytest.mark.slow  # heavy for the developer loop: a real worker process and a judge
 def test_real_worker_reaches_only_the_registered_judge_with_only_its_key(tmp_path):
     """A real server with secrets in its environment: a job naming a URL and a secret's variable is
     refused and the listener hears nothing; a job naming the registered judge trains, the judge gets

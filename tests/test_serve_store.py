@@ -348,6 +348,7 @@ def _seed(log: CompletionLog, owner: str, n: int, age_s: int = 0, tag: str = "se
     return ids
 
 
+@pytest.mark.slow  # heavy for the developer loop: a server restarted with the sweeper
 def test_store_always_and_the_retention_sweeper(tmp_path, tiny_llama):
     """Rows older than --store-max-age-days and beyond --store-max-rows go at the server's start."""
     data = tmp_path / "data"

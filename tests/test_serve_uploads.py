@@ -169,6 +169,7 @@ def _big_training_file(path: Path, mb: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # heavy for the developer loop: a 100 MB upload validated
 def test_healthz_answers_fast_while_100mb_validates(tmp_path):
     big = _big_training_file(tmp_path / "big.jsonl", 100)
     with running_server(tmp_path / "data", KEY) as server:

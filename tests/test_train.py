@@ -180,6 +180,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, tiny_llama):
     assert len(losses(out)) == 72
 
 
+@pytest.mark.slow  # heavy for the developer loop: a training subprocess signalled
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, tiny_llama):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -224,6 +225,7 @@ print(run(load_config(sets=sys.argv[2:]), subscribers=[at]).status)
 """
 
 
+@pytest.mark.slow  # heavy for the developer loop: a training subprocess signalled
 @pytest.mark.parametrize("when", ["last_step", "model"])
 def test_a_signal_after_the_last_step_ends_succeeded_with_run_json(tmp_path, tiny_llama, when):
     """A cancel, or an orphaned worker whose server died, can SIGTERM a run after its last step: during

@@ -329,6 +329,7 @@ def test_dashboard_in_chromium(env, browser, tmp_path, shots):
     d.set_window_size(1280, 1000)
 
 
+@pytest.mark.slow  # heavy for the developer loop: a browser and a server
 def test_logs_page_rates_corrects_and_sets_an_alias(env, browser, shots):
     """The Logs page: a stored completion is listed; thumbs down and "Edit reply" reach the feedback
     endpoint; the aliases card creates an alias."""

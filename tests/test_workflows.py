@@ -410,6 +410,7 @@ print(json.dumps({"baseline": base, "peak": rss("VmHWM")}))
 """
 
 
+@pytest.mark.slow  # heavy for the developer loop: a training run measured against the estimate
 def test_memory_estimate_matches_measured_peak(tmp_path):
     """Full fine-tuning of a 3.6M-parameter model in a fresh process: the estimate of the training
     memory (everything but the runtime) is within 25% of the measured peak RSS growth."""
