@@ -3,6 +3,7 @@ never reach up), size limits, mypy over the plain-data packages, and ruff."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -195,3 +196,12 @@ def test_every_module_imports_first_on_its_own():
     )
     failed = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert proc.returncode == 0 and not failed, "\n".join(failed) + "\n" + proc.stderr[-6000:]
+
+
+def test_xdist_groups_reach_the_scheduler(request):
+    """Under `-n` (the README's command) each test's xdist group must be in its node id, the key
+    `--dist loadgroup` schedules by; tests/conftest.py adds the marks before pytest-xdist reads them.
+    When they came after, every test was its own unit and a module's tests split across workers."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("groups apply only under pytest-xdist (-n)")
+    assert request.node.nodeid.endswith(f"@{request.node.path.name}"), request.node.nodeid
