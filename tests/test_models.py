@@ -304,8 +304,36 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path, tiny_dirs):
 
 
 def test_gguf_file_converts_once_with_equal_logits(tiny_dirs, tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
     gguf_file = write_llama_gguf(tiny_dirs["llama"], tmp_path / "tiny-llama.gguf")
+    # The plain-view reader parses what gguf's own reader parses, fields and tensors alike.
+    stock, plain = gguf.GGUFReader(gguf_file), gguf_mod.read_gguf(gguf_file)
+    assert list(stock.fields) == list(plain.fields) and stock.fields and len(stock.tensors) > 8
+    for name, field in stock.fields.items():
+        assert all(np.array_equal(a, b) for a, b in zip(field.parts, plain.fields[name].parts, strict=True))
+    for a, b in zip(stock.tensors, plain.tensors, strict=True):
+        assert a.name == b.name and a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data)
+
+    # Transformers' loader would parse the header three times (tokenizer, config, weights): once here.
+    parses = {"plain": 0, "stock": 0}
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses["stock"] += 1
+            super().__init__(*args, **kwargs)
+
+    def counted_plain(path):
+        parses["plain"] += 1
+        return plain_reader(path)
+
+    plain_reader = gguf_mod.read_gguf
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    monkeypatch.setattr(gguf_mod, "read_gguf", counted_plain)
     resolved = resolve(str(gguf_file))
+    assert parses == {"plain": 1, "stock": 0}
+    assert gguf.GGUFReader is CountedReader  # the loader's name is given back
     assert resolved.kind == "gguf" and resolved.name == "tiny-llama" and resolved.license == "apache-2.0"
     assert resolved.path.parent == tmp_path / "cache" / "models"
     config = json.loads((resolved.path / "config.json").read_text())

@@ -28,7 +28,7 @@ from tunery.export.vllm import vllm_issues
 from tunery.methods import METHODS, read_info
 from tunery.methods.loading import load_saved_method, saved_tokenizer
 from tunery.models import ALIASES, load_model, resolve
-from tunery.models.gguf import source_info
+from tunery.models.gguf import read_gguf, source_info
 from tunery.quiet import quiet_loading
 
 FORMATS = ("hf", "gguf", "adapter")
@@ -300,9 +300,7 @@ def _source_pre(base: str) -> str | None:
     if not src or not Path(src).is_file():
         return None
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(src).get_field("tokenizer.ggml.pre")
+        field = read_gguf(src).get_field("tokenizer.ggml.pre")
         return str(field.contents()) if field is not None else None
     except (OSError, ValueError):
         return None

@@ -12,6 +12,7 @@ same file again (and if locks are unavailable, the first rename wins and the los
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,8 +20,12 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tunery.errors import ModelError
 from tunery.fsutil import file_lock
@@ -95,17 +100,18 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     log.info("Converting %s to safetensors (once; later loads use the cache)", gguf)
     folder, fname = str(gguf.parent), gguf.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        # dequantize=True: for architectures with packed GGUF kernels transformers would otherwise
-        # keep the weights in quantized blocks, which cannot be trained or saved as safetensors.
-        # quiet_loading: transformers' per-tensor bars would print into Tunery's output.
-        with LOAD_LOCK, quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(
-                folder,
-                gguf_file=fname,
-                dtype=torch.float32,
-                quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
-            )
+        with _one_reader(gguf):  # one parse of the header for the tokenizer, the config and the weights
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            # dequantize=True: for architectures with packed GGUF kernels transformers would otherwise
+            # keep the weights in quantized blocks, which cannot be trained or saved as safetensors.
+            # quiet_loading: transformers' per-tensor bars would print into Tunery's output.
+            with LOAD_LOCK, quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder,
+                    gguf_file=fname,
+                    dtype=torch.float32,
+                    quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
+                )
     except (ValueError, KeyError, OSError, IndexError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(
@@ -147,6 +153,68 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         )
     )
     log.info("Converted %s in %.1f s", gguf.name, seconds)
+
+
+def read_gguf(path: str | os.PathLike) -> Any:
+    """`gguf.GGUFReader(path)`, parsed about 3x faster (`_plain_reader_class`)."""
+    return _plain_reader_class()(path)
+
+
+@functools.cache
+def _plain_reader_class() -> type:
+    """gguf.GGUFReader over a plain ndarray view of its memory map. The reader slices its `data` once
+    or more for every value of the header, and slicing an `np.memmap` runs the subclass's Python
+    `__array_finalize__` each time: Gemma 3's 262k-entry token arrays took 25 s to parse here, 8.8 s
+    through the plain view, with the same fields and tensors (tests/test_models.py)."""
+    import gguf
+    import numpy as np
+
+    class PlainGGUFReader(gguf.GGUFReader):
+        @property
+        def data(self) -> Any:
+            return self._plain
+
+        @data.setter
+        def data(self, value: Any) -> None:  # the memmap the base __init__ opens; the view keeps it open
+            self._plain = value.view(np.ndarray)
+
+    return PlainGGUFReader
+
+
+_SHARED: dict[str, Any] = {}  # GGUF path -> its one reader, while a conversion of it runs
+_SHARED_LOCK = threading.Lock()
+_ORIGINAL_READER: list[Any] = []
+
+
+@contextmanager
+def _one_reader(path: Path) -> Iterator[None]:
+    """Within the block, transformers' GGUF loader gets one shared reader of `path`.
+
+    Transformers parses the whole header (the tokenizer's arrays too) once for the tokenizer, once for
+    the config and once for the weights: three times 25 s for Gemma 3 here. Its loader looks up
+    `gguf.GGUFReader` when called, so the name is swapped for the duration; other paths and other
+    modes still get a reader of their own."""
+    import gguf
+
+    key, reader = str(Path(path).resolve()), read_gguf(path)
+    with _SHARED_LOCK:
+        if not _ORIGINAL_READER:
+            _ORIGINAL_READER.append(gguf.GGUFReader)
+            original = _ORIGINAL_READER[0]
+
+            def shared(p: Any, mode: str = "r") -> Any:
+                reader = _SHARED.get(str(Path(p).resolve())) if mode == "r" else None
+                return reader if reader is not None else original(p, mode)
+
+            gguf.GGUFReader = shared
+        _SHARED[key] = reader
+    try:
+        yield
+    finally:
+        with _SHARED_LOCK:
+            _SHARED.pop(key, None)
+            if not _SHARED and _ORIGINAL_READER:
+                gguf.GGUFReader = _ORIGINAL_READER.pop()
 
 
 def _share(folder: Path) -> None:

@@ -28,7 +28,7 @@ from tunery.export.gguf_file import ARCHITECTURES
 from tunery.generation.engine import Engine, request_key
 from tunery.generation.sequence import GenerationParams
 from tunery.models.aliases import ALIASES
-from tunery.models.gguf import MARKER, cache_root, cached_dir_for
+from tunery.models.gguf import MARKER, cache_root, cached_dir_for, read_gguf
 from tunery.models.placement import inference_device
 from tunery.serve.engines import llamacpp
 from tunery.serve.engines.gguf_forms import adapter_refusal, base_refusal
@@ -104,8 +104,6 @@ def _gguf_architecture(path: str) -> str:
     """`general.architecture` of a GGUF file. It is the first key llama.cpp's and the `gguf` package's
     writers put in the header, so reading that far is enough; gguf.GGUFReader parses the whole
     header (the tokenizer's arrays too: seconds), which is the fallback."""
-    import gguf
-
     with open(path, "rb") as fh:
         head = fh.read(4096)
     if head[:4] == b"GGUF" and len(head) >= 32:
@@ -114,7 +112,7 @@ def _gguf_architecture(path: str) -> str:
         if head[32:at] == b"general.architecture" and struct.unpack_from("<I", head, at)[0] == 8:
             size = struct.unpack_from("<Q", head, at + 4)[0]
             return head[at + 12 : at + 12 + size].decode()
-    field = gguf.GGUFReader(path).fields["general.architecture"]
+    field = read_gguf(path).fields["general.architecture"]
     return bytes(field.parts[field.data[0]]).decode()
 
 
