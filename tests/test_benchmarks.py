@@ -158,12 +158,26 @@ def test_unknown_task_name_suggests_close_ones(monkeypatch):
 
 
 @pytest.mark.slow
-def test_named_tasks_offline_fail_clearly(loaded):
+def test_named_tasks_offline_fail_clearly(loaded, monkeypatch):
+    import lm_eval.tasks
+
+    from tunery.evaluate import benchmark
+
+    indexed = []
+
+    class CountedManager(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            indexed.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", CountedManager)
+    benchmark._registry.cache_clear()
     model, tok = loaded
     with pytest.raises(TuneryError, match="Unknown benchmark task 'no_such_task_xyz'"):
         run_benchmark(model, tok, "no_such_task_xyz")
     with pytest.raises(TuneryError, match="Could not load the benchmark task"):
         run_benchmark(model, tok, "arc_easy", limit=2)  # its data is on the hub; tests run offline
+    assert indexed == [{"include_defaults": True}]  # lm-eval's registry (18 s) is indexed once
 
 
 def test_forgetting_probe_uses_the_benchmark(loaded, tmp_path):
