@@ -148,7 +148,12 @@ def test_function_local_imports_are_only_the_listed_ones():
 _IMPORT_EACH = r"""
 import importlib, os, sys, traceback
 optional = set(sys.argv[1].split(","))
-for heavy in ("torch", "numpy", "transformers", "fastapi", "sqlalchemy", "pydantic", "typer", "rich", "yaml"):
+heavy_modules = (
+    "torch", "numpy", "transformers", "transformers.modeling_utils", "peft", "accelerate", "datasets",
+    "safetensors.torch", "tokenizers", "fastapi", "starlette", "uvicorn", "httpx", "sqlalchemy",
+    "sqlalchemy.orm", "pydantic", "pydantic.v1", "typer", "rich", "rich.console", "rich.table", "yaml",
+)
+for heavy in heavy_modules:
     try:
         importlib.import_module(heavy)
     except ImportError:
