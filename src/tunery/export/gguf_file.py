@@ -11,6 +11,7 @@ q4_1, q5_0, q5_1). K-quants (q4_k, ...) need llama.cpp's `llama-quantize`; see d
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -356,10 +357,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, cfg: Any, gen_eos: list[int], so
 
 
 def gguf_name(hf_name: str, arch: str, n_blocks: int) -> str:
-    import gguf
-
-    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
-    name = gguf.get_tensor_name_map(arch_enum, n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    name = _name_map(arch, n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise ModelError(
             f"The model has a tensor GGUF has no name for: {hf_name}.",
@@ -367,6 +365,16 @@ def gguf_name(hf_name: str, arch: str, n_blocks: int) -> str:
             param="model",
         )
     return name
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, n_blocks: int) -> Any:
+    """gguf's HF-to-GGUF tensor name map of an architecture. Building one takes 43 ms (every name
+    pattern of every block): built per tensor it was 12 s of a 135M model's 22 s export."""
+    import gguf
+
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    return gguf.get_tensor_name_map(arch_enum, n_blocks)
 
 
 def permute_rotary(weights: Any, n_head: int) -> Any:
