@@ -30,6 +30,24 @@ def test_a_user_error_prints_its_brackets_as_written(monkeypatch):
     assert out.getvalue().splitlines() == [f"Error: {MESSAGE}", f"Hint: {HINT}"]
 
 
+def test_a_user_error_never_breaks_a_long_path_across_lines(monkeypatch):
+    """The terminal folds a long message; rich's own wrapping put newlines inside paths and commands
+    (where depended on the path's length), so a copied path or a grep for a phrase broke."""
+    out = io.StringIO()
+    monkeypatch.setattr(terminal, "err_console", Console(file=out, width=60))
+    path = "/tmp/pytest-of-someone/pytest-29/popen-gw0/a-rather-long-folder/prompt-tuning"
+    message = f"Cannot export {path} as hf: there is nothing to merge into the base."
+    hint = f"tunery export --adapter {path} --format adapter"
+
+    @terminal.user_errors()
+    def command() -> None:
+        raise DataError(message, hint=hint)
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert out.getvalue().splitlines() == [f"Error: {message}", f"Hint: {hint}"]
+
+
 def test_a_run_event_prints_its_brackets_as_written():
     out = io.StringIO()
     printer = terminal.ProgressPrinter(Console(file=out, width=200))

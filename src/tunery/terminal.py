@@ -32,10 +32,13 @@ def user_errors(exit_code: int = 2) -> Callable:
                 return fn(*args, **kwargs)
             except TuneryError as exc:
                 # Escaped: a message quoting `[tool]` or a path like `[/data/x]` prints as written
-                # (unescaped, rich took the first as a style and raised on the second).
-                err_console.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False)
+                # (unescaped, rich took the first as a style and raised on the second). Soft-wrapped:
+                # the terminal folds long lines, and a path or command in them copies whole (rich's own
+                # wrapping put newlines inside them, at a width that depends on the path's length).
+                plain = {"highlight": False, "soft_wrap": True}
+                err_console.print(f"[bold red]Error:[/] {escape(exc.message)}", **plain)
                 if exc.hint:
-                    err_console.print(f"[yellow]Hint:[/] {escape(exc.hint)}", highlight=False)
+                    err_console.print(f"[yellow]Hint:[/] {escape(exc.hint)}", **plain)
                 raise typer.Exit(exit_code) from None
 
         return inner
