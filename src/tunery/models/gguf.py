@@ -203,8 +203,8 @@ def _one_reader(path: Path) -> Iterator[None]:
             original = _ORIGINAL_READER[0]
 
             def shared(p: Any, mode: str = "r") -> Any:
-                reader = _SHARED.get(str(Path(p).resolve())) if mode == "r" else None
-                return reader if reader is not None else original(p, mode)
+                found = _SHARED.get(str(Path(p).resolve())) if mode == "r" else None
+                return found if found is not None else original(p, mode)
 
             gguf.GGUFReader = shared
         _SHARED[key] = reader
