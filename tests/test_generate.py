@@ -300,3 +300,81 @@ def test_default_template_turn_end_ends_a_base_models_reply():
         if not seq.done:
             seq.accept(token, {tok.eos_token_id}, None)
     assert seq.result().text == "pos"
+
+
+# --------------------------------------------------------------------------- a shared prefix, prefilled once
+
+SYSTEM = "You are a careful assistant. Answer each question in one short sentence, and never guess. " * 2
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from tunery.generation.generate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts (n samples of one)
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+@pytest.mark.parametrize("arch", __import__("tests.helpers.tiny", fromlist=["x"]).DECODER_ARCHS)
+def test_shared_prefix_decodes_like_whole_prompts(arch, tmp_path, monkeypatch):
+    """Prompts that start alike (a system prompt) are prefilled once and copied per row, with padding
+    between the prefix and each row's own tokens: the same tokens and logprobs as whole prompts, on
+    every architecture; windowed ones (whose window counts cache slots, padding included) never share."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers.tiny import make_tiny_model_dir
+    from tunery.generation import generate as gen
+
+    path = make_tiny_model_dir(tmp_path / arch, arch, initializer_range=0.3)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    chats = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+        for text in ("I loved this movie", "What is the capital of France? " * 3, "red", "It broke after two days.")
+    ]
+    prompts = [gen.chat_prompt(tok, chat) for chat in chats]
+    assert gen.MIN_SHARED_PREFIX <= gen.shared_prefix_length(prompts) < min(len(p) for p in prompts) - 1
+    calls = []
+    prefill = gen._prefill_shared
+    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: calls.append(a[-2]) or prefill(*a))
+    params = GenerationParams(max_new_tokens=10, logprobs=True, top_logprobs=2)
+    shared = generate_batch(model, tok, prompts, params, batch_size=4, autocast=False)
+    whole = generate_batch(model, tok, prompts, params, batch_size=4, autocast=False, share_prefix=False)
+    windowed = bool(getattr(model.config, "sliding_window", None)) and arch != "qwen2_moe"
+    assert calls == ([] if windowed else [4])
+    assert [r.token_ids for r in shared] == [r.token_ids for r in whole]
+    # Where rows shared a prefill, their replies still differ: each row saw its own tokens.
+    assert windowed or len({tuple(r.token_ids) for r in whole}) > 1
+    for a, b in zip(shared, whole, strict=True):
+        got = [e["logprob"] for e in a.logprobs]
+        want = [e["logprob"] for e in b.logprobs]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-4)
+
+
+def test_the_server_engine_shares_a_prefill_only_within_one_request(tiny, monkeypatch):
+    """A server batch mixes tenants' requests: a prefill shared between them would let one tenant's
+    latency tell whether another's prompt starts like theirs. The n samples of one request share it."""
+    from tunery.generation import generate as gen
+    from tunery.generation.engine import Engine, GenerationHandle, _Request
+
+    path, _, tok = tiny
+    prompt = gen.chat_prompt(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}])
+    other = gen.chat_prompt(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "yo"}])
+    calls = []
+    prefill = gen._prefill_shared
+    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: calls.append(a[-2]) or prefill(*a))
+    engine = Engine(autocast=False)
+    try:
+        key, _ = engine.resolve(str(path), None)
+
+        def request(ids: list[int], n: int) -> _Request:
+            params = GenerationParams(max_new_tokens=4, n=n, temperature=1.0 if n > 1 else 0.0, seed=1)
+            return _Request(key, None, ids, params, GenerationHandle(n))
+
+        two_tenants = [request(prompt, 1), request(other, 1)]
+        engine._run_batch(two_tenants)
+        assert calls == [] and all(len(r.handle.result(timeout=5)) == 1 for r in two_tenants)
+        one = request(prompt, 3)
+        engine._run_batch([one])
+        assert calls == [3] and len(one.handle.result(timeout=5)) == 3
+    finally:
+        engine.close()

@@ -389,9 +389,17 @@ class Engine:
             seqs.extend(req.seqs)
         owner = {id(s): req for req in batch for s in req.seqs}
         seqs.sort(key=lambda s: -len(s.prompt))
+        # A prefix is prefilled once only for the n samples of one request: a batch mixes tenants'
+        # requests, and a prefill shared between them would let one tenant's latency tell whether
+        # another's prompt starts like theirs (the side channel vLLM's per-tenant cache salt closes).
         with context:
             for _active in decode_steps(
-                model, base.tokenizer, seqs, autocast=self.autocast, mixed_adapters=mixed
+                model,
+                base.tokenizer,
+                seqs,
+                autocast=self.autocast,
+                mixed_adapters=mixed,
+                share_prefix=len(batch) == 1,
             ):
                 for seq in seqs:
                     req = owner[id(seq)]

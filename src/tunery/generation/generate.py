@@ -82,6 +82,58 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[An
     return ids.to(device), mask.to(device)
 
 
+# Fewer shared tokens than this are computed per row: the extra forward call would cost about what it
+# saves. The quickstart's system prompt is 28 tokens (bench/shared_prefix.py).
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens all `prompts` have in common, leaving each at least one token of its
+    own (the step that yields its first logits)."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        k = 0
+        while k < n and prompt[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
+
+
+def can_share_prefix(model: Any, mixed_adapters: bool) -> bool:
+    """Whether rows may share one prefill of a common prefix: the shared rows then hold padding between
+    the prefix and their own tokens. Positions follow the mask, so full attention sees exactly the
+    unpadded prompt; a sliding window counts cache slots, padding included, so windowed layers would not
+    (those models prefill every row whole). Rows with different adapters, or a learned prompt that peft
+    prepends, have different keys and values for the same tokens."""
+    cfg = getattr(unwrap(model), "config", None)
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if mixed_adapters or getattr(peft_cfg, "is_prompt_learning", False):
+        return False
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return all(kind == "full_attention" for kind in layer_types)
+    return not getattr(cfg, "sliding_window", None)
+
+
+def _prefill_shared(
+    forward: Any, cache_arg: str, cache: Any, prefix: list[int], rows: int, device: Any
+) -> None:
+    """Run the shared prefix once, then give every row its own copy of the prefix's keys and values."""
+    import torch
+
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    positions = torch.arange(len(prefix), device=device)[None]
+    forward(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_arg: cache},
+    )
+    cache.batch_repeat_interleave(rows)
+
+
 def decode_steps(
     model: Any,
     tokenizer: Any,
@@ -90,6 +142,7 @@ def decode_steps(
     autocast: bool | None = None,
     mixed_adapters: bool = False,
     skinny: bool = True,
+    share_prefix: bool = True,
 ) -> Iterator[list[_Seq]]:
     """Decode `seqs` together; yields the still-running sequences after every step.
 
@@ -97,6 +150,9 @@ def decode_steps(
     not make short ones keep paying for compute. With `mixed_adapters`, each row's `adapter` name is
     passed to peft as `adapter_names=` so different LoRA adapters share one batch. `skinny=False`
     turns off the skinny decode matmuls (generation/skinny.py; the benchmark measures the lever).
+    A prefix that every prompt starts with (a system prompt, few-shot examples, the n samples of one
+    prompt) is prefilled once for the batch where `can_share_prefix` allows; `share_prefix=False`
+    prefills every row whole (tests/test_generate.py compares the two on every architecture).
     """
     import torch
     from transformers import DynamicCache
@@ -108,7 +164,10 @@ def decode_steps(
     use_bf16 = use_bf16 and next(model.parameters()).dtype == torch.float32
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
-    ids, mask = _left_padded([s.prompt for s in seqs], pad_id, device)
+    prompts = [s.prompt for s in seqs]
+    shared = shared_prefix_length(prompts) if share_prefix and can_share_prefix(model, mixed_adapters) else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX and len(seqs) > 1 else 0
+    ids, mask = _left_padded([p[shared:] for p in prompts], pad_id, device)
     active = list(seqs)
     want_logprobs = any(s.params.logprobs for s in seqs)
     with (
@@ -123,6 +182,9 @@ def decode_steps(
             except TypeError:
                 cache = DynamicCache()
         cache_arg = _cache_arg(forward)
+        if shared:
+            _prefill_shared(forward, cache_arg, cache, prompts[0][:shared], len(seqs), device)
+            mask = torch.cat([mask.new_ones((len(seqs), shared)), mask], dim=1)
         # Positions follow the mask, virtual tokens included (peft numbers the real tokens after them);
         # a prefix-tuning cache already holds the mask's first columns.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -170,6 +232,7 @@ def generate_batch(
     autocast: bool | None = None,
     on_done: Callable[[int], None] | None = None,
     skinny: bool = True,
+    share_prefix: bool = True,
 ) -> list[GenerationResult]:
     """Generate a completion for every prompt (token ids); results come back in prompt order.
 
@@ -186,7 +249,9 @@ def generate_batch(
     for start in range(0, len(jobs), max(1, batch_size)):
         chunk = jobs[start : start + batch_size]
         seqs = [_Seq(prompt, p, tokenizer, index=i) for _, prompt, p, i in chunk]
-        for _ in decode_steps(model, tokenizer, seqs, autocast=autocast, skinny=skinny):
+        for _ in decode_steps(
+            model, tokenizer, seqs, autocast=autocast, skinny=skinny, share_prefix=share_prefix
+        ):
             pass
         for (slot, *_), seq in zip(chunk, seqs, strict=True):
             results[slot] = seq.result()
