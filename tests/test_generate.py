@@ -329,13 +329,18 @@ def test_shared_prefix_decodes_like_whole_prompts(arch, tmp_path, monkeypatch):
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     chats = [
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-        for text in ("I loved this movie", "What is the capital of France? " * 3, "red", "It broke after two days.")
+        for text in (
+            "I loved this movie",
+            "What is the capital of France? " * 3,
+            "red",
+            "It broke after a day.",
+        )
     ]
     prompts = [gen.chat_prompt(tok, chat) for chat in chats]
     assert gen.MIN_SHARED_PREFIX <= gen.shared_prefix_length(prompts) < min(len(p) for p in prompts) - 1
     calls = []
     prefill = gen._prefill_shared
-    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: calls.append(a[-2]) or prefill(*a))
+    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: calls.append(a[-1].shape[0]) or prefill(*a))
     params = GenerationParams(max_new_tokens=10, logprobs=True, top_logprobs=2)
     shared = generate_batch(model, tok, prompts, params, batch_size=4, autocast=False)
     whole = generate_batch(model, tok, prompts, params, batch_size=4, autocast=False, share_prefix=False)
@@ -361,7 +366,7 @@ def test_the_server_engine_shares_a_prefill_only_within_one_request(tiny, monkey
     other = gen.chat_prompt(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "yo"}])
     calls = []
     prefill = gen._prefill_shared
-    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: calls.append(a[-2]) or prefill(*a))
+    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: calls.append(a[-1].shape[0]) or prefill(*a))
     engine = Engine(autocast=False)
     try:
         key, _ = engine.resolve(str(path), None)

@@ -115,14 +115,24 @@ def can_share_prefix(model: Any, mixed_adapters: bool) -> bool:
     return not getattr(cfg, "sliding_window", None)
 
 
-def _prefill_shared(
-    forward: Any, cache_arg: str, cache: Any, prefix: list[int], rows: int, device: Any
-) -> None:
-    """Run the shared prefix once, then give every row its own copy of the prefix's keys and values."""
+def _shared_tokens(model: Any, prompts: list[list[int]], allowed: bool) -> int:
+    """How many leading tokens the batch prefills once for all rows (0: every row whole). A system
+    prompt, few-shot examples or the n samples of one prompt are shared where `can_share_prefix`
+    allows; tests/test_generate.py compares the tokens and logprobs with whole prompts on every
+    architecture."""
+    if not allowed or len(prompts) < 2 or not can_share_prefix(model, mixed_adapters=False):
+        return 0
+    shared = shared_prefix_length(prompts)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _prefill_shared(forward: Any, cache_arg: str, cache: Any, prefix: list[int], mask: Any) -> Any:
+    """Run the shared prefix once, give every row its own copy of the prefix's keys and values, and
+    return the rows' attention mask with the prefix's columns in front."""
     import torch
 
-    ids = torch.tensor([prefix], dtype=torch.long, device=device)
-    positions = torch.arange(len(prefix), device=device)[None]
+    ids = torch.tensor([prefix], dtype=torch.long, device=mask.device)
+    positions = torch.arange(len(prefix), device=mask.device)[None]
     forward(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -131,7 +141,17 @@ def _prefill_shared(
         logits_to_keep=1,
         **{cache_arg: cache},
     )
-    cache.batch_repeat_interleave(rows)
+    cache.batch_repeat_interleave(mask.shape[0])
+    return torch.cat([mask.new_ones((mask.shape[0], len(prefix))), mask], dim=1)
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
 
 
 def decode_steps(
@@ -150,12 +170,10 @@ def decode_steps(
     not make short ones keep paying for compute. With `mixed_adapters`, each row's `adapter` name is
     passed to peft as `adapter_names=` so different LoRA adapters share one batch. `skinny=False`
     turns off the skinny decode matmuls (generation/skinny.py; the benchmark measures the lever).
-    A prefix that every prompt starts with (a system prompt, few-shot examples, the n samples of one
-    prompt) is prefilled once for the batch where `can_share_prefix` allows; `share_prefix=False`
-    prefills every row whole (tests/test_generate.py compares the two on every architecture).
+    A prefix common to every prompt is prefilled once (`_shared_tokens`); `share_prefix=False` turns
+    that off.
     """
     import torch
-    from transformers import DynamicCache
 
     if not seqs:
         return
@@ -165,8 +183,7 @@ def decode_steps(
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
     prompts = [s.prompt for s in seqs]
-    shared = shared_prefix_length(prompts) if share_prefix and can_share_prefix(model, mixed_adapters) else 0
-    shared = shared if shared >= MIN_SHARED_PREFIX and len(seqs) > 1 else 0
+    shared = _shared_tokens(model, prompts, share_prefix and not mixed_adapters)
     ids, mask = _left_padded([p[shared:] for p in prompts], pad_id, device)
     active = list(seqs)
     want_logprobs = any(s.params.logprobs for s in seqs)
@@ -176,15 +193,10 @@ def decode_steps(
         skinny_linears(model, skinny),  # decode steps read the weights twice as fast (generation/skinny.py)
     ):
         forward, step, cache, mask = _learned_prompt(model, ids, mask)
-        if cache is None:
-            try:
-                cache = DynamicCache(config=model.config)
-            except TypeError:
-                cache = DynamicCache()
+        cache = _new_cache(model) if cache is None else cache
         cache_arg = _cache_arg(forward)
         if shared:
-            _prefill_shared(forward, cache_arg, cache, prompts[0][:shared], len(seqs), device)
-            mask = torch.cat([mask.new_ones((len(seqs), shared)), mask], dim=1)
+            mask = _prefill_shared(forward, cache_arg, cache, prompts[0][:shared], mask)
         # Positions follow the mask, virtual tokens included (peft numbers the real tokens after them);
         # a prefix-tuning cache already holds the mask's first columns.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
