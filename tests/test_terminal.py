@@ -17,27 +17,10 @@ MESSAGE = "train.jsonl line 3: role [tool] is not allowed in messages[2]; see [/
 HINT = "Use one of [system, user, assistant]."
 
 
-def test_a_user_error_prints_its_brackets_as_written(monkeypatch):
+def _printed_error(monkeypatch, message: str, hint: str, width: int) -> list[str]:
+    """The lines a command prints for a DataError(message, hint) on a console `width` columns wide."""
     out = io.StringIO()
-    monkeypatch.setattr(terminal, "err_console", Console(file=out, width=200))
-
-    @terminal.user_errors()
-    def command() -> None:
-        raise DataError(MESSAGE, hint=HINT)
-
-    with pytest.raises(typer.Exit):
-        command()
-    assert out.getvalue().splitlines() == [f"Error: {MESSAGE}", f"Hint: {HINT}"]
-
-
-def test_a_user_error_never_breaks_a_long_path_across_lines(monkeypatch):
-    """The terminal folds a long message; rich's own wrapping put newlines inside paths and commands
-    (where depended on the path's length), so a copied path or a grep for a phrase broke."""
-    out = io.StringIO()
-    monkeypatch.setattr(terminal, "err_console", Console(file=out, width=60))
-    path = "/tmp/pytest-of-someone/pytest-29/popen-gw0/a-rather-long-folder/prompt-tuning"
-    message = f"Cannot export {path} as hf: there is nothing to merge into the base."
-    hint = f"tunery export --adapter {path} --format adapter"
+    monkeypatch.setattr(terminal, "err_console", Console(file=out, width=width))
 
     @terminal.user_errors()
     def command() -> None:
@@ -45,7 +28,20 @@ def test_a_user_error_never_breaks_a_long_path_across_lines(monkeypatch):
 
     with pytest.raises(typer.Exit):
         command()
-    assert out.getvalue().splitlines() == [f"Error: {message}", f"Hint: {hint}"]
+    return out.getvalue().splitlines()
+
+
+def test_a_user_error_prints_its_brackets_as_written(monkeypatch):
+    assert _printed_error(monkeypatch, MESSAGE, HINT, 200) == [f"Error: {MESSAGE}", f"Hint: {HINT}"]
+
+
+def test_a_user_error_never_breaks_a_long_path_across_lines(monkeypatch):
+    """The terminal folds a long message; rich's own wrapping put newlines inside paths and commands
+    (where depended on the path's length), so a copied path or a grep for a phrase broke."""
+    path = "/tmp/pytest-of-someone/pytest-29/popen-gw0/a-rather-long-folder/prompt-tuning"
+    message = f"Cannot export {path} as hf: there is nothing to merge into the base."
+    hint = f"tunery export --adapter {path} --format adapter"
+    assert _printed_error(monkeypatch, message, hint, 60) == [f"Error: {message}", f"Hint: {hint}"]
 
 
 def test_a_run_event_prints_its_brackets_as_written():
