@@ -30,15 +30,15 @@ import common  # noqa: E402
 import time_to_quality  # noqa: E402
 
 
-def evaluate_both(model: Any, tok: Any, shots: int, repeats: int) -> dict[str, Any]:
-    """Both variants of one evaluation, alternating; best seconds and the predictions of each."""
+def evaluate_both(model: Any, tok: Any, few: Any, shots: int, repeats: int) -> dict[str, Any]:
+    """Both variants of one evaluation (`few`: its few-shot examples), alternating; best seconds and the
+    predictions of each."""
     from tunery.evaluate import run as run_module
-    from tunery.evaluate.run import build_few_shot, evaluate, load_conversations
+    from tunery.evaluate.run import evaluate
     from tunery.resources import dataset_file
     from tunery.workflows.quickstart import TASKS
 
     test = dataset_file("sentiment", "test")
-    few = build_few_shot(load_conversations(dataset_file("sentiment", "train")), shots, 42) if shots else None
     original = run_module.generate_batch
     out: dict[str, Any] = {}
     for _ in range(repeats):
@@ -132,7 +132,7 @@ def main() -> None:
             else None
         )
         prompts = [encode_prompt(with_few_shot(split_example(c)[0], few), tok, None) for c in convs]
-        row = evaluate_both(model, tok, shots, args.repeats)
+        row = evaluate_both(model, tok, few, shots, args.repeats)
         row["shared_prefix_tokens"] = shared_prefix_length(prompts)
         row["mean_prompt_tokens"] = round(sum(map(len, prompts)) / len(prompts), 1)
         report["results"]["zero-shot" if not shots else f"{shots}-shot"] = row

@@ -99,15 +99,16 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     return max(0, n)
 
 
-def can_share_prefix(model: Any, mixed_adapters: bool) -> bool:
-    """Whether rows may share one prefill of a common prefix: the shared rows then hold padding between
-    the prefix and their own tokens. Positions follow the mask, so full attention sees exactly the
-    unpadded prompt; a sliding window counts cache slots, padding included, so windowed layers would not
-    (those models prefill every row whole). Rows with different adapters, or a learned prompt that peft
-    prepends, have different keys and values for the same tokens."""
+def can_share_prefix(model: Any) -> bool:
+    """Whether rows of `model` may share one prefill of a common prefix: the shared rows then hold
+    padding between the prefix and their own tokens. Positions follow the mask, so full attention sees
+    exactly the unpadded prompt; a sliding window counts cache slots, padding included, so windowed
+    layers would not (those models prefill every row whole). A learned prompt that peft prepends gives
+    the same tokens other keys and values, and so do rows on different adapters (`decode_steps` never
+    shares a mixed-adapter batch)."""
     cfg = getattr(unwrap(model), "config", None)
     peft_cfg = getattr(model, "active_peft_config", None)
-    if mixed_adapters or getattr(peft_cfg, "is_prompt_learning", False):
+    if getattr(peft_cfg, "is_prompt_learning", False):
         return False
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
@@ -120,7 +121,7 @@ def _shared_tokens(model: Any, prompts: list[list[int]], allowed: bool) -> int:
     prompt, few-shot examples or the n samples of one prompt are shared where `can_share_prefix`
     allows; tests/test_generate.py compares the tokens and logprobs with whole prompts on every
     architecture."""
-    if not allowed or len(prompts) < 2 or not can_share_prefix(model, mixed_adapters=False):
+    if not allowed or len(prompts) < 2 or not can_share_prefix(model):
         return 0
     shared = shared_prefix_length(prompts)
     return shared if shared >= MIN_SHARED_PREFIX else 0
