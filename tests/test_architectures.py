@@ -116,6 +116,43 @@ def test_packed_logits_equal_unpacked(arch, model_dirs, monkeypatch):
     torch.testing.assert_close(padded, expected[2], rtol=1e-4, atol=1e-5)
 
 
+def _prefixed_rows() -> tuple[list[list[int]], list[list[int]]]:
+    """Rows that start with one 20-token prompt (longer than the window, so windows reach across its
+    end), each scored on its own later tokens only, as chat turns after a system prompt are."""
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(10, 500, (20,), generator=gen).tolist()
+    rows = [prompt + torch.randint(10, 500, (n,), generator=gen).tolist() for n in (3, 14, 30)]
+    labels = [[IGNORE] * 21 + r[21:] for r in rows]
+    return rows, labels
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_shared_prefix_equals_whole_examples(arch, model_dirs):
+    """A packed row that lays the rows' common prompt once (modeling/prefix.py) gives the summed loss
+    and the gradients of the model's own attention over each example whole, in every mode."""
+    rows, labels = _prefixed_rows()
+    model = _load(model_dirs[arch])
+    expected = torch.zeros(())
+    for r, lab in zip(rows, labels, strict=True):
+        out = model(input_ids=torch.tensor([r]), labels=torch.tensor([lab]))
+        expected = expected + out.loss * sum(t != IGNORE for t in lab[1:])
+    expected.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    batch = packed_inputs(rows, labels, share_prefix=True)
+    assert batch["shared_prefix"] == 20 and batch["input_ids"].shape[1] == 20 + 3 + 14 + 30
+    assert attention.use_packed_attention(model), arch
+    for mode in ("segments", "mask", "varlen"):  # varlen: a shared row takes the per-segment path
+        attention.use_packed_attention(model, mode)
+        model.zero_grad()
+        loss, _, n = supervised_loss(model, batch)
+        assert n == sum(sum(t != IGNORE for t in lab[1:]) for lab in labels)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4, msg=f"{arch} {mode}")
+        loss.backward()
+        for name, grad in want.items():
+            got = dict(model.named_parameters())[name].grad
+            torch.testing.assert_close(got, grad, rtol=1e-4, atol=1e-5, msg=f"{arch} {mode} {name}")
+
+
 def test_bidirectional_attention_is_not_packed(model_dirs, caplog):
     model = _load(model_dirs["gemma3"])
     model.config.use_bidirectional_attention = True

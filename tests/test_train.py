@@ -95,8 +95,18 @@ def test_packed_equals_padded_training(tmp_path, tiny_qwen2):
     padded = run(_config(tmp_path / "b", tiny_qwen2, **common, **{"hyperparameters.packing": False}))
     # what really ran: packing on one side only (a silent fallback would compare padded with padded),
     # the fused LoRA layers and fp32 on both
-    assert levers(packed.output_dir) == {"packed": True, "fused": True, "precision": "fp32"}
-    assert levers(padded.output_dir) == {"packed": False, "fused": True, "precision": "fp32"}
+    assert levers(packed.output_dir) == {
+        "packed": True,
+        "fused": True,
+        "precision": "fp32",
+        "shared_prefix": True,
+    }
+    assert levers(padded.output_dir) == {
+        "packed": False,
+        "fused": True,
+        "precision": "fp32",
+        "shared_prefix": False,
+    }
     assert losses(packed.output_dir) == pytest.approx(losses(padded.output_dir), abs=1e-5)
 
 
@@ -110,17 +120,47 @@ def test_benchmark_levers_change_how_not_what(tmp_path, tiny_qwen2):
         "hyperparameters.learning_rate": 0.005,
     }
     default = run(_config(tmp_path / "a", tiny_qwen2, **common))
-    undone = Levers(attention="mask", supervised_head_only=False, fused_lora=False)
+    undone = Levers(attention="mask", supervised_head_only=False, fused_lora=False, shared_prefix=False)
     other = run(_config(tmp_path / "b", tiny_qwen2, **common), levers=undone)
-    assert levers(other.output_dir) == {"packed": True, "fused": False, "precision": "fp32"}
+    assert levers(other.output_dir) == {
+        "packed": True,
+        "fused": False,
+        "precision": "fp32",
+        "shared_prefix": False,
+    }
     assert losses(other.output_dir) == pytest.approx(losses(default.output_dir), abs=1e-5)
+
+
+def test_shared_prefix_computes_less_and_trains_the_same(tmp_path, tiny_qwen2):
+    """Every example starts with one system prompt and user-turn header: a packed micro-batch lays it
+    once (modeling/prefix.py), so each step runs fewer positions, and the losses are the same."""
+    from tunery.train.levers import Levers
+
+    common = {
+        "hyperparameters.n_epochs": 1,
+        "hyperparameters.batch_size": 4,
+        "hyperparameters.learning_rate": 0.005,
+        "data.system_prompt": "Answer with the colour of the item named, in one word and nothing else.",
+    }
+    shared = run(_config(tmp_path / "a", tiny_qwen2, **common))
+    whole = run(_config(tmp_path / "b", tiny_qwen2, **common), levers=Levers(shared_prefix=False))
+    assert levers(shared.output_dir)["shared_prefix"] and not levers(whole.output_dir)["shared_prefix"]
+    assert losses(shared.output_dir) == pytest.approx(losses(whole.output_dir), abs=1e-5)
+    ran, computed = (metric(r.output_dir, "batch_positions") for r in (shared, whole))
+    assert shared.trained_tokens == whole.trained_tokens  # the examples' tokens, counted whole
+    # all of a step's rows share the prompt (>= 16 tokens): 3 of 4 copies of it are not computed
+    assert all(w - s >= 3 * 16 for s, w in zip(ran, computed, strict=True)), (ran, computed)
+
+
+def metric(run_dir, name: str) -> list:
+    return [r[name] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
 
 
 def levers(run_dir) -> dict:
     """What the run's start event records as in effect."""
     events = read_jsonl(Path(run_dir) / "events.jsonl")
     (start,) = [e for e in events if e["message"] == "Fine-tuning job started"]
-    return {k: start["data"][k] for k in ("packed", "fused", "precision")}
+    return {k: start["data"][k] for k in ("packed", "fused", "precision", "shared_prefix")}
 
 
 def _train_cmd(tmp_path, model, out, *extra):

@@ -29,6 +29,7 @@ from tunery.generation.sequence import (
     eos_token_ids,
 )
 from tunery.generation.skinny import skinny_linears
+from tunery.modeling.prefix import MIN_SHARED_PREFIX, shared_prefix_length
 from tunery.models import placement
 from tunery.models.unwrap import unwrap
 
@@ -80,23 +81,6 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[An
         ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
     return ids.to(device), mask.to(device)
-
-
-# Fewer shared tokens than this are computed per row: the extra forward call would cost about what it
-# saves. The quickstart's system prompt is 28 tokens (bench/shared_prefix.py).
-MIN_SHARED_PREFIX = 16
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """How many leading tokens all `prompts` have in common, leaving each at least one token of its
-    own (the step that yields its first logits)."""
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for prompt in prompts[1:]:
-        k = 0
-        while k < n and prompt[k] == first[k]:
-            k += 1
-        n = k
-    return max(0, n)
 
 
 def can_share_prefix(model: Any) -> bool:

@@ -28,6 +28,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from tunery.modeling.prefix import SHARED_PREFIX_ARG
+
 log = logging.getLogger(__name__)
 
 NAME = "tunery_packed"
@@ -41,11 +43,24 @@ MODES = ("auto", "segments", "varlen", "mask")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def block_causal_mask(cu: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, 1, L, L] boolean mask, True where a token may attend: same example and not in the future."""
-    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), torch.diff(cu.long()))
-    pos = torch.arange(length, device=cu.device)
-    return ((seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :]))[None, None]
+def block_causal_mask(
+    cu: torch.Tensor, length: int, shared: int = 0, window: int | None = None
+) -> torch.Tensor:
+    """[1, 1, L, L] boolean mask, True where a token may attend: same example and not in the future.
+
+    `shared` > 0: the first segment is a prefix every example sees as its own start (modeling/prefix.py).
+    `window`: a query sees itself and the `window - 1` positions before it, counted in its example."""
+    cu = cu.to(torch.long)
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), torch.diff(cu))
+    row = torch.arange(length, device=cu.device)
+    visible = seg[:, None] == seg[None, :]
+    if shared:
+        visible = visible | (seg[None, :] == 0)
+    mask = visible & (row[:, None] >= row[None, :])
+    if window is not None:
+        pos = row - cu[seg] + shared * (seg > 0)  # the position within the example
+        mask = mask & ((pos[:, None] - pos[None, :]) < window)
+    return mask[None, None]
 
 
 def attention_name(mode: str = "auto") -> str:
@@ -62,6 +77,7 @@ def packed_attention(
 
     cu = kwargs.get("cu_seq_lens_q")
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    shared = int(kwargs.pop(SHARED_PREFIX_ARG, 0) or 0)
     training_dropout = dropout if module.training else 0.0
     if cu is None or query.shape[0] != 1:
         if softcap is None:  # SDPA's mask (built by the model) already carries any window
@@ -74,20 +90,24 @@ def packed_attention(
     # repeat_interleave: same result, no [heads, L, d] key/value copies, ~25% faster fwd+bwd on CPU.
     gqa = query.shape[1] != key.shape[1]
     if mode == "mask":
-        mask = block_causal_mask(cu, query.shape[2]) & _band(query.shape[2], window, query.device)
+        mask = block_causal_mask(cu, query.shape[2], shared, window)
         if softcap is not None:
             return _explicit_attention(query, key, value, mask, scaling, training_dropout, softcap), None
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, dropout_p=training_dropout, enable_gqa=gqa
         )
         return out.transpose(1, 2).contiguous(), None
-    if _use_varlen(query, training_dropout, softcap, mode):
+    # A shared prefix takes the per-segment path: the varlen kernels see one segment per query.
+    if not shared and _use_varlen(query, training_dropout, softcap, mode):
         max_len = kwargs.get("max_length_q")
         return varlen_attention(query, key, value, cu, max_len, scaling, gqa, window, softcap), None
     # split, not slicing: the backward of a slice writes its gradient into a zero tensor of the
     # whole row, once per example, where split's backward is a single concatenation.
     sizes = torch.diff(cu).tolist()
-    segments = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
+    segments = list(zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True))
+    if shared:  # every example's keys and values start with the prefix's (segment 0)
+        _, pk, pv = segments[0]
+        segments[1:] = [(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for q, k, v in segments[1:]]
     outs = [
         causal_attention(q, k, v, scaling, training_dropout, window, softcap).transpose(1, 2)
         for q, k, v in segments
@@ -98,20 +118,23 @@ def packed_attention(
 def causal_attention(q, k, v, scale, dropout: float, window: int | None, softcap: float | None):
     """Causal attention of one example `[1, heads, n, d]` (keys may have fewer heads); `[1, heads, n, d]`.
 
-    SDPA's causal kernel where it applies; a band mask when the window is shorter than the example;
+    Keys may be longer than the queries (a shared prefix in front): the queries are then the last `n`
+    positions. SDPA's causal kernel where it applies (its causal mask aligns top-left, so only for
+    equal lengths); a band mask when the window is shorter than the example or the lengths differ;
     an explicit softmax for soft-capped scores."""
-    n = q.shape[2]
+    n, total = q.shape[2], k.shape[2]
     if softcap is not None:
-        out = _explicit_attention(q, k, v, _band(n, window, q.device), scale, dropout, softcap)
-        return out.transpose(1, 2)
+        band = _band(total, window, q.device)[total - n :]
+        return _explicit_attention(q, k, v, band, scale, dropout, softcap).transpose(1, 2)
     # is_causal is SDPA's fast path; a window shorter than the example needs the band as a mask.
-    mask = None if window is None or n <= window else _band(n, window, q.device)
+    plain = total == n and (window is None or n <= window)
+    mask = None if plain else _band(total, window, q.device)[total - n :]
     return F.scaled_dot_product_attention(
         q,
         k,
         v,
         attn_mask=mask,
-        is_causal=mask is None,
+        is_causal=plain,
         scale=scale,
         dropout_p=dropout,
         enable_gqa=q.shape[1] != k.shape[1],

@@ -14,37 +14,48 @@ import torch
 import torch.nn.functional as F
 
 from tunery.data.types import IGNORE
+from tunery.modeling.prefix import SHARED_PREFIX_ARG, trainable_prefix_length
 from tunery.modeling.shapes import bucket
 from tunery.models.unwrap import unwrap
 
 LOGIT_CHUNK = 1024
 
 
-def packed_inputs(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None) -> dict:
+def packed_inputs(
+    rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None, share_prefix: bool = False
+) -> dict:
     """One packed row: input_ids [1, L], position_ids [1, L], cu_seq_lens [n+1], labels [1, L] shifted.
 
     Labels are pre-shifted per example (label at t is the token t+1 of the same example), so the
     boundary between two packed examples never produces a cross-example target.
+
+    `share_prefix`: a prefix that every row starts with and that scores nothing (modeling/prefix.py)
+    is laid once, as the row's first segment, and each example follows without it, its positions
+    continuing the prefix's; `shared_prefix` says how long it is, and packed attention lets every
+    segment see it (modeling/attention.py).
     """
-    ids: list[int] = []
-    pos: list[int] = []
-    tgt: list[int] = []
-    cu = [0]
+    shared = trainable_prefix_length(rows, labels) if share_prefix and labels is not None else 0
+    ids: list[int] = list(rows[0][:shared])
+    pos: list[int] = list(range(shared))
+    tgt: list[int] = [IGNORE] * shared
+    cu = [0, shared] if shared else [0]
     for k, row in enumerate(rows):
-        ids.extend(row)
-        pos.extend(range(len(row)))
+        ids.extend(row[shared:])
+        pos.extend(range(shared, len(row)))
         if labels is not None:
             lab = list(labels[k])
-            tgt.extend(lab[1:] + [IGNORE])
+            tgt.extend(lab[shared + 1 :] + [IGNORE])
         cu.append(len(ids))
     out = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
-        "max_len": max(len(r) for r in rows),
+        "max_len": max(shared, *(len(r) - shared for r in rows)),
     }
     if labels is not None:
         out["labels"] = torch.tensor([tgt], dtype=torch.long)
+    if shared:
+        out["shared_prefix"] = shared
     return out
 
 
@@ -117,7 +128,9 @@ def forward_kwargs(batch: dict) -> dict:
     ids = batch["input_ids"]
     if "cu_seq_lens" not in batch:
         return {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    shared = {SHARED_PREFIX_ARG: batch["shared_prefix"]} if batch.get("shared_prefix") else {}
     return {
+        **shared,
         "input_ids": ids,
         "position_ids": batch["position_ids"],
         "attention_mask": torch.ones((1, ids.shape[1]), dtype=torch.long, device=ids.device),

@@ -63,6 +63,9 @@ class Objective:
     # the loss sums over labelled tokens only, so trailing positions labelled IGNORE change nothing
     # and the loop may pad lengths to shape buckets (modeling/shapes.py)
     token_level: bool = False
+    # collate also takes `share_prefix=True`: a packed micro-batch lays the unscored prefix that all
+    # its rows start with once (modeling/prefix.py); the loop asks for it where attention allows
+    shares_prefix: bool = False
     # optional hook: setup(model, config, tokenizer) -> dict stored in ctx.extra (teacher, reward fns)
     setup: Callable[[torch.nn.Module, Any, Any], dict[str, Any]] | None = None
     # optional: rollout(model, batch, ctx) -> batch with tensors and its final n_units (GRPO samples

@@ -31,10 +31,12 @@ def encode(example: Any, tokenizer: Any, config: Any) -> dict[str, Any] | None:
     return feats
 
 
-def collate(features: list[dict[str, Any]], pad_id: int, packed: bool) -> dict[str, Any]:
+def collate(
+    features: list[dict[str, Any]], pad_id: int, packed: bool, share_prefix: bool = False
+) -> dict[str, Any]:
     rows = [f["input_ids"] for f in features]
     labels = [f["labels"] for f in features]
-    batch = packed_inputs(rows, labels) if packed else padded_inputs(rows, pad_id, labels)
+    batch = packed_inputs(rows, labels, share_prefix) if packed else padded_inputs(rows, pad_id, labels)
     batch["n_units"] = int((batch["labels"] != IGNORE).sum())
     batch["n_tokens"] = sum(len(r) for r in rows)
     return batch
@@ -54,6 +56,7 @@ register(
         encode=encode,
         collate=collate,
         token_level=True,
+        shares_prefix=True,
         loss=loss,
     )
 )

@@ -23,6 +23,9 @@ class Levers:
     supervised_head_only: bool = True
     # False leaves peft's own LoRA forward in place of the fused one (train/lora_kernel.py).
     fused_lora: bool = True
+    # False computes a prefix common to a packed micro-batch's rows (a system prompt) once per row
+    # instead of once (modeling/prefix.py).
+    shared_prefix: bool = True
 
 
 DEFAULT = Levers()

@@ -68,13 +68,16 @@ class LoopSetup:
     # round token-level batches up to shape buckets (bf16 on a CPU keeps memory per shape: shapes.py)
     shape_buckets: bool = False
     levers: Levers = DEFAULT_LEVERS  # the benchmark's switches (train/levers.py)
+    # packed micro-batches lay the prefix their rows share once (setup.speedups says when)
+    share_prefix: bool = False
     # each validation feature's task, when the validation set holds several (else None): the
     # evaluation then also reports `valid_loss/<task>`
     val_tasks: list[str] | None = None
 
 
 def collate(s: LoopSetup, features: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = s.objective.collate(features, s.pad_id, s.packed)
+    share = {"share_prefix": True} if s.share_prefix and s.objective.shares_prefix else {}
+    batch = s.objective.collate(features, s.pad_id, s.packed, **share)
     if s.shape_buckets and s.objective.token_level:
         batch = pad_to_bucket(batch, s.pad_id)
     if not s.levers.supervised_head_only:  # read by forward.supervised_loss

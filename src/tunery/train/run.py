@@ -228,7 +228,7 @@ def _train(
         rundir.write_config(config, out, res.as_dict())
     setup.report_parameters(model, events)
 
-    packed, fused = setup.speedups(model, config, method, levers)
+    packed, fused, shared = setup.speedups(model, config, method, levers)
     accelerator, dtype = setup.build_accelerator(hp, dist)
     dist.lengths, dist.token_budget = lengths, setup.token_budget(hp)  # the ranks' data split
     model, optimizer, scheduler = setup.build_optimizer(
@@ -262,6 +262,7 @@ def _train(
         extra_eval=setup.classification_eval(config, tokenizer, data.validation, data.val_tasks),
         shape_buckets=not torch.cuda.is_available() and dtype == torch.bfloat16,
         levers=levers,
+        share_prefix=shared,
         val_tasks=val_tasks,
     )
     if config.resume:
@@ -272,6 +273,7 @@ def _train(
         # precision) would otherwise pass for the requested setting in tests and benchmarks.
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         ran = {"packed": packed, "fused": fused, "precision": precision, "buckets": loop.shape_buckets}
+        ran["shared_prefix"] = shared
         events.emit("Fine-tuning job started", data={"total_steps": len(steps), **res.as_dict(), **ran})
     # One signal scope for the steps and the final save: a SIGTERM during the save (a cancel, or an
     # orphaned worker whose server died) would otherwise kill the process before run.json is written.

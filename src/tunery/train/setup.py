@@ -189,13 +189,19 @@ def report_parameters(model: torch.nn.Module, events: EventLog) -> None:
 
 def speedups(
     model: torch.nn.Module, config: TuneryConfig, method: Method, levers: Levers
-) -> tuple[bool, bool]:
-    """(packed, fused): packed rows with per-example attention (modeling/attention.py) where the method
-    and architecture allow it, and LoRA layers as one autograd node each (train/lora_kernel.py)."""
+) -> tuple[bool, bool, bool]:
+    """(packed, fused, shared): packed rows with per-example attention (modeling/attention.py) where the
+    method and architecture allow it, LoRA layers as one autograd node each (train/lora_kernel.py),
+    and a prefix common to a packed micro-batch's rows computed once (modeling/prefix.py)."""
     hp = config.hyperparameters
     packed = hp.packing and method.supports_packing and use_packed_attention(unwrap(model), levers.attention)
     fused = fuse_lora_layers(model, levers.fused_lora) > 0 and levers.fused_lora  # exact: lora_kernel.py
-    return packed, fused
+    # On a GPU, auto attention is one varlen kernel call per layer, which a shared prefix would turn
+    # back into one call per example (a host sync each): not measured there, so not shared there.
+    per_segment = levers.attention in ("segments", "mask") or (
+        levers.attention == "auto" and device_type() != "cuda"
+    )
+    return packed, fused, packed and levers.shared_prefix and per_segment
 
 
 def device_type() -> str:
