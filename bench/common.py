@@ -24,12 +24,26 @@ if str(ROOT) not in sys.path:
 IGNORE = -100
 
 
+# The flags that decide matmul speed on a CPU (AVX-512, native bf16, AMX); every report records them.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's name and which of `CPU_FLAGS` it has."""
+    from tunery.cpu import cpu_identity
+
+    model, flags = cpu_identity()
+    present = set(flags.split())
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in present]}
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
     from tunery.train.precision import auto_bf16_on_cpu, cpu_has_bf16
 
     return {
+        "cpu": cpu_info(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

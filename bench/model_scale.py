@@ -51,7 +51,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import gpu_bench  # noqa: E402  (the shapes and the random-model builder: one copy of each)
-import time_to_quality  # noqa: E402  (the CPU name and flags)
 import train_throughput  # noqa: E402  (the schedule replay and the child environment)
 
 DATA = gpu_bench.DATA
@@ -328,7 +327,6 @@ def parent(args: argparse.Namespace) -> None:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     machine = {
         **common.machine_info(),
-        "cpu": time_to_quality.cpu_info(),
         "memory_gb": round(memory / 2**30, 1),
     }
     peaks = {d: common.matmul_peak(d, seconds=args.peak_seconds) for d in ("fp32", "bf16")}

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT / "bench"))
 
 import common  # noqa: E402
-import time_to_quality  # noqa: E402
 
 
 def evaluate_both(model: Any, tok: Any, few: Any, shots: int, repeats: int) -> dict[str, Any]:
@@ -117,7 +116,7 @@ def main() -> None:
         "command": "python bench/shared_prefix.py " + " ".join(sys.argv[1:]),
         "model": args.model,
         "repeats": args.repeats,
-        "machine": {**common.machine_info(), "cpu": time_to_quality.cpu_info()},
+        "machine": common.machine_info(),
         "peak_gflops_fp32": common.matmul_peak("fp32"),
         "results": {},
     }

@@ -64,7 +64,6 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from rss_sampler import Sampler, psutil, tree_rss  # noqa: E402
-from time_to_quality import cpu_info  # noqa: E402  (one reader of the CPU flags)
 
 from tests.helpers.server import running_server  # noqa: E402
 from tests.helpers.tiny import make_tiny_model_dir, write_jsonl  # noqa: E402
@@ -864,7 +863,7 @@ def new_report(
     }
     report["train"], report["serve"] = kept_parts(previous, report, parts, args.out)
     if parts or "machine" not in previous:
-        report["machine"] = {**common.machine_info(), "cpu": cpu_info(), "psutil": psutil is not None}
+        report["machine"] = {**common.machine_info(), "psutil": psutil is not None}
         report["matmul_gflops"] = {d: round(common.matmul_peak(d), 1) for d in ("fp32", "bf16")}
     else:  # only rewriting soak.md and soak.png: the machine as the last run measured it
         for key in ("machine", "matmul_gflops", "when"):

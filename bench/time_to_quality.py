@@ -56,8 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import train_throughput  # noqa: E402  (its Trainer pieces and child environments: one copy of each)
 
-from tunery.cpu import cpu_identity  # noqa: E402
-
 LABELS = {
     "sentiment": ["positive", "negative", "mixed"],
     "routing": ["billing", "technical", "shipping", "account", "sales"],
@@ -66,7 +64,6 @@ VARIANTS = ["tunery-auto", "tunery-recommend", "trainer"]
 OPTIONAL = ["tunery-openai", "tunery-batch8", "tunery-batch8-scaled"]
 EVAL_BATCH = 16  # as the quickstart evaluates
 TRAINER_RECIPE = {"learning_rate": 2e-4, "epochs": 3, "batch_size": 8, "scheduler": "linear"}
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 # ---------------------------------------------------------------- child side: one variant, one task
@@ -314,13 +311,6 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- parent side: every task and variant
 
 
-def cpu_info() -> dict[str, Any]:
-    """The CPU's name and the flags that decide matmul speed (AVX-512, native bf16, AMX)."""
-    model, flags = cpu_identity()
-    present = set(flags.split())
-    return {"model": model, "flags": [f for f in CPU_FLAGS if f in present]}
-
-
 def to_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Minutes to the first epoch at the target: its training time plus every evaluation up to it."""
     evals = 0.0
@@ -446,7 +436,7 @@ def parent(args: argparse.Namespace) -> None:
     bad = [t for t in tasks if t not in LABELS] + [v for v in variants if v not in VARIANTS + OPTIONAL]
     if bad:
         sys.exit(f"unknown task(s) or variant(s) {bad}; tasks {list(LABELS)}, variants {VARIANTS + OPTIONAL}")
-    machine = {**common.machine_info(), "cpu": cpu_info()}
+    machine = common.machine_info()
     peaks = {d: common.matmul_peak(d) for d in ("fp32", "bf16")}
     print(f"matmul peaks GFLOPS: {peaks}; cpu {machine['cpu']}; load {machine['load_average']}", flush=True)
     report = {

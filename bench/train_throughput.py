@@ -25,7 +25,8 @@ gradient clipping at 1.0, for `--epochs` epochs (default 1) over the first `--ex
   mask instead of per-example attention), `tunery-full-head` (LM head at every position),
   `tunery-padded` (padded micro-batches instead of packing), `tunery-fp32` (no bf16 autocast),
   `tunery-glibc` (the system allocator instead of jemalloc), `tunery-unfused` (peft's own LoRA
-  forward instead of the fused LoRA layer).
+  forward instead of the fused LoRA layer), `tunery-unshared` (the prefix a packed micro-batch's
+  rows have in common, such as a system prompt, computed once per row instead of once).
 
 Per variant: non-padding tokens/s over the steps after `--warmup-steps`, peak RSS of the child, the
 stack's own last training loss, a held-out loss measured identically for all (fp32, one example at
@@ -64,6 +65,7 @@ LEVERS = [
     "tunery-fp32",
     "tunery-glibc",
     "tunery-unfused",
+    "tunery-unshared",
 ]
 ALL = [*BASELINES, "tunery", *LEVERS]
 
@@ -247,6 +249,7 @@ def run_tunery(
         attention="mask" if variant == "tunery-mask4d" else "auto",  # auto: varlen on a GPU
         supervised_head_only=variant != "tunery-full-head",
         fused_lora=variant != "tunery-unfused",
+        shared_prefix=variant != "tunery-unshared",
     )
     precision = "fp32" if variant == "tunery-fp32" else "auto"
     config = TuneryConfig.model_validate(
@@ -359,8 +362,9 @@ def markdown(report: dict) -> str:
         f"{report['examples']} examples of {report['data']} ({report['epochs']} epoch(s), "
         f"{_steps(report)} optimizer steps), {report['batch_size']} examples per step, max length "
         f"{report['max_length']}, LoRA r16/alpha32 all-linear, lr {report['learning_rate']} constant; "
-        f"first {report['warmup_steps']} step(s) excluded from tokens/s. {m['threads']} threads, "
-        f"CPU bf16: {m['cpu_bf16']}, `auto` takes {'bf16' if m.get('auto_bf16') else 'fp32'}. "
+        f"first {report['warmup_steps']} step(s) excluded from tokens/s. {m['threads']} threads"
+        + (f" on {m['cpu']['model']} ({', '.join(m['cpu']['flags']) or 'no AVX2'}), " if "cpu" in m else ", ")
+        + f"CPU bf16: {m['cpu_bf16']}, `auto` takes {'bf16' if m.get('auto_bf16') else 'fp32'}. "
         f"Load average before the run: {m['load_average']}, after: "
         f"{report['load_average_after']}. Matmul peaks (this run): fp32 {report['peak_gflops']['fp32']:.0f} "
         f"GFLOPS, bf16 {report['peak_gflops']['bf16']:.0f} GFLOPS.",

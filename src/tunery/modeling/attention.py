@@ -18,6 +18,13 @@ Architectures pass two more things through the attention call, and every path ho
 `cap * tanh(scores / cap)` before the softmax, which SDPA cannot do, so those layers run an explicit
 softmax). tests/test_architectures.py checks packed against unpacked logits for each architecture
 with a window shorter than the examples.
+
+A packed row may begin with a prefix that all its examples share (`tunery_shared_prefix` > 0, set by
+`modeling/forward.py::packed_inputs`; modeling/prefix.py says when): segment 0 is then that prefix,
+computed once, and every later segment's queries see the prefix's keys and values in front of their
+own, at the positions they would have in the whole example, windows included. A shared row takes the
+per-segment path (or the dense mask, in "mask" mode), never the varlen kernels.
+tests/test_architectures.py checks the loss and every gradient against whole examples.
 """
 
 from __future__ import annotations
