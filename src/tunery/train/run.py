@@ -227,7 +227,6 @@ def _train(
     if dist.is_main:
         rundir.write_config(config, out, res.as_dict())
     setup.report_parameters(model, events)
-
     packed, fused, shared = setup.speedups(model, config, method, levers)
     accelerator, dtype = setup.build_accelerator(hp, dist)
     dist.lengths, dist.token_budget = lengths, setup.token_budget(hp)  # the ranks' data split
