@@ -152,6 +152,25 @@ def test_shared_prefix_computes_less_and_trains_the_same(tmp_path, tiny_qwen2):
     assert all(w - s >= 3 * 16 for s, w in zip(ran, computed, strict=True)), (ran, computed)
 
 
+@pytest.mark.parametrize("arch, method", [("mixtral", "lora"), ("llama", "moe_lora")])
+def test_no_shared_prefix_under_a_token_averaged_loss(arch, method, tmp_path):
+    """An MoE balancing loss averages over every token the forward runs: a prefix computed once would
+    count once instead of once per row and change the loss, so those runs compute every row whole."""
+    from tests.helpers.tiny import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / arch, arch)
+    sets = {"method": method, "hyperparameters.max_steps": 1, "hyperparameters.batch_size": 4}
+    result = run(
+        _config(tmp_path / "run", model, **sets, **{"data.system_prompt": "Name the colour, one word."})
+    )
+    assert levers(result.output_dir) == {
+        "packed": True,
+        "fused": method == "lora",
+        "precision": "fp32",
+        "shared_prefix": False,
+    }
+
+
 def metric(run_dir, name: str) -> list:
     return [r[name] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
 

@@ -1,6 +1,6 @@
 """Tuning methods, one module each, registered explicitly here."""
 
-from tunery.methods.base import Method, count_parameters
+from tunery.methods.base import Method, count_parameters, has_token_averaged_loss
 from tunery.methods.loading import continue_training, load_trained, read_info
 from tunery.methods.moe_base import with_routers
 from tunery.methods.registry import METHODS
@@ -20,6 +20,7 @@ __all__ = [
     "Method",
     "continue_training",
     "count_parameters",
+    "has_token_averaged_loss",
     "load_trained",
     "read_info",
     "register",

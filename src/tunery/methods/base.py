@@ -61,7 +61,8 @@ class Method:
     load_kwargs: Callable[[Any], dict[str, Any]] | None = None
     # param_groups(model, options, lr) -> optimizer param groups (LoRA+ uses a larger lr for B)
     param_groups: Callable[[torch.nn.Module, Any, float], list[dict[str, Any]]] | None = None
-    # aux_loss(model) -> extra loss term (MoE load balancing), or None
+    # aux_loss(model) -> extra loss term (MoE load balancing), or None; one that averages over every
+    # token the forward runs marks the model with `mark_token_averaged_loss`
     aux_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None
     # False for methods that change the forward itself (prompt learning): the loop then pads rows
     supports_packing: bool = True
@@ -92,3 +93,18 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+# A model whose method adds a loss averaged over every token the forward runs (MoE router load
+# balancing, MoE LoRA's gate balance), not only the supervised ones. Training then computes each row
+# whole: a prefix shared by a micro-batch's rows (modeling/prefix.py) would count once, not once per
+# row, and move that average.
+TOKEN_AVERAGED_LOSS = "tunery_token_averaged_loss"
+
+
+def mark_token_averaged_loss(model: torch.nn.Module) -> None:
+    setattr(model, TOKEN_AVERAGED_LOSS, True)
+
+
+def has_token_averaged_loss(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, TOKEN_AVERAGED_LOSS, False))

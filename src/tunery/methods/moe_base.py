@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunery.methods.base import Method, MoeOptions
+from tunery.methods.base import Method, MoeOptions, mark_token_averaged_loss
 
 ROUTER_FILE = "moe_router.safetensors"
 
@@ -84,6 +84,7 @@ def attach(model: torch.nn.Module, options: MoeOptions, trainable: bool = True) 
         for r in routers:
             r.register_forward_hook(state.hook)
         model.tunery_moe = state
+        mark_token_averaged_loss(model)
     state.coef = coef
     if options.train_router is not None:
         # peft's all-linear also puts a LoRA on the routers (a wrapper whose base_layer is the

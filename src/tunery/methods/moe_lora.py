@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunery.errors import ConfigError
 from tunery.methods import native, register
-from tunery.methods.base import Method, MoeBlock
+from tunery.methods.base import Method, MoeBlock, mark_token_averaged_loss
 from tunery.methods.layers import decoder_layers, float_dtype
 from tunery.models.shape import ModelShape
 
@@ -104,6 +104,7 @@ def apply(model: torch.nn.Module, options: MoELoraOptions) -> torch.nn.Module:
         linear.add_module(MARK, MoELoRA(linear, options, float_dtype(linear)))
         linear.register_forward_hook(_hook)
     model.tunery_moe_lora_options = options
+    mark_token_averaged_loss(model)
     return model
 
 

@@ -4,7 +4,8 @@ Chat data repeats itself at the front: a system prompt (SmolLM2's template adds 
 conversation), the user turn's header, few-shot examples, the n samples of one prompt. Generation
 prefills such a prefix once per batch (generation/generate.py); training lays it once at the head
 of a packed row, and every example after it attends to it as if it were its own start
-(modeling/attention.py). Both are exact: the same keys and values, at the same positions.
+(modeling/attention.py). Both are exact: the same keys and values, at the same positions. Training
+never shares where a loss averages over every token run (MoE balancing: train/setup.py::speedups).
 """
 
 from __future__ import annotations

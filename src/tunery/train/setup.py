@@ -19,7 +19,7 @@ from tunery.data import cached_encode
 from tunery.data.types import Dataset
 from tunery.errors import TuneryError
 from tunery.evaluate import run as evaluation
-from tunery.methods import Method, continue_training, count_parameters
+from tunery.methods import Method, continue_training, count_parameters, has_token_averaged_loss
 from tunery.modeling.attention import use_packed_attention
 from tunery.models import load_model, load_tokenizer, model_info
 from tunery.models.placement import enable_tf32, load_dtype
@@ -201,7 +201,8 @@ def speedups(
     per_segment = levers.attention in ("segments", "mask") or (
         levers.attention == "auto" and device_type() != "cuda"
     )
-    return packed, fused, packed and levers.shared_prefix and per_segment
+    exact = not has_token_averaged_loss(model)  # methods/base.py: MoE balancing losses
+    return packed, fused, packed and levers.shared_prefix and per_segment and exact
 
 
 def device_type() -> str:
