@@ -238,13 +238,14 @@ import faulthandler, os, sys, tempfile
 import torch
 import torch.distributed as td
 import torch.multiprocessing as mp
-from tunery.plugins import load_config
+from tunery.config import TuneryConfig
 from tunery.train import distributed
 
 def rank(r, cycles, tmp):
     faulthandler.dump_traceback_later(60, exit=True)  # a hang prints every thread and exits 1
     torch.set_num_threads(1)
-    config = load_config(sets=[])
+    # The defaults, without the method registry: each spawned rank then loads torch, not peft too.
+    config = TuneryConfig()
     for cycle in range(cycles):
         store = td.FileStore(os.path.join(tmp, str(cycle)), 2)
         td.init_process_group("gloo", store=store, rank=r, world_size=2)
