@@ -443,6 +443,67 @@ def test_bases_beyond_the_cache_are_dropped_only_when_idle(models):
         engine.close()
 
 
+def test_prune_deletes_the_least_recently_used_forms_down_to_the_limit(tmp_path, monkeypatch):
+    """`--gguf-cache-mb`: the oldest forms go first, with their facts files, until the rest fit; a kept
+    (loaded) form and a form still being written are never touched; 0 is no cap."""
+    import os
+
+    from tunery.serve.engines.gguf_forms import _used, forms_dir, prune
+
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
+    root, mb = forms_dir(), 2**20
+    for age, name in enumerate(["kept-f32", "b-f32", "lora-c", "d-f32"]):  # kept is the oldest
+        (root / f"{name}.gguf").write_bytes(b"\0" * mb)
+        os.utime(root / f"{name}.gguf", ns=(10**18 + age * 10**9,) * 2)
+    (root / "kept-f32.json").write_text("{}")
+    (root / "b-f32.json").write_text("{}")
+    (root / ".e-f32.gguf.tmp").write_bytes(b"\0" * mb)  # a form being written
+    _used(root / "lora-c.gguf")  # what every ensure_* does: lora-c is now the most recently used
+    assert prune(0, []) == [] and len(list(root.glob("*.gguf"))) == 4
+    deleted = prune(3, [root / "kept-f32.gguf"])  # 4 MB and two facts files, down to 3 MB
+    assert [p.name for p in deleted] == ["b-f32.gguf", "d-f32.gguf"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [
+        ".e-f32.gguf.tmp",
+        "kept-f32.gguf",
+        "kept-f32.json",
+        "lora-c.gguf",
+    ]
+    assert [p.name for p in prune(1, [])] == ["kept-f32.gguf"]  # lora-c alone is exactly 1 MB
+    assert not (root / "kept-f32.json").exists() and (root / "lora-c.gguf").exists()
+
+
+def test_a_key_cycling_models_cannot_grow_the_gguf_cache_past_its_limit(models, tmp_path, monkeypatch):
+    """An attack on the shared cache: requests naming one model after another each write a GGUF form.
+    With a 1 MB limit and one base loaded at a time, after every request the forms fit in 1 MB or only
+    the loaded one is left (the f32 forms here: llama 0.42 MB, qwen2 0.55 MB, qwen3 1.08 MB), and a
+    pruned model serves again, the same greedy reply, from a form written anew."""
+    from tunery.serve.common import Settings
+
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TuneryError, match="gguf-cache-mb"):
+        Settings(data_dir=tmp_path / "data", gguf_cache_mb=-1)
+    router = EngineRouter("llamacpp", gguf_type="f32", max_bases=1, cache_mb=1)
+    forms = tmp_path / "cache" / "serve-gguf"
+    try:
+        first = router.submit(str(models["llama"]), None, [1, 2, 3], GREEDY).result(60)[0].token_ids
+        (llama_form,) = forms.glob("*.gguf")
+        for arch in ("qwen3", "qwen2", "llama"):
+            reply = router.submit(str(models[arch]), None, [1, 2, 3], GREEDY).result(60)[0].token_ids
+            (loaded,) = [n.form.gguf for n in router._cpp._bases.values()]
+            on_disk = sorted(forms.glob("*.gguf"))
+            assert loaded in on_disk and (on_disk == [loaded] or sum(_mb(f) for f in on_disk) <= 1), arch
+            if arch == "qwen3":  # 0.42 + 1.08 MB: the idle llama form went
+                assert on_disk == [loaded] and not llama_form.exists()
+        assert reply == first and llama_form.exists()  # written again
+    finally:
+        router.close()
+
+
+def _mb(gguf: Path) -> float:
+    facts = gguf.with_suffix(".json")
+    return (gguf.stat().st_size + (facts.stat().st_size if facts.exists() else 0)) / 2**20
+
+
 def test_listing_reads_a_gguf_architecture_from_its_first_header_key(models):
     """/v1/models judges an unconverted builtin by its GGUF's architecture (a full parse of the header
     takes seconds); the quick read of the header's first key must agree with gguf's full parse."""

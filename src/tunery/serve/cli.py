@@ -105,6 +105,7 @@ def serve_command(
     gguf_type: str = typer.Option(
         "q8_0", help="Tensor type of the GGUF form llama.cpp serves: f32 (exact), f16, bf16 or q8_0."
     ),
+    gguf_cache_mb: int = typer.Option(20480, min=0, help="MB of GGUF forms kept for llama.cpp (0: no cap)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the OpenAI-compatible fine-tuning and inference API."""

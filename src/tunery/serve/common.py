@@ -48,6 +48,7 @@ class Settings:
     adapter_cache: int = 8  # adapters kept loaded per base model (LRU)
     engine: str = "auto"  # serving engine: auto, torch, llamacpp or vllm (serve/engines)
     gguf_type: str = "q8_0"  # tensor type of the GGUF forms llama.cpp serves
+    gguf_cache_mb: int = 20480  # the GGUF forms kept for llama.cpp, least recently used deleted (0: no cap)
     # Requests may name absolute paths on the server (models, adapters, templates). None: on only for
     # --no-auth (one local user), off when keys share the server (see serve/resolver.py).
     allow_local_models: bool | None = None
@@ -92,6 +93,8 @@ class Settings:
             raise TuneryError(
                 f"Unknown --gguf-type {self.gguf_type!r}: use {', '.join(GGUF_TYPES)}.", code="invalid_config"
             )
+        if self.gguf_cache_mb < 0:
+            raise TuneryError("--gguf-cache-mb must be 0 (no cap) or more.", code="invalid_config")
         if self.executor not in ("local", "ray"):
             raise TuneryError(f"Unknown executor {self.executor!r}: use local or ray.", code="invalid_config")
         if self.executor == "ray" and not self.ray_address:

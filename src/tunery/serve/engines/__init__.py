@@ -45,7 +45,10 @@ def get_engine(state: Any) -> EngineRouter:
         if state._engine is None:
             settings = state.settings
             state._engine = EngineRouter(
-                settings.engine, adapter_cache=settings.adapter_cache, gguf_type=settings.gguf_type
+                settings.engine,
+                adapter_cache=settings.adapter_cache,
+                gguf_type=settings.gguf_type,
+                cache_mb=settings.gguf_cache_mb,
             )
         return state._engine
 

@@ -7,12 +7,18 @@ weights and its base's key. Beside each model file a small JSON keeps what the d
 llama.cpp does not say the same way: the ids that end a reply (the generation config's, the config's
 and the tokenizer's, as the torch loop uses) and the context length. Files are written to a temp name
 and renamed, under a file lock, so two processes never serve a half-written file.
+
+The forms are a cache with a size limit (`--gguf-cache-mb`): every use marks a form as used (its
+modification time), and `prune` deletes the least recently used until the forms fit, never one that an
+engine has loaded. A deleted form is written again by the next request that needs it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +105,8 @@ def ensure_base(key: str, out_type: str) -> BaseForm:
             write_gguf(model.cpu(), tokenizer, path, out_type, fallback_type="f32")
             del model
             write_atomic(meta, json.dumps(facts))
-    facts = json.loads(meta.read_text())
+        facts = json.loads(meta.read_text())  # under the lock: `prune` deletes under it too
+        _used(path)
     return BaseForm(path, frozenset(facts["eos"]), facts["context"])
 
 
@@ -116,4 +123,45 @@ def ensure_adapter(key: str, adapter_dir: str, base_config: Any) -> Path:
     with file_lock(path.with_name(f".{path.name}.lock"), "writing this GGUF adapter"):
         if not path.is_file():
             write_gguf_lora(Path(adapter_dir), base_config, path)
+        _used(path)
     return path
+
+
+def _used(path: Path) -> None:
+    """Mark a form as used now; `prune` deletes the least recently used first."""
+    try:
+        os.utime(path)
+    except OSError:  # pruned by another process meanwhile: the next use writes it again
+        pass
+
+
+def prune(limit_mb: int, keep: Iterable[Path] = ()) -> list[Path]:
+    """Delete GGUF forms, least recently used first, until all of them (with their JSON facts) take at
+    most `limit_mb` MB; 0 is no limit. The forms in `keep`, those an engine has loaded, are never
+    deleted, so the cache can stay above the limit while they are loaded. Only finished forms are seen
+    (a form being written has a temp name); each is deleted under the lock its writer and readers take,
+    and a process that has a deleted form mapped keeps its pages. Returns the deleted forms."""
+    if limit_mb <= 0:
+        return []
+    kept = {Path(k).resolve() for k in keep}
+    forms = []
+    for gguf in forms_dir().glob("*.gguf"):
+        meta = gguf.with_suffix(".json")
+        try:
+            st = gguf.stat()
+            size = st.st_size + (meta.stat().st_size if meta.is_file() else 0)
+        except OSError:  # deleted by another process meanwhile
+            continue
+        forms.append((st.st_mtime_ns, gguf, size))
+    total, limit, deleted = sum(size for _, _, size in forms), limit_mb * 2**20, []
+    for _, gguf, size in sorted(forms):
+        if total <= limit:
+            break
+        if gguf.resolve() in kept:
+            continue
+        with file_lock(gguf.with_name(f".{gguf.name}.lock"), "using this GGUF form"):
+            gguf.unlink(missing_ok=True)
+            gguf.with_suffix(".json").unlink(missing_ok=True)
+        total -= size
+        deleted.append(gguf)
+    return deleted

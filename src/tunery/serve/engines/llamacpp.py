@@ -27,7 +27,7 @@ from tunery.errors import ModelError, TuneryError
 from tunery.generation.engine import GenerationHandle, _Request, check_token_ids, emit, request_key
 from tunery.generation.sequence import GenerationParams, _entries, _pick_tokens, _Seq, check_context
 from tunery.methods.loading import read_info, saved_tokenizer
-from tunery.serve.engines.gguf_forms import BaseForm, ensure_adapter, ensure_base, forms_dir
+from tunery.serve.engines.gguf_forms import BaseForm, ensure_adapter, ensure_base, forms_dir, prune
 from tunery.serve.engines.llamacpp_probe import extra_buffers_safe
 
 DEFAULT_CTX_PER_SEQ = 4096  # KV cells per sequence; longer requests go to the torch engine
@@ -91,6 +91,7 @@ class _Native:
         self.context = min(per_seq, lib.llama_n_ctx(self.ctx) // slots)
         self.free = list(range(slots))
         self.adapters: OrderedDict[str, Any] = OrderedDict()  # adapter dir -> llama_adapter_lora
+        self.files: dict[str | None, str] = {None: str(form.gguf)}  # the GGUFs loaded: base, adapter dirs
         self.current: str | None = None  # the adapter set on the context
 
     def use(self, adapter: str | None) -> None:
@@ -111,12 +112,13 @@ class _Native:
         ptr = self.lib.llama_adapter_lora_init(self.model, gguf.encode())
         if not ptr:
             raise ModelError("llama.cpp could not load the adapter's GGUF LoRA form.", param="model")
-        self.adapters[directory] = ptr
+        self.adapters[directory], self.files[directory] = ptr, gguf
         idle = [d for d in self.adapters if d not in busy and d != directory]
         for old in idle[: max(0, len(self.adapters) - keep)]:
             if self.current == old:
                 self.use(None)
             self.lib.llama_adapter_lora_free(self.adapters.pop(old))
+            self.files.pop(old, None)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, slot, want logits) entries (at most n_batch)."""
@@ -178,6 +180,7 @@ class LlamaCppEngine:
         max_adapters: int = 8,
         ctx_per_seq: int = DEFAULT_CTX_PER_SEQ,
         threads: int | None = None,
+        cache_mb: int = 0,
     ):
         why = available()
         if why is not None:
@@ -185,7 +188,7 @@ class LlamaCppEngine:
         self.gguf_type = gguf_type
         self.slots = max(1, max_batch)
         self.max_bases, self.max_adapters = max(1, max_bases), max(1, max_adapters)
-        self.ctx_per_seq = ctx_per_seq
+        self.ctx_per_seq, self.cache_mb = ctx_per_seq, cache_mb  # cache_mb: gguf_forms.prune's limit
         self.threads = threads or len(os.sched_getaffinity(0))
         self._bases: OrderedDict[str, _Native] = OrderedDict()
         self._resolved: dict[str, str] = {}
@@ -217,7 +220,8 @@ class LlamaCppEngine:
     def prepare(self, model_spec: str | None, adapter_dir: str | None) -> None:
         """Write the GGUF forms a model needs (base, adapter) without loading them."""
         key, adapter = self.resolve(model_spec, adapter_dir)
-        ensure_base(key, self.gguf_type)
+        with self._load_lock:
+            self._prune(ensure_base(key, self.gguf_type).gguf)
         if adapter is not None:
             self._adapter_form(key, adapter)
 
@@ -277,6 +281,7 @@ class LlamaCppEngine:
                     gguf_type=self.gguf_type,
                 )
             self._drop_idle(keep=key)
+            self._prune()
             return self._bases[key]
 
     def _drop_idle(self, keep: str) -> None:
@@ -301,11 +306,18 @@ class LlamaCppEngine:
         st = (Path(adapter) / "adapter_model.safetensors").stat()
         version = (key, adapter, st.st_size, st.st_mtime_ns)
         with self._load_lock:
-            if version not in self._adapter_forms:
-                spec = key.partition("::")[0]
-                config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
-                self._adapter_forms[version] = str(ensure_adapter(key, adapter, config))
-            return self._adapter_forms[version]
+            known = self._adapter_forms.get(version)
+            if known is None or not Path(known).is_file():  # new, or pruned since (by any process)
+                config = AutoConfig.from_pretrained(key.partition("::")[0], trust_remote_code=False)
+                self._adapter_forms[version] = known = str(ensure_adapter(key, adapter, config))
+                self._prune(Path(known))
+            return known
+
+    def _prune(self, *also: Path) -> None:
+        """Hold the GGUF forms to `cache_mb`, but those loaded here and `also` (about to be loaded)."""
+        if self.cache_mb > 0:
+            loaded = [Path(f) for n in self._bases.values() for f in n.files.values()]
+            prune(self.cache_mb, [*also, *loaded])
 
     # ----- the worker -----
     def _run(self) -> None:
@@ -361,8 +373,9 @@ class LlamaCppEngine:
         try:
             if group.adapter is not None:
                 busy = {lv.req.adapter for lv in self._live if lv.req.adapter}
-                gguf = self._adapter_form(group.lives[0].key, group.adapter)
-                group.native.load_adapter(group.adapter, gguf, self.max_adapters, busy)
+                with self._load_lock:  # no `_prune` between finding the form and loading it
+                    gguf = self._adapter_form(group.lives[0].key, group.adapter)
+                    group.native.load_adapter(group.adapter, gguf, self.max_adapters, busy)
             group.native.use(group.adapter)
             work(group)
         except BaseException as exc:  # noqa: BLE001 - delivered to the requests of this group
