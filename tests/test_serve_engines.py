@@ -499,6 +499,24 @@ def test_a_key_cycling_models_cannot_grow_the_gguf_cache_past_its_limit(models, 
         router.close()
 
 
+def test_a_pruned_adapter_form_is_written_again(models, tmp_path, monkeypatch):
+    """An adapter's GGUF LoRA goes with its base when the base is dropped and the cache is full; the
+    next request for it writes it again and gets the same reply, not a failed load of a deleted file."""
+    monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
+    llama = str(models["llama"])
+    adapter = str(make_lora_adapter(models["llama"], tmp_path / "adapter", seed=4))
+    router = EngineRouter("llamacpp", gguf_type="f32", max_bases=1, cache_mb=1)
+    try:
+        first = router.submit(llama, adapter, [1, 2, 3], GREEDY).result(60)[0].token_ids
+        (lora,) = (tmp_path / "cache" / "serve-gguf").glob("lora-*.gguf")
+        router.submit(str(models["qwen3"]), None, [1, 2, 3], GREEDY).result(60)  # 1.08 MB on its own
+        assert not lora.exists()
+        assert router.submit(llama, adapter, [1, 2, 3], GREEDY).result(60)[0].token_ids == first
+        assert lora.exists()
+    finally:
+        router.close()
+
+
 def _mb(gguf: Path) -> float:
     facts = gguf.with_suffix(".json")
     return (gguf.stat().st_size + (facts.stat().st_size if facts.exists() else 0)) / 2**20
