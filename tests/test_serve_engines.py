@@ -477,11 +477,20 @@ def test_a_key_cycling_models_cannot_grow_the_gguf_cache_past_its_limit(models, 
     With a 1 MB limit and one base loaded at a time, after every request the forms fit in 1 MB or only
     the loaded one is left (the f32 forms here: llama 0.42 MB, qwen2 0.55 MB, qwen3 1.08 MB), and a
     pruned model serves again, the same greedy reply, from a form written anew."""
+    from tunery.serve.app import create_app
     from tunery.serve.common import Settings
+    from tunery.serve.engines import get_engine
 
     monkeypatch.setenv("TUNERY_CACHE", str(tmp_path / "cache"))
     with pytest.raises(TuneryError, match="gguf-cache-mb"):
         Settings(data_dir=tmp_path / "data", gguf_cache_mb=-1)
+    served = get_engine(
+        create_app(Settings(data_dir=tmp_path / "data", engine="llamacpp", gguf_cache_mb=7)).state
+    )
+    try:
+        assert served._cpp.cache_mb == 7  # `tunery serve --gguf-cache-mb` reaches the engine
+    finally:
+        served.close()
     router = EngineRouter("llamacpp", gguf_type="f32", max_bases=1, cache_mb=1)
     forms = tmp_path / "cache" / "serve-gguf"
     try:
